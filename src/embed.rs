@@ -1,0 +1,196 @@
+//! The library's front door: text in, embeddings out.
+//!
+//! [`Embedder`] owns a model and the choices that shape its output (layers, pooling, tokenizer
+//! policy). [`Embedder::embed_packed`] is the primitive the pipeline drives;
+//! [`Embedder::embed`] is the convenience for a list of sequences: it sorts them by length, packs
+//! them under a token budget, and returns results in the caller's order.
+
+use candle_core::{DType, Device};
+
+use crate::error::{Error, Result};
+use crate::model::{Checkpoint, Esm2, ModelSource};
+use crate::pack::PackedBatch;
+use crate::pool::{pool, PooledLayer, Pooling};
+use crate::tokenize::{Tokenizer, UnknownResidue};
+
+/// What to compute for every sequence.
+#[derive(Debug, Clone)]
+pub struct EmbedOptions {
+    /// Layers to return, fair-esm numbering: 0 = embeddings, negatives from the end (-1 = last,
+    /// normalized). Default `[-1]`.
+    pub layers: Vec<i64>,
+    /// Which pooled outputs per layer.
+    pub pooling: Pooling,
+    /// Policy for characters outside the alphabet.
+    pub unknown: UnknownResidue,
+    /// Token budget of one pack for [`Embedder::embed`].
+    pub tokens_per_batch: usize,
+}
+
+impl Default for EmbedOptions {
+    fn default() -> Self {
+        Self {
+            layers: vec![-1],
+            pooling: Pooling::default(),
+            unknown: UnknownResidue::Error,
+            tokens_per_batch: 8192,
+        }
+    }
+}
+
+/// One sequence's outputs for one layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerEmbedding {
+    /// The layer (resolved fair-esm number).
+    pub layer: usize,
+    /// Mean over residues, `[H]`.
+    pub mean: Option<Vec<f32>>,
+    /// The `<cls>` vector, `[H]`.
+    pub bos: Option<Vec<f32>>,
+    /// Residue vectors, `[L × H]` row-major.
+    pub residues: Option<Vec<f32>>,
+}
+
+/// All outputs for one sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SequenceEmbedding {
+    /// Residue count.
+    pub length: usize,
+    /// One entry per requested layer, in the order requested.
+    pub layers: Vec<LayerEmbedding>,
+}
+
+/// A loaded model with its output choices.
+pub struct Embedder {
+    model: Esm2,
+    layers: Vec<usize>,
+    pooling: Pooling,
+    tokenizer: Tokenizer,
+    tokens_per_batch: usize,
+}
+
+impl Embedder {
+    /// Wrap a loaded model.
+    pub fn new(model: Esm2, options: &EmbedOptions) -> Result<Self> {
+        if options.layers.is_empty() {
+            return Err(Error::InvalidOption("no layers requested".into()));
+        }
+        let mut layers = Vec::with_capacity(options.layers.len());
+        for &l in &options.layers {
+            let resolved = model.resolve_layer(l)?;
+            if !layers.contains(&resolved) {
+                layers.push(resolved);
+            }
+        }
+        let p = options.pooling;
+        if !(p.mean || p.bos || p.per_residue) {
+            return Err(Error::InvalidOption("no pooling selected".into()));
+        }
+        Ok(Self {
+            model,
+            layers,
+            pooling: options.pooling,
+            tokenizer: Tokenizer::new(options.unknown),
+            tokens_per_batch: options.tokens_per_batch.max(1),
+        })
+    }
+
+    /// Load a model from what the user typed (directory, `.pt`, hub id or short name).
+    pub fn load(spec: &str, device: &Device, dtype: DType, options: &EmbedOptions) -> Result<Self> {
+        let checkpoint = Checkpoint::open(&ModelSource::parse(spec)?)?;
+        Self::new(Esm2::load(&checkpoint, device, dtype)?, options)
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Esm2 {
+        &self.model
+    }
+
+    /// Resolved layers, in output order.
+    pub fn layers(&self) -> &[usize] {
+        &self.layers
+    }
+
+    /// Pooling choices.
+    pub fn pooling(&self) -> Pooling {
+        self.pooling
+    }
+
+    /// The tokenizer (with the configured policy).
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Embed one pack: one forward, then pooling of every requested layer for the whole pack.
+    pub fn embed_packed(&self, batch: &PackedBatch) -> Result<Vec<PooledLayer>> {
+        let hidden = self.model.forward(batch, &self.layers)?;
+        hidden
+            .iter()
+            .zip(&self.layers)
+            .map(|(h, &layer)| pool(h, batch, layer, self.pooling))
+            .collect()
+    }
+
+    /// Embed sequences given as text, returning results in input order. Fails on the first
+    /// sequence that does not tokenize, naming its index.
+    pub fn embed<S: AsRef<str>>(&self, sequences: &[S]) -> Result<Vec<SequenceEmbedding>> {
+        let tokens = sequences
+            .iter()
+            .enumerate()
+            .map(|(index, s)| {
+                self.tokenizer
+                    .encode(s.as_ref())
+                    .map_err(|source| Error::InvalidSequence { index, source })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.embed_tokens(&tokens)
+    }
+
+    /// Embed pre-tokenized sequences (`<cls> … <eos>`, `<mask>` allowed), in input order.
+    pub fn embed_tokens(&self, tokens: &[Vec<u32>]) -> Result<Vec<SequenceEmbedding>> {
+        let lengths: Vec<usize> = tokens.iter().map(Vec::len).collect();
+        let mut results: Vec<Option<SequenceEmbedding>> = vec![None; tokens.len()];
+        for group in crate::pack::pack_by_length(&lengths, self.tokens_per_batch) {
+            let batch = PackedBatch::from_sequences(group.iter().map(|&i| &tokens[i][..]));
+            let pooled = self.embed_packed(&batch)?;
+            for (slot, split) in group.iter().zip(split_pooled(&pooled, &batch)) {
+                results[*slot] = Some(split);
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("every sequence is in exactly one pack"))
+            .collect())
+    }
+}
+
+/// Cut a pack's pooled outputs into one [`SequenceEmbedding`] per sequence, in pack order.
+pub fn split_pooled(pooled: &[PooledLayer], batch: &PackedBatch) -> Vec<SequenceEmbedding> {
+    let counts = batch.residue_counts();
+    let mut residue_offsets = Vec::with_capacity(counts.len());
+    let mut offset = 0;
+    for &c in &counts {
+        residue_offsets.push(offset);
+        offset += c;
+    }
+    (0..batch.len())
+        .map(|i| SequenceEmbedding {
+            length: counts[i],
+            layers: pooled
+                .iter()
+                .map(|p| {
+                    let h = p.hidden;
+                    LayerEmbedding {
+                        layer: p.layer,
+                        mean: p.mean.as_ref().map(|m| m[i * h..(i + 1) * h].to_vec()),
+                        bos: p.bos.as_ref().map(|m| m[i * h..(i + 1) * h].to_vec()),
+                        residues: p.residues.as_ref().map(|r| {
+                            let start = residue_offsets[i] * h;
+                            r[start..start + counts[i] * h].to_vec()
+                        }),
+                    }
+                })
+                .collect(),
+        })
+        .collect()
+}

@@ -1,0 +1,101 @@
+//! One error type for the library. What a user reads when something goes wrong is decided here:
+//! every variant names the thing at fault (file, tensor, record, character) and, where there is
+//! one, the fix.
+
+use std::path::PathBuf;
+
+/// The library's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in esmbed's library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A sequence holds a character outside the ESM alphabet (see [`crate::tokenize`]).
+    #[error(transparent)]
+    Tokenize(#[from] crate::tokenize::TokenizeError),
+
+    /// A sequence passed to the library API did not tokenize.
+    #[error("sequence #{index}: {source}")]
+    InvalidSequence {
+        /// 0-based index in the input.
+        index: usize,
+        /// What was wrong.
+        source: crate::tokenize::TokenizeError,
+    },
+
+    /// The model directory or checkpoint could not be read as an ESM-2 model.
+    #[error("model {source_name}: {reason}")]
+    Model {
+        /// The path or hub id the user gave.
+        source_name: String,
+        /// What was wrong, and what to do about it.
+        reason: String,
+    },
+
+    /// A tensor the model needs is absent from the checkpoint.
+    #[error("model {source_name}: tensor `{tensor}` is missing from the checkpoint (is this an ESM-2 model?)")]
+    MissingTensor {
+        /// The path or hub id the user gave.
+        source_name: String,
+        /// The tensor's name, as esmbed looks for it (HF naming, without the `esm.` prefix).
+        tensor: String,
+    },
+
+    /// A tensor has another shape than the config implies.
+    #[error("model {source_name}: tensor `{tensor}` has shape {found:?}, expected {expected:?} from the config")]
+    TensorShape {
+        /// The path or hub id the user gave.
+        source_name: String,
+        /// The tensor's name.
+        tensor: String,
+        /// Shape in the checkpoint.
+        found: Vec<usize>,
+        /// Shape the config implies.
+        expected: Vec<usize>,
+    },
+
+    /// The HuggingFace hub could not provide the model.
+    #[error("model {model_id}: {reason}")]
+    Hub {
+        /// The hub id, e.g. `facebook/esm2_t33_650M_UR50D`.
+        model_id: String,
+        /// What went wrong and what to do.
+        reason: String,
+    },
+
+    /// Options that contradict each other or the model.
+    #[error("invalid option: {0}")]
+    InvalidOption(String),
+
+    /// Reading or writing a file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file at fault.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A tensor operation failed (out of memory, device error, or a bug).
+    #[error("tensor operation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    /// Attach a path to an I/O error.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// A model error with a reason.
+    pub(crate) fn model(source_name: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Model {
+            source_name: source_name.into(),
+            reason: reason.into(),
+        }
+    }
+}

@@ -1,0 +1,37 @@
+//! # esmbed
+//!
+//! ESM-2 protein embeddings, exact and fast, for the Arrow/Parquet/SQL world.
+//!
+//! ```text
+//!   text ──tokenize──> ids ──pack──> PackedBatch ──Esm2::forward──> [T, H] per layer ──pool──> vectors
+//! ```
+//! - [`tokenize`]: the ESM alphabet and the input policy;
+//! - [`pack`]: sequences laid end to end with `cu_seqlens`, no padding;
+//! - [`model`]: ESM-2 loaded from HF directories, fair-esm `.pt` files or the hub, with one packed
+//!   forward (exact per-segment attention on CPU, FlashAttention varlen on CUDA);
+//! - [`pool`]: mean / BOS / per-residue outputs for a whole pack at once;
+//! - [`embed`]: [`Embedder`], the API that ties them together.
+//!
+//! ```no_run
+//! use esmbed::{Embedder, EmbedOptions};
+//! let embedder = Embedder::load("facebook/esm2_t33_650M_UR50D", &esmbed::Device::Cpu,
+//!                               esmbed::DType::F32, &EmbedOptions::default())?;
+//! let out = embedder.embed(&["MKTVRQGLAG", "MSEQ"])?;
+//! println!("{} dims", out[0].layers[0].mean.as_ref().unwrap().len());
+//! # Ok::<(), esmbed::Error>(())
+//! ```
+
+pub mod embed;
+pub mod error;
+pub mod model;
+pub mod pack;
+pub mod pool;
+pub mod tokenize;
+
+pub use candle_core::{DType, Device};
+pub use embed::{EmbedOptions, Embedder, LayerEmbedding, SequenceEmbedding};
+pub use error::{Error, Result};
+pub use model::{Checkpoint, Esm2, EsmConfig, ModelSource};
+pub use pack::PackedBatch;
+pub use pool::{PooledLayer, Pooling};
+pub use tokenize::{Tokenizer, UnknownResidue};

@@ -1,0 +1,381 @@
+//! ESM-2 with one forward: packed, variable length, no padding.
+//!
+//! Lin et al., "Evolutionary-scale prediction of atomic-level protein structure with a language
+//! model", Science 2023. Reference implementation: HF transformers `models/esm/modeling_esm.py`
+//! (`EsmModel`), which this module matches on the same weights; the original is
+//! facebookresearch/esm `esm/model/esm2.py`.
+//!
+//! ```text
+//!   ids [T] ──embed──> ×token-dropout scale (per sequence) ──> x [T, H]      repr 0
+//!   for each block:  x += out(attn(rope(q·d^-½), rope(k), v))  on LN(x)       pre-LN
+//!                    x += fc2(gelu(fc1(LN(x))))                                 repr k
+//!   last block only: LN_after(x)                                                repr N
+//! ```
+//! `T` is the total token count of the pack; attention never crosses sequence boundaries.
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{LayerNorm, Linear};
+
+use super::attention::{self, PackLayout};
+use super::config::EsmConfig;
+use super::weights::Checkpoint;
+use crate::error::{Error, Result};
+use crate::pack::PackedBatch;
+
+/// Token-dropout rate seen in training: 15 % of tokens masked, 80 % of those replaced by `<mask>`
+/// (HF `EsmEmbeddings.forward`: `mask_ratio_train = 0.15 * 0.8`).
+const MASK_RATIO_TRAIN: f64 = 0.15 * 0.8;
+
+/// One pre-LN transformer block.
+struct Block {
+    attn_norm: LayerNorm,
+    /// Query, key and value projections fused into one `[3H, H]` matmul.
+    qkv: Linear,
+    out: Linear,
+    ffn_norm: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    /// Index into [`Esm2::rotary`]: layers usually share one `inv_freq`.
+    rotary: usize,
+}
+
+/// An ESM-2 model on one device, in one dtype.
+pub struct Esm2 {
+    config: EsmConfig,
+    word_embeddings: Tensor,
+    blocks: Vec<Block>,
+    final_norm: LayerNorm,
+    /// Distinct rotary `inv_freq` vectors (f32, `[head_dim / 2]`).
+    rotary: Vec<Tensor>,
+    device: Device,
+    dtype: DType,
+}
+
+impl Esm2 {
+    /// Build the model from a checkpoint, converting weights to `dtype` on `device`.
+    pub fn load(checkpoint: &Checkpoint, device: &Device, dtype: DType) -> Result<Self> {
+        let config = checkpoint.config.clone();
+        let h = config.hidden_size;
+        let ffn = config.intermediate_size;
+        let eps = config.layer_norm_eps;
+        let load = |name: &str, shape: &[usize]| checkpoint.load(name, shape, dtype, device);
+        let linear = |prefix: &str, out: usize, inp: usize| -> Result<Linear> {
+            Ok(Linear::new(
+                load(&format!("{prefix}.weight"), &[out, inp])?,
+                Some(load(&format!("{prefix}.bias"), &[out])?),
+            ))
+        };
+        let norm = |prefix: &str| -> Result<LayerNorm> {
+            Ok(LayerNorm::new(
+                load(&format!("{prefix}.weight"), &[h])?,
+                load(&format!("{prefix}.bias"), &[h])?,
+                eps,
+            ))
+        };
+
+        let word_embeddings = load("embeddings.word_embeddings.weight", &[config.vocab_size, h])?;
+        let half = config.head_dim() / 2;
+        let computed = computed_inv_freq(&config);
+        let shared = shared_inv_freq(checkpoint, half)?;
+        let mut rotary_host: Vec<Vec<f32>> = Vec::new();
+        let mut blocks = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("encoder.layer.{i}");
+            let attn = format!("{p}.attention.self");
+            let qkv_weight = Tensor::cat(
+                &[
+                    load(&format!("{attn}.query.weight"), &[h, h])?,
+                    load(&format!("{attn}.key.weight"), &[h, h])?,
+                    load(&format!("{attn}.value.weight"), &[h, h])?,
+                ],
+                0,
+            )?;
+            let qkv_bias = Tensor::cat(
+                &[
+                    load(&format!("{attn}.query.bias"), &[h])?,
+                    load(&format!("{attn}.key.bias"), &[h])?,
+                    load(&format!("{attn}.value.bias"), &[h])?,
+                ],
+                0,
+            )?;
+            // The checkpoint's inv_freq when present: ESM-2 was trained in fp16 and its stored
+            // buffer differs from a recomputation enough to matter at long positions.
+            let inv_name = format!("{attn}.rotary_embeddings.inv_freq");
+            let inv_freq = if checkpoint.contains(&inv_name) {
+                checkpoint
+                    .load(&inv_name, &[half], DType::F32, &Device::Cpu)?
+                    .to_vec1::<f32>()?
+            } else {
+                shared.clone().unwrap_or_else(|| computed.clone())
+            };
+            let rotary = match rotary_host.iter().position(|v| *v == inv_freq) {
+                Some(index) => index,
+                None => {
+                    rotary_host.push(inv_freq);
+                    rotary_host.len() - 1
+                }
+            };
+            blocks.push(Block {
+                attn_norm: norm(&format!("{p}.attention.LayerNorm"))?,
+                qkv: Linear::new(qkv_weight, Some(qkv_bias)),
+                out: linear(&format!("{p}.attention.output.dense"), h, h)?,
+                ffn_norm: norm(&format!("{p}.LayerNorm"))?,
+                fc1: linear(&format!("{p}.intermediate.dense"), ffn, h)?,
+                fc2: linear(&format!("{p}.output.dense"), h, ffn)?,
+                rotary,
+            });
+        }
+        let final_norm = norm("encoder.emb_layer_norm_after")?;
+        let rotary = rotary_host
+            .into_iter()
+            .map(|v| Tensor::from_vec(v, half, device))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            config,
+            word_embeddings,
+            blocks,
+            final_norm,
+            rotary,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// A model of the given shape with random weights, for benchmarks (the cost of a forward does
+    /// not depend on the values). Deterministic in `seed`.
+    pub fn random(config: &EsmConfig, device: &Device, dtype: DType, seed: u64) -> Result<Self> {
+        config.validate().map_err(|r| Error::model("random", r))?;
+        device.set_seed(seed)?;
+        let h = config.hidden_size;
+        let ffn = config.intermediate_size;
+        let eps = config.layer_norm_eps;
+        let randn = |shape: &[usize], std: f64| -> Result<Tensor> {
+            Ok(Tensor::randn(0f32, std as f32, shape, device)?.to_dtype(dtype)?)
+        };
+        let linear = |out: usize, inp: usize| -> Result<Linear> {
+            Ok(Linear::new(
+                randn(&[out, inp], 0.02)?,
+                Some(randn(&[out], 0.02)?),
+            ))
+        };
+        let norm = || -> Result<LayerNorm> {
+            Ok(LayerNorm::new(
+                Tensor::ones(h, dtype, device)?,
+                Tensor::zeros(h, dtype, device)?,
+                eps,
+            ))
+        };
+        let blocks = (0..config.num_hidden_layers)
+            .map(|_| {
+                Ok(Block {
+                    attn_norm: norm()?,
+                    qkv: linear(3 * h, h)?,
+                    out: linear(h, h)?,
+                    ffn_norm: norm()?,
+                    fc1: linear(ffn, h)?,
+                    fc2: linear(h, ffn)?,
+                    rotary: 0,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let half = config.head_dim() / 2;
+        Ok(Self {
+            config: config.clone(),
+            word_embeddings: randn(&[config.vocab_size, h], 1.0)?,
+            blocks,
+            final_norm: norm()?,
+            rotary: vec![Tensor::from_vec(computed_inv_freq(config), half, device)?],
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &EsmConfig {
+        &self.config
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Resolve fair-esm layer numbers (0 = embeddings, N = last and normalized, negatives count
+    /// from the end: -1 = N) to `0..=N`.
+    pub fn resolve_layer(&self, layer: i64) -> Result<usize> {
+        let n = self.config.num_hidden_layers as i64;
+        let resolved = if layer < 0 { n + 1 + layer } else { layer };
+        if (0..=n).contains(&resolved) {
+            Ok(resolved as usize)
+        } else {
+            Err(Error::InvalidOption(format!(
+                "layer {layer} does not exist: this model has layers 0 (embeddings) to {n} (or -1 to -{})",
+                n + 1
+            )))
+        }
+    }
+
+    /// Run the packed forward and return the representation `[T, H]` of each requested layer
+    /// (resolved numbers, see [`Esm2::resolve_layer`]), in the order asked. Blocks after the
+    /// deepest requested layer are skipped.
+    pub fn forward(&self, batch: &PackedBatch, layers: &[usize]) -> Result<Vec<Tensor>> {
+        let n = self.config.num_hidden_layers;
+        if let Some(&bad) = layers.iter().find(|&&l| l > n) {
+            return Err(Error::InvalidOption(format!(
+                "layer {bad} does not exist (model has {n})"
+            )));
+        }
+        if batch.is_empty() {
+            return Err(Error::InvalidOption("empty batch".into()));
+        }
+        let deepest = layers.iter().copied().max().unwrap_or(n);
+        let total = batch.total_tokens();
+        let layout = PackLayout::new(batch, &self.device)?;
+
+        let ids = Tensor::from_slice(&batch.ids, total, &self.device)?;
+        let scale = self.embedding_scale(batch)?;
+        let mut x = self
+            .word_embeddings
+            .embedding(&ids)?
+            .broadcast_mul(&scale)?;
+
+        let mut reprs: Vec<Option<Tensor>> = vec![None; n + 1];
+        if layers.contains(&0) {
+            reprs[0] = Some(x.clone());
+        }
+        let positions: Vec<f32> = batch.positions().into_iter().map(|p| p as f32).collect();
+        let positions = Tensor::from_vec(positions, (total, 1), &self.device)?;
+        let rope: Vec<(Tensor, Tensor)> = self
+            .rotary
+            .iter()
+            .map(|inv_freq| {
+                // freqs = t ⊗ inv_freq in f32 as HF does, then cos/sin in the compute dtype.
+                let freqs = positions.broadcast_mul(&inv_freq.unsqueeze(0)?)?;
+                Ok((
+                    freqs.cos()?.to_dtype(self.dtype)?,
+                    freqs.sin()?.to_dtype(self.dtype)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+
+        for (index, block) in self.blocks.iter().enumerate().take(deepest) {
+            let (cos, sin) = &rope[block.rotary];
+            x = self.block_forward(block, &x, cos, sin, &layout)?;
+            let layer = index + 1;
+            if layer == n {
+                x = self.final_norm.forward(&x)?;
+            }
+            if layers.contains(&layer) {
+                reprs[layer] = Some(x.clone());
+            }
+        }
+        Ok(layers
+            .iter()
+            .map(|&l| {
+                reprs[l]
+                    .clone()
+                    .expect("every requested layer was computed")
+            })
+            .collect())
+    }
+
+    fn block_forward(
+        &self,
+        block: &Block,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        layout: &PackLayout,
+    ) -> Result<Tensor> {
+        let (total, h) = x.dims2()?;
+        let heads = self.config.num_attention_heads;
+        let d = self.config.head_dim();
+
+        let qkv = block.qkv.forward(&block.attn_norm.forward(x)?)?;
+        let qkv = qkv.reshape((total, 3, heads, d))?;
+        // HF scales the query by d^-½ before rotary; keep that order for low-precision parity.
+        let q = (qkv.narrow(1, 0, 1)?.squeeze(1)? * (d as f64).powf(-0.5))?;
+        let k = qkv.narrow(1, 1, 1)?.squeeze(1)?.contiguous()?;
+        let v = qkv.narrow(1, 2, 1)?.squeeze(1)?.contiguous()?;
+        let q = rope(&q, cos, sin)?;
+        let k = rope(&k, cos, sin)?;
+        let context = attention::attend(&q, &k, &v, layout)?.reshape((total, h))?;
+        let x = (x + block.out.forward(&context)?)?;
+
+        let ffn = block.fc2.forward(
+            &block
+                .fc1
+                .forward(&block.ffn_norm.forward(&x)?)?
+                .gelu_erf()?,
+        )?;
+        Ok((x + ffn)?)
+    }
+
+    /// Per-token factor `[T, 1]` of the embedding: 0 on `<mask>` rows, else
+    /// `(1 - 0.12) / (1 - masks/tokens)` of the token's own sequence (counts include cls and eos).
+    fn embedding_scale(&self, batch: &PackedBatch) -> Result<Tensor> {
+        let mut scale = vec![1f32; batch.total_tokens()];
+        if self.config.token_dropout {
+            let mask = self.config.mask_token_id;
+            for i in 0..batch.len() {
+                let range = batch.range(i);
+                let tokens = &batch.ids[range.clone()];
+                let masks = tokens.iter().filter(|&&t| t == mask).count();
+                let observed = masks as f64 / tokens.len() as f64;
+                let factor = ((1.0 - MASK_RATIO_TRAIN) / (1.0 - observed)) as f32;
+                for (s, &t) in scale[range].iter_mut().zip(tokens) {
+                    *s = if t == mask { 0.0 } else { factor };
+                }
+            }
+        }
+        Ok(
+            Tensor::from_vec(scale, (batch.total_tokens(), 1), &self.device)?
+                .to_dtype(self.dtype)?,
+        )
+    }
+}
+
+/// Rotate-half (NeoX) rotary on the packed layout `[T, heads, d]`, positions restarting per
+/// sequence (they are baked into `cos`/`sin`, `[T, d/2]`).
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let x = x.contiguous()?.unsqueeze(0)?;
+    Ok(candle_nn::rotary_emb::rope_thd(&x, cos, sin)?.squeeze(0)?)
+}
+
+/// `1 / base^(2i/d)`, in f32 as HF's `RotaryEmbedding.__init__` computes it.
+fn computed_inv_freq(config: &EsmConfig) -> Vec<f32> {
+    let d = config.head_dim();
+    let base = config.rope_theta as f32;
+    (0..d)
+        .step_by(2)
+        .map(|i| 1.0 / base.powf(i as f32 / d as f32))
+        .collect()
+}
+
+/// A single `inv_freq` shared by all layers, as newer transformers versions save it: at model
+/// level (`rotary_embeddings.inv_freq`) or under a literal wildcard key
+/// (`encoder.layer.*.attention.self.rotary_embeddings.inv_freq`).
+fn shared_inv_freq(checkpoint: &Checkpoint, half: usize) -> Result<Option<Vec<f32>>> {
+    let per_layer = |n: &str| {
+        n.strip_prefix("encoder.layer.")
+            .and_then(|rest| rest.split('.').next())
+            .is_some_and(|index| index.parse::<usize>().is_ok())
+    };
+    let mut names: Vec<&str> = checkpoint
+        .tensor_names()
+        .filter(|n| n.ends_with("inv_freq") && !per_layer(n))
+        .collect();
+    names.sort_unstable();
+    let name = names.first().map(|n| n.to_string());
+    name.map(|name| {
+        Ok(checkpoint
+            .load(&name, &[half], DType::F32, &Device::Cpu)?
+            .to_vec1::<f32>()?)
+    })
+    .transpose()
+}

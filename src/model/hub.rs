@@ -1,0 +1,105 @@
+//! HuggingFace hub ids resolved to a local snapshot directory, through the same cache layout as
+//! Python's `huggingface_hub` (`$HF_HOME/hub/models--org--name/snapshots/<rev>/`), so a model
+//! downloaded by either is found by both.
+//!
+//! `HF_HUB_OFFLINE=1` means the cache only: no network access is attempted, and a model that is
+//! not cached is an error saying how to get it there.
+
+use std::path::PathBuf;
+
+use hf_hub::api::sync::ApiBuilder;
+use hf_hub::{Cache, Repo};
+
+use crate::error::{Error, Result};
+
+const CONFIG: &str = "config.json";
+const WEIGHTS: &str = "model.safetensors";
+const INDEX: &str = "model.safetensors.index.json";
+
+/// Whether `HF_HUB_OFFLINE` asks for the cache only (as `huggingface_hub` reads it).
+pub fn offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE")
+        .map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+        .unwrap_or(false)
+}
+
+/// The snapshot directory of `model_id`: from the cache when it holds the config and the weights,
+/// else downloaded (unless offline).
+pub fn resolve(model_id: &str) -> Result<PathBuf> {
+    let cache = Cache::from_env();
+    if let Some(dir) = cached(&cache, model_id) {
+        return Ok(dir);
+    }
+    if offline() {
+        return Err(Error::Hub {
+            model_id: model_id.to_string(),
+            reason: format!(
+                "not in the HuggingFace cache ({}) and HF_HUB_OFFLINE is set. Download it where \
+                 the hub is reachable (`huggingface-cli download {model_id}`, or any esmbed run \
+                 without HF_HUB_OFFLINE) and point HF_HOME at that cache, or pass a local model \
+                 directory or .pt file with --model",
+                cache.path().display()
+            ),
+        });
+    }
+    download(model_id)
+}
+
+/// The snapshot directory if the cache holds the config and the weights (single or sharded).
+fn cached(cache: &Cache, model_id: &str) -> Option<PathBuf> {
+    let repo = cache.repo(Repo::model(model_id.to_string()));
+    let config = repo.get(CONFIG)?;
+    let dir = config.parent()?.to_path_buf();
+    let complete = repo.get(WEIGHTS).is_some()
+        || repo.get(INDEX).is_some_and(|index| {
+            std::fs::read_to_string(index)
+                .ok()
+                .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+                .and_then(|v| {
+                    v.get("weight_map")?.as_object().map(|map| {
+                        map.values()
+                            .filter_map(|f| f.as_str())
+                            .all(|f| dir.join(f).is_file())
+                    })
+                })
+                .unwrap_or(false)
+        });
+    complete.then_some(dir)
+}
+
+fn download(model_id: &str) -> Result<PathBuf> {
+    let hub_error = |what: &str, e: hf_hub::api::sync::ApiError| Error::Hub {
+        model_id: model_id.to_string(),
+        reason: format!(
+            "could not download {what}: {e}. Check the id and your network; behind a proxy set \
+             HTTPS_PROXY; for a mirror set HF_ENDPOINT; on a machine without network use \
+             HF_HUB_OFFLINE=1 with a filled cache, or a local model directory"
+        ),
+    };
+    let api = ApiBuilder::from_env()
+        .with_progress(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_retries(3)
+        .build()
+        .map_err(|e| hub_error("anything (cannot start the hub client)", e))?;
+    let repo = api.model(model_id.to_string());
+    let config = repo.get(CONFIG).map_err(|e| hub_error(CONFIG, e))?;
+    if repo.get(WEIGHTS).is_err() {
+        let index = repo.get(INDEX).map_err(|e| hub_error(WEIGHTS, e))?;
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Hub {
+            model_id: model_id.to_string(),
+            reason: format!("{INDEX} is not valid JSON: {e}"),
+        })?;
+        let mut shards: Vec<&str> = value
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .map(|m| m.values().filter_map(|f| f.as_str()).collect())
+            .unwrap_or_default();
+        shards.sort_unstable();
+        shards.dedup();
+        for shard in shards {
+            repo.get(shard).map_err(|e| hub_error(shard, e))?;
+        }
+    }
+    Ok(config.parent().map(PathBuf::from).unwrap_or_default())
+}

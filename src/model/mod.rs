@@ -1,0 +1,15 @@
+//! ESM-2: configuration, weight loading (HF directories, fair-esm `.pt`, the hub), and the packed
+//! forward. The model sees token ids and sequence boundaries ([`crate::pack::PackedBatch`]),
+//! never Arrow.
+
+pub mod attention;
+pub mod config;
+pub mod esm2;
+#[cfg(feature = "cuda")]
+pub mod flash;
+pub mod hub;
+pub mod weights;
+
+pub use config::EsmConfig;
+pub use esm2::Esm2;
+pub use weights::{Checkpoint, ModelSource};

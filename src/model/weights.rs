@@ -1,0 +1,518 @@
+//! Where a model comes from, and its tensors under one naming.
+//!
+//! Three sources, one result ([`Checkpoint`]): an HF-format directory (`config.json` plus
+//! `model.safetensors`, sharded safetensors with an index, or `pytorch_model.bin`), a fair-esm
+//! `.pt` checkpoint, or a HuggingFace hub id resolved through the local cache ([`super::hub`]).
+//! Tensor names are normalized to HF's `EsmModel` naming without the `esm.` prefix
+//! (`encoder.layer.3.attention.self.query.weight`), so the model code has one vocabulary.
+//! Tensors are read lazily (memory-mapped safetensors, lazily extracted pickles): a 15B checkpoint
+//! is never held twice in memory.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use candle_core::pickle::{Object, PthTensors, Stack};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+
+use super::config::EsmConfig;
+use crate::error::{Error, Result};
+
+/// Where to load a model from, as the user named it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// An HF-format directory (`config.json` + weights).
+    HfDir(PathBuf),
+    /// A fair-esm checkpoint (`esm2_t33_650M_UR50D.pt`).
+    FairEsm(PathBuf),
+    /// A HuggingFace hub id (`facebook/esm2_t33_650M_UR50D`).
+    Hub(String),
+}
+
+impl ModelSource {
+    /// Interpret what the user typed: an existing directory or `.pt`/`.pth` file, a published short
+    /// name (`650M`), or a hub id (`org/name`).
+    pub fn parse(spec: &str) -> Result<Self> {
+        let path = Path::new(spec);
+        if path.is_dir() {
+            return Ok(ModelSource::HfDir(path.to_path_buf()));
+        }
+        if path.is_file() {
+            return match path.extension().and_then(|e| e.to_str()) {
+                Some("pt" | "pth") => Ok(ModelSource::FairEsm(path.to_path_buf())),
+                Some("safetensors" | "json") => {
+                    Ok(ModelSource::HfDir(path.parent().unwrap_or(Path::new(".")).into()))
+                }
+                _ => Err(Error::model(
+                    spec,
+                    "unknown file type: give an HF model directory, a fair-esm .pt file, or a hub id",
+                )),
+            };
+        }
+        if let Some(&(_, id, ..)) = super::config::PUBLISHED
+            .iter()
+            .find(|p| p.0.eq_ignore_ascii_case(spec))
+        {
+            return Ok(ModelSource::Hub(id.to_string()));
+        }
+        let looks_like_id = spec.split('/').count() == 2
+            && !spec.starts_with('.')
+            && spec
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+        if looks_like_id {
+            Ok(ModelSource::Hub(spec.to_string()))
+        } else {
+            Err(Error::model(
+                spec,
+                format!(
+                    "no such file or directory, and not a hub id (`org/name`) or a published size ({})",
+                    EsmConfig::published_names()
+                ),
+            ))
+        }
+    }
+
+    /// How to name this source in messages.
+    pub fn display_name(&self) -> String {
+        match self {
+            ModelSource::HfDir(p) | ModelSource::FairEsm(p) => p.display().to_string(),
+            ModelSource::Hub(id) => id.clone(),
+        }
+    }
+}
+
+/// Backing storage of the tensors.
+enum Store {
+    Safetensors(MmapedSafetensors),
+    Pth(PthTensors),
+}
+
+/// A model's config and its tensors, under HF `EsmModel` names.
+pub struct Checkpoint {
+    /// The source as the user named it, for messages.
+    pub source_name: String,
+    /// Hyper-parameters.
+    pub config: EsmConfig,
+    store: Store,
+    /// Normalized name → name in the file.
+    names: HashMap<String, String>,
+}
+
+impl Checkpoint {
+    /// Open a checkpoint from any source. Hub ids are resolved through the local HF cache, and
+    /// downloaded only where the hub is reachable and `HF_HUB_OFFLINE` is not set.
+    pub fn open(source: &ModelSource) -> Result<Self> {
+        match source {
+            ModelSource::HfDir(dir) => Self::open_hf_dir(dir, &dir.display().to_string()),
+            ModelSource::FairEsm(path) => Self::open_fair_esm(path),
+            ModelSource::Hub(id) => {
+                let dir = super::hub::resolve(id)?;
+                Self::open_hf_dir(&dir, id)
+            }
+        }
+    }
+
+    /// Open an HF-format directory.
+    pub fn open_hf_dir(dir: &Path, source_name: &str) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let text = fs::read_to_string(&config_path).map_err(|e| {
+            Error::model(
+                source_name,
+                format!("cannot read {}: {e}", config_path.display()),
+            )
+        })?;
+        let config: EsmConfig = serde_json::from_str(&text)
+            .map_err(|e| Error::model(source_name, format!("{}: {e}", config_path.display())))?;
+        config
+            .validate()
+            .map_err(|reason| Error::model(source_name, reason))?;
+
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let bin = dir.join("pytorch_model.bin");
+        let store = if single.is_file() {
+            Store::Safetensors(mmap_safetensors(&[single], source_name)?)
+        } else if index.is_file() {
+            let shards = shards_from_index(&index, source_name)?;
+            Store::Safetensors(mmap_safetensors(&shards, source_name)?)
+        } else if bin.is_file() {
+            Store::Pth(
+                PthTensors::new(&bin, None)
+                    .map_err(|e| Error::model(source_name, format!("{}: {e}", bin.display())))?,
+            )
+        } else {
+            return Err(Error::model(
+                source_name,
+                format!(
+                    "no weights in {}: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin",
+                    dir.display()
+                ),
+            ));
+        };
+        let names = file_names(&store)
+            .into_iter()
+            .filter_map(|name| Some((hf_name(&name)?, name)))
+            .collect();
+        Ok(Self {
+            source_name: source_name.to_string(),
+            config,
+            store,
+            names,
+        })
+    }
+
+    /// Open a fair-esm `.pt` checkpoint (`{"cfg": {"model": ...}, "model": state_dict}`).
+    pub fn open_fair_esm(path: &Path) -> Result<Self> {
+        let source_name = path.display().to_string();
+        let pth = PthTensors::new(path, Some("model")).map_err(|e| {
+            Error::model(
+                &source_name,
+                format!("not a readable torch checkpoint: {e}"),
+            )
+        })?;
+        let store = Store::Pth(pth);
+        let names: HashMap<String, String> = file_names(&store)
+            .into_iter()
+            .filter_map(|name| Some((fair_esm_to_hf(&name)?, name)))
+            .collect();
+        let config = fair_esm_config(path, &names, &store, &source_name)?;
+        config
+            .validate()
+            .map_err(|reason| Error::model(&source_name, reason))?;
+        Ok(Self {
+            source_name,
+            config,
+            store,
+            names,
+        })
+    }
+
+    /// Whether a tensor exists (normalized name).
+    pub fn contains(&self, name: &str) -> bool {
+        self.names.contains_key(name)
+    }
+
+    /// Shape of a tensor without loading it.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        let file_name = self.names.get(name)?;
+        match &self.store {
+            Store::Safetensors(st) => st.get(file_name).ok().map(|v| v.shape().to_vec()),
+            Store::Pth(pth) => pth
+                .tensor_infos()
+                .get(file_name)
+                .map(|info| info.layout.shape().dims().to_vec()),
+        }
+    }
+
+    /// Load a tensor by normalized name, checking its shape, converted to `dtype` on `device`.
+    pub fn load(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let tensor = self.load_any(name, dtype, device)?;
+        if tensor.dims() != shape {
+            return Err(Error::TensorShape {
+                source_name: self.source_name.clone(),
+                tensor: name.to_string(),
+                found: tensor.dims().to_vec(),
+                expected: shape.to_vec(),
+            });
+        }
+        Ok(tensor)
+    }
+
+    /// Load a tensor by normalized name, whatever its shape.
+    pub fn load_any(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        let missing = || Error::MissingTensor {
+            source_name: self.source_name.clone(),
+            tensor: name.to_string(),
+        };
+        let file_name = self.names.get(name).ok_or_else(missing)?;
+        let tensor = match &self.store {
+            Store::Safetensors(st) => st.load(file_name, &Device::Cpu)?,
+            Store::Pth(pth) => pth.get(file_name)?.ok_or_else(missing)?,
+        };
+        Ok(tensor.to_dtype(dtype)?.to_device(device)?)
+    }
+
+    /// The names of all tensors the checkpoint holds (normalized).
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.names.keys().map(String::as_str)
+    }
+}
+
+fn mmap_safetensors(paths: &[PathBuf], source_name: &str) -> Result<MmapedSafetensors> {
+    // SAFETY: the files are opened read-only; as with every mmap, modifying them while esmbed runs
+    // is undefined behaviour, which is the documented contract of candle's loader.
+    unsafe { MmapedSafetensors::multi(paths) }
+        .map_err(|e| Error::model(source_name, format!("cannot read safetensors: {e}")))
+}
+
+fn shards_from_index(index: &Path, source_name: &str) -> Result<Vec<PathBuf>> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: HashMap<String, String>,
+    }
+    let text = fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let parsed: Index = serde_json::from_str(&text)
+        .map_err(|e| Error::model(source_name, format!("{}: {e}", index.display())))?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<&String> = parsed.weight_map.values().collect();
+    files.sort();
+    files.dedup();
+    Ok(files.into_iter().map(|f| dir.join(f)).collect())
+}
+
+fn file_names(store: &Store) -> Vec<String> {
+    match store {
+        Store::Safetensors(st) => st.tensors().into_iter().map(|(name, _)| name).collect(),
+        Store::Pth(pth) => pth.tensor_infos().keys().cloned().collect(),
+    }
+}
+
+/// Normalize an HF checkpoint name: drop the `esm.` prefix of `EsmForMaskedLM` checkpoints and
+/// the heads esmbed does not use.
+fn hf_name(name: &str) -> Option<String> {
+    let name = name.strip_prefix("esm.").unwrap_or(name);
+    let used = name.starts_with("embeddings.word_embeddings.")
+        || name.starts_with("encoder.")
+        || name.ends_with("inv_freq");
+    used.then(|| name.to_string())
+}
+
+/// Map a fair-esm state-dict name to the HF name, or `None` for tensors esmbed does not use
+/// (`lm_head`, `contact_head`).
+fn fair_esm_to_hf(name: &str) -> Option<String> {
+    let name = name
+        .strip_prefix("encoder.sentence_encoder.")
+        .or_else(|| name.strip_prefix("encoder."))
+        .unwrap_or(name);
+    if let Some(rest) = name.strip_prefix("embed_tokens.") {
+        return Some(format!("embeddings.word_embeddings.{rest}"));
+    }
+    if let Some(rest) = name.strip_prefix("emb_layer_norm_after.") {
+        return Some(format!("encoder.emb_layer_norm_after.{rest}"));
+    }
+    let rest = name.strip_prefix("layers.")?;
+    let (index, rest) = rest.split_once('.')?;
+    let index: usize = index.parse().ok()?;
+    let mapped = [
+        ("self_attn.q_proj.", "attention.self.query."),
+        ("self_attn.k_proj.", "attention.self.key."),
+        ("self_attn.v_proj.", "attention.self.value."),
+        ("self_attn.out_proj.", "attention.output.dense."),
+        ("self_attn.rot_emb.", "attention.self.rotary_embeddings."),
+        ("self_attn_layer_norm.", "attention.LayerNorm."),
+        ("fc1.", "intermediate.dense."),
+        ("fc2.", "output.dense."),
+        ("final_layer_norm.", "LayerNorm."),
+    ]
+    .iter()
+    .find_map(|(from, to)| rest.strip_prefix(from).map(|tail| format!("{to}{tail}")))?;
+    Some(format!("encoder.layer.{index}.{mapped}"))
+}
+
+/// The config of a fair-esm checkpoint: from its `cfg.model` entry when that can be read, else
+/// inferred from the tensor shapes (the head count from the published sizes).
+fn fair_esm_config(
+    path: &Path,
+    names: &HashMap<String, String>,
+    store: &Store,
+    source_name: &str,
+) -> Result<EsmConfig> {
+    let layers = names
+        .keys()
+        .filter_map(|n| {
+            n.strip_prefix("encoder.layer.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map(|max| max + 1)
+        .ok_or_else(|| {
+            Error::model(
+                source_name,
+                "no transformer layers found: is this an ESM-2 checkpoint?",
+            )
+        })?;
+    let embed_name = names
+        .get("embeddings.word_embeddings.weight")
+        .ok_or_else(|| Error::MissingTensor {
+            source_name: source_name.to_string(),
+            tensor: "embeddings.word_embeddings.weight".into(),
+        })?;
+    let hidden = match store {
+        Store::Pth(pth) => pth
+            .tensor_infos()
+            .get(embed_name)
+            .map(|info| info.layout.shape().dims().to_vec()),
+        Store::Safetensors(_) => None,
+    }
+    .and_then(|dims| dims.get(1).copied())
+    .ok_or_else(|| Error::model(source_name, "cannot read the embedding's shape"))?;
+
+    let cfg = read_fair_esm_cfg(path).unwrap_or_default();
+    let get = |key: &str| cfg.get(key).copied();
+    let heads = get("encoder_attention_heads")
+        .map(|h| h as usize)
+        .or_else(|| {
+            super::config::PUBLISHED
+                .iter()
+                .find(|p| p.3 == hidden)
+                .map(|p| p.4)
+        })
+        .ok_or_else(|| {
+            Error::model(
+                source_name,
+                "the checkpoint's cfg.model.encoder_attention_heads is unreadable and the hidden size matches no published ESM-2; convert it to HF format",
+            )
+        })?;
+    if let Some(cfg_layers) = get("encoder_layers") {
+        if cfg_layers as usize != layers {
+            return Err(Error::model(
+                source_name,
+                format!("cfg says {cfg_layers} layers but the state dict has {layers}"),
+            ));
+        }
+    }
+    let mut config = EsmConfig::new(layers, hidden, heads);
+    if let Some(token_dropout) = get("token_dropout") {
+        config.token_dropout = token_dropout != 0;
+    }
+    Ok(config)
+}
+
+/// Read `cfg["model"]` of a torch checkpoint as integer fields (booleans as 0/1). Handles a plain
+/// dict and an `argparse.Namespace`-like object whose state is a dict. `None` if unreadable.
+fn read_fair_esm_cfg(path: &Path) -> Option<HashMap<String, i64>> {
+    let file = fs::File::open(path).ok()?;
+    let mut zip = zip::ZipArchive::new(BufReader::new(file)).ok()?;
+    let pkl = zip
+        .file_names()
+        .filter_map(|name| name.ok())
+        .find(|name| name.ends_with("data.pkl"))?
+        .into_owned();
+    let mut bytes = Vec::new();
+    zip.by_name(&pkl).ok()?.read_to_end(&mut bytes).ok()?;
+    let mut stack = Stack::empty();
+    stack.read_loop(&mut BufReader::new(&bytes[..])).ok()?;
+    let root = stack.finalize().ok()?;
+    let cfg = dict_get(&root, "cfg")?;
+    let model = dict_get(cfg, "model")?;
+    let fields = match model {
+        Object::Dict(kv) => kv,
+        Object::Build { args, .. } => match args.as_ref() {
+            Object::Dict(kv) => kv,
+            _ => return None,
+        },
+        _ => return None,
+    };
+    Some(
+        fields
+            .iter()
+            .filter_map(|(k, v)| {
+                let key = match k {
+                    Object::Unicode(s) => s.clone(),
+                    _ => return None,
+                };
+                let value = match v {
+                    Object::Int(i) => *i as i64,
+                    Object::Long(l) => *l,
+                    Object::Bool(b) => *b as i64,
+                    _ => return None,
+                };
+                Some((key, value))
+            })
+            .collect(),
+    )
+}
+
+fn dict_get<'a>(obj: &'a Object, key: &str) -> Option<&'a Object> {
+    match obj {
+        Object::Dict(kv) => kv
+            .iter()
+            .find(|(k, _)| matches!(k, Object::Unicode(s) if s == key))
+            .map(|(_, v)| v),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fair_esm_names_map_to_hf() {
+        let cases = [
+            (
+                "encoder.sentence_encoder.embed_tokens.weight",
+                Some("embeddings.word_embeddings.weight"),
+            ),
+            (
+                "encoder.layers.3.self_attn.q_proj.bias",
+                Some("encoder.layer.3.attention.self.query.bias"),
+            ),
+            (
+                "layers.0.self_attn.rot_emb.inv_freq",
+                Some("encoder.layer.0.attention.self.rotary_embeddings.inv_freq"),
+            ),
+            (
+                "encoder.sentence_encoder.layers.12.final_layer_norm.weight",
+                Some("encoder.layer.12.LayerNorm.weight"),
+            ),
+            (
+                "encoder.sentence_encoder.layers.1.self_attn_layer_norm.bias",
+                Some("encoder.layer.1.attention.LayerNorm.bias"),
+            ),
+            (
+                "encoder.sentence_encoder.emb_layer_norm_after.weight",
+                Some("encoder.emb_layer_norm_after.weight"),
+            ),
+            ("encoder.lm_head.dense.weight", None),
+            (
+                "encoder.sentence_encoder.contact_head.regression.weight",
+                None,
+            ),
+        ];
+        for (from, to) in cases {
+            assert_eq!(fair_esm_to_hf(from).as_deref(), to, "{from}");
+        }
+    }
+
+    #[test]
+    fn hf_names_drop_prefix_and_heads() {
+        assert_eq!(
+            hf_name("esm.encoder.layer.0.attention.self.key.weight").as_deref(),
+            Some("encoder.layer.0.attention.self.key.weight")
+        );
+        assert_eq!(hf_name("lm_head.bias"), None);
+        assert_eq!(
+            hf_name("esm.rotary_embeddings.inv_freq").as_deref(),
+            Some("rotary_embeddings.inv_freq")
+        );
+        assert_eq!(hf_name("esm.contact_head.regression.weight"), None);
+        assert_eq!(hf_name("esm.embeddings.position_embeddings.weight"), None);
+    }
+
+    #[test]
+    fn parses_sources() {
+        assert_eq!(
+            ModelSource::parse("650M").unwrap(),
+            ModelSource::Hub("facebook/esm2_t33_650M_UR50D".into())
+        );
+        assert_eq!(
+            ModelSource::parse("facebook/esm2_t6_8M_UR50D").unwrap(),
+            ModelSource::Hub("facebook/esm2_t6_8M_UR50D".into())
+        );
+        let err = ModelSource::parse("./no/such/dir").unwrap_err().to_string();
+        assert!(err.contains("no such file"), "{err}");
+    }
+}

@@ -1,0 +1,132 @@
+//! The packed batch: the seam between the host side (reading, tokenizing, packing) and the model.
+//!
+//! Sequences are laid end to end in one flat token stream; `cu_seqlens` marks where each begins.
+//! No padding anywhere: a pack of sequences of lengths 3, 5, 2 is 10 tokens and
+//! `cu_seqlens = [0, 3, 8, 10]`. This is the layout FlashAttention's varlen kernels take, and
+//! the CPU path attends within each `[cu_seqlens[i], cu_seqlens[i+1])` segment.
+
+use std::ops::Range;
+
+/// Token sequences laid end to end, with their boundaries.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PackedBatch {
+    /// All token ids of all sequences, each sequence `<cls> residues <eos>`.
+    pub ids: Vec<u32>,
+    /// Cumulative lengths: `batch + 1` entries, starting at 0, ending at `ids.len()`.
+    pub cu_seqlens: Vec<u32>,
+    /// Length of the longest sequence, in tokens.
+    pub max_len: usize,
+}
+
+impl PackedBatch {
+    /// Pack the given token sequences in the given order.
+    pub fn from_sequences<'a>(sequences: impl IntoIterator<Item = &'a [u32]>) -> Self {
+        let mut batch = PackedBatch {
+            ids: Vec::new(),
+            cu_seqlens: vec![0],
+            max_len: 0,
+        };
+        for seq in sequences {
+            batch.push(seq);
+        }
+        batch
+    }
+
+    /// Append one sequence.
+    pub fn push(&mut self, tokens: &[u32]) {
+        if self.cu_seqlens.is_empty() {
+            self.cu_seqlens.push(0);
+        }
+        self.ids.extend_from_slice(tokens);
+        self.cu_seqlens.push(self.ids.len() as u32);
+        self.max_len = self.max_len.max(tokens.len());
+    }
+
+    /// Number of sequences.
+    pub fn len(&self) -> usize {
+        self.cu_seqlens.len().saturating_sub(1)
+    }
+
+    /// Whether the batch holds no sequence.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Total number of tokens (specials included).
+    pub fn total_tokens(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Token range of sequence `i` in the flat stream.
+    pub fn range(&self, i: usize) -> Range<usize> {
+        self.cu_seqlens[i] as usize..self.cu_seqlens[i + 1] as usize
+    }
+
+    /// Tokens of sequence `i`.
+    pub fn tokens(&self, i: usize) -> &[u32] {
+        &self.ids[self.range(i)]
+    }
+
+    /// Position of every token within its own sequence (0 on `<cls>`), as rotary needs.
+    pub fn positions(&self) -> Vec<u32> {
+        let mut positions = Vec::with_capacity(self.ids.len());
+        for i in 0..self.len() {
+            positions.extend(0..self.range(i).len() as u32);
+        }
+        positions
+    }
+
+    /// Residue count of every sequence (tokens minus `<cls>` and `<eos>`).
+    pub fn residue_counts(&self) -> Vec<usize> {
+        (0..self.len())
+            .map(|i| self.range(i).len().saturating_sub(2))
+            .collect()
+    }
+}
+
+/// Group sequence indices into packs of at most `budget` tokens, longest first: sort by length
+/// (descending, stable), then fill each pack with consecutive sequences. A sequence longer than
+/// the budget gets a pack of its own.
+pub fn pack_by_length(lengths: &[usize], budget: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+    let mut packs: Vec<Vec<usize>> = Vec::new();
+    let mut used = 0;
+    for i in order {
+        match packs.last_mut() {
+            Some(pack) if used + lengths[i] <= budget => pack.push(i),
+            _ => {
+                packs.push(vec![i]);
+                used = 0;
+            }
+        }
+        used += lengths[i];
+    }
+    packs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boundaries_and_positions() {
+        let batch = PackedBatch::from_sequences([&[0, 5, 2][..], &[0, 4, 4, 4, 2], &[0, 2]]);
+        assert_eq!(batch.cu_seqlens, [0, 3, 8, 10]);
+        assert_eq!(batch.max_len, 5);
+        assert_eq!(batch.len(), 3);
+        assert_eq!(batch.tokens(1), [0, 4, 4, 4, 2]);
+        assert_eq!(batch.positions(), [0, 1, 2, 0, 1, 2, 3, 4, 0, 1]);
+        assert_eq!(batch.residue_counts(), [1, 3, 0]);
+    }
+
+    #[test]
+    fn packs_by_length_under_budget() {
+        let lengths = [3, 10, 4, 12, 5];
+        let packs = pack_by_length(&lengths, 10);
+        assert_eq!(packs, vec![vec![3], vec![1], vec![4, 2], vec![0]]);
+        let mut all: Vec<usize> = packs.concat();
+        all.sort();
+        assert_eq!(all, [0, 1, 2, 3, 4]);
+    }
+}
