@@ -1,0 +1,47 @@
+//! Hub ids resolve through the HuggingFace cache layout; offline, a missing model is a clear
+//! error. (No download is attempted here: these machines cannot reach the hub.)
+
+mod common;
+
+use common::fixture_dir;
+use esmbed::{Checkpoint, ModelSource};
+
+#[test]
+fn hub_ids_resolve_from_the_cache_and_fail_clearly_offline() {
+    // One test function: it sets process-wide environment variables.
+    let home = std::env::temp_dir().join(format!("esmbed-hf-home-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&home);
+    std::env::set_var("HF_HOME", &home);
+    std::env::set_var("HF_HUB_OFFLINE", "1");
+
+    let id = "facebook/esm2_t6_8M_UR50D";
+    let err = Checkpoint::open(&ModelSource::Hub(id.into()))
+        .err()
+        .expect("an empty cache cannot provide the model")
+        .to_string();
+    assert!(err.contains(id), "{err}");
+    assert!(err.contains("HF_HUB_OFFLINE"), "{err}");
+    assert!(err.contains("huggingface-cli download"), "{err}");
+    assert!(err.contains(&home.display().to_string()), "{err}");
+
+    // The same layout huggingface_hub writes: refs/main names the snapshot.
+    let repo = home.join("hub/models--esmbed-test--tiny_h16");
+    let snapshot = repo.join("snapshots/0123456789abcdef");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123456789abcdef").unwrap();
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture_dir("tiny_h16").join(file), snapshot.join(file)).unwrap();
+    }
+    let source = ModelSource::parse("esmbed-test/tiny_h16").unwrap();
+    assert_eq!(source, ModelSource::Hub("esmbed-test/tiny_h16".into()));
+    let checkpoint = Checkpoint::open(&source).unwrap();
+    assert_eq!(checkpoint.config.num_hidden_layers, 3);
+    assert_eq!(checkpoint.source_name, "esmbed-test/tiny_h16");
+
+    // A snapshot without weights is not a usable cache entry.
+    std::fs::remove_file(snapshot.join("model.safetensors")).unwrap();
+    let err = Checkpoint::open(&source).err().unwrap().to_string();
+    assert!(err.contains("HF_HUB_OFFLINE"), "{err}");
+    std::fs::remove_dir_all(&home).unwrap();
+}
