@@ -123,11 +123,23 @@ impl Embedder {
 
     /// Embed one pack: one forward, then pooling of every requested layer for the whole pack.
     pub fn embed_packed(&self, batch: &PackedBatch) -> Result<Vec<PooledLayer>> {
+        self.embed_packed_with(batch, false)
+    }
+
+    /// [`Embedder::embed_packed`], with per-residue outputs forced on when `residues` is set
+    /// (long sequences embedded in windows are averaged per residue).
+    pub fn embed_packed_with(
+        &self,
+        batch: &PackedBatch,
+        residues: bool,
+    ) -> Result<Vec<PooledLayer>> {
         let hidden = self.model.forward(batch, &self.layers)?;
+        let mut pooling = self.pooling;
+        pooling.per_residue |= residues;
         hidden
             .iter()
             .zip(&self.layers)
-            .map(|(h, &layer)| pool(h, batch, layer, self.pooling))
+            .map(|(h, &layer)| pool(h, batch, layer, pooling))
             .collect()
     }
 
@@ -150,7 +162,7 @@ impl Embedder {
     pub fn embed_tokens(&self, tokens: &[Vec<u32>]) -> Result<Vec<SequenceEmbedding>> {
         let lengths: Vec<usize> = tokens.iter().map(Vec::len).collect();
         let mut results: Vec<Option<SequenceEmbedding>> = vec![None; tokens.len()];
-        for group in crate::pack::pack_by_length(&lengths, self.tokens_per_batch) {
+        for group in crate::pack::first_fit_decreasing(&lengths, self.tokens_per_batch) {
             let batch = PackedBatch::from_sequences(group.iter().map(|&i| &tokens[i][..]));
             let pooled = self.embed_packed(&batch)?;
             for (slot, split) in group.iter().zip(split_pooled(&pooled, &batch)) {

@@ -77,6 +77,53 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// An input could not be read.
+    #[error(transparent)]
+    Input(#[from] crate::input::InputError),
+
+    /// `--strict`: a bad record stops the job.
+    #[error("{input} record {record}{}: {reason} (--strict stops at the first bad record; without it, bad records go to the errors file)", id.as_ref().map(|i| format!(" (id {i})")).unwrap_or_default())]
+    Strict {
+        /// The input file.
+        input: String,
+        /// 1-based record number.
+        record: u64,
+        /// The record's id.
+        id: Option<String>,
+        /// What was wrong.
+        reason: String,
+    },
+
+    /// The same id twice: results could not be joined back unambiguously.
+    #[error("duplicate id {id:?}: {first} and {second}. Ids must be unique to join embeddings back to \
+             the input: fix the input, or pass --dedupe to keep the first and list the others in the errors file")]
+    DuplicateId {
+        /// The id.
+        id: String,
+        /// Where it first appears.
+        first: String,
+        /// Where it appears again.
+        second: String,
+    },
+
+    /// The output (or an unfinished job's progress) is already there.
+    #[error("{path} already exists: {hint}")]
+    OutputExists {
+        /// The output path.
+        path: String,
+        /// What to do.
+        hint: String,
+    },
+
+    /// SIGINT/SIGTERM: the job stopped cleanly with finished parts recorded.
+    #[error("interrupted after {done} of {total}+ parts; finished parts are kept: rerun the same command with --resume to continue")]
+    Interrupted {
+        /// Parts finished (this run and earlier ones).
+        done: usize,
+        /// Parts started so far.
+        total: usize,
+    },
+
     /// A tensor operation failed (out of memory, device error, or a bug).
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),

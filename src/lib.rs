@@ -23,8 +23,11 @@
 
 pub mod embed;
 pub mod error;
+pub mod input;
 pub mod model;
+pub mod output;
 pub mod pack;
+pub mod pipeline;
 pub mod pool;
 pub mod tokenize;
 

@@ -84,25 +84,38 @@ impl PackedBatch {
     }
 }
 
-/// Group sequence indices into packs of at most `budget` tokens, longest first: sort by length
-/// (descending, stable), then fill each pack with consecutive sequences. A sequence longer than
-/// the budget gets a pack of its own.
-pub fn pack_by_length(lengths: &[usize], budget: usize) -> Vec<Vec<usize>> {
+/// Group items into packs of at most `budget` tokens by first-fit decreasing: longest first, each
+/// into the first pack with room. An item longer than the budget gets a pack of its own. Returns
+/// item indices per pack; packs are ordered by their first (longest) item, so similar lengths run
+/// together. Deterministic: ties keep input order.
+pub fn first_fit_decreasing(lengths: &[usize], budget: usize) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
     let mut packs: Vec<Vec<usize>> = Vec::new();
-    let mut used = 0;
+    let mut room: Vec<usize> = Vec::new();
     for i in order {
-        match packs.last_mut() {
-            Some(pack) if used + lengths[i] <= budget => pack.push(i),
-            _ => {
+        let len = lengths[i];
+        match room.iter().position(|&r| r >= len) {
+            Some(p) => {
+                packs[p].push(i);
+                room[p] -= len;
+            }
+            None => {
                 packs.push(vec![i]);
-                used = 0;
+                room.push(budget.saturating_sub(len));
             }
         }
-        used += lengths[i];
     }
     packs
+}
+
+/// Real tokens over budgeted tokens (`packs × budget`): how much of the compute a fixed budget
+/// pays for goes to real tokens.
+pub fn packing_efficiency(total_tokens: usize, packs: usize, budget: usize) -> f64 {
+    if packs == 0 {
+        return 1.0;
+    }
+    total_tokens as f64 / (packs as f64 * budget as f64)
 }
 
 #[cfg(test)]
@@ -121,12 +134,9 @@ mod tests {
     }
 
     #[test]
-    fn packs_by_length_under_budget() {
-        let lengths = [3, 10, 4, 12, 5];
-        let packs = pack_by_length(&lengths, 10);
-        assert_eq!(packs, vec![vec![3], vec![1], vec![4, 2], vec![0]]);
-        let mut all: Vec<usize> = packs.concat();
-        all.sort();
-        assert_eq!(all, [0, 1, 2, 3, 4]);
+    fn first_fit_decreasing_fills_gaps() {
+        let lengths = [3, 10, 4, 12, 5, 6];
+        let packs = first_fit_decreasing(&lengths, 10);
+        assert_eq!(packs, vec![vec![3], vec![1], vec![5, 2], vec![4, 0]]);
     }
 }

@@ -99,6 +99,8 @@ pub struct Checkpoint {
     store: Store,
     /// Normalized name → name in the file.
     names: HashMap<String, String>,
+    /// The files the weights come from.
+    files: Vec<PathBuf>,
 }
 
 impl Checkpoint {
@@ -133,12 +135,16 @@ impl Checkpoint {
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
         let bin = dir.join("pytorch_model.bin");
+        let mut files = vec![config_path.clone()];
         let store = if single.is_file() {
+            files.push(single.clone());
             Store::Safetensors(mmap_safetensors(&[single], source_name)?)
         } else if index.is_file() {
             let shards = shards_from_index(&index, source_name)?;
+            files.extend(shards.iter().cloned());
             Store::Safetensors(mmap_safetensors(&shards, source_name)?)
         } else if bin.is_file() {
+            files.push(bin.clone());
             Store::Pth(
                 PthTensors::new(&bin, None)
                     .map_err(|e| Error::model(source_name, format!("{}: {e}", bin.display())))?,
@@ -161,6 +167,7 @@ impl Checkpoint {
             config,
             store,
             names,
+            files,
         })
     }
 
@@ -187,7 +194,38 @@ impl Checkpoint {
             config,
             store,
             names,
+            files: vec![path.to_path_buf()],
         })
+    }
+
+    /// A fingerprint of the weights: SHA-256 over the config, and each file's size, first and last
+    /// 4 MiB (a safetensors or pickle header lists every tensor; the samples catch re-trained
+    /// weights of the same shape). Hashing every byte of a 15B model would take minutes.
+    pub fn fingerprint(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        use std::io::{Seek, SeekFrom};
+        const SAMPLE: u64 = 4 << 20;
+        let mut hasher = Sha256::new();
+        hasher.update(serde_json::to_vec(&self.config).expect("config serializes"));
+        for path in &self.files {
+            let mut file = fs::File::open(path).map_err(|e| Error::io(path, e))?;
+            let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
+            hasher.update(size.to_le_bytes());
+            let mut buf = Vec::new();
+            (&mut file)
+                .take(SAMPLE)
+                .read_to_end(&mut buf)
+                .map_err(|e| Error::io(path, e))?;
+            if size > 2 * SAMPLE {
+                file.seek(SeekFrom::Start(size - SAMPLE))
+                    .map_err(|e| Error::io(path, e))?;
+                file.take(SAMPLE)
+                    .read_to_end(&mut buf)
+                    .map_err(|e| Error::io(path, e))?;
+            }
+            hasher.update(&buf);
+        }
+        Ok(format!("sha256:{:x}", hasher.finalize()))
     }
 
     /// Whether a tensor exists (normalized name).

@@ -1,0 +1,280 @@
+//! `esmbed embed`: the main job.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Args;
+use serde_json::json;
+
+use esmbed::input::{InputOptions, Inputs};
+use esmbed::output::columns::EmbeddingColumns;
+use esmbed::output::OutputLayout;
+use esmbed::pipeline::plan::PlanOptions;
+use esmbed::pipeline::{self, JobOptions, JobSpec, JobSummary};
+use esmbed::{Checkpoint, EmbedOptions, Embedder, Esm2, ModelSource, Pooling, Tokenizer};
+
+use super::{paths, InputArgs, ModelArgs, OutputArgs};
+
+#[derive(Debug, Args)]
+pub struct EmbedArgs {
+    /// Input files or directories (FASTA, FASTA.gz, Parquet). Rows are numbered across them in
+    /// the order given; a directory contributes its files sorted by name.
+    #[arg(required = true, value_name = "INPUT")]
+    pub inputs: Vec<String>,
+
+    /// Output: `out.parquet` (one file, appears complete at the end) or `out/` (a dataset of
+    /// part files, readable as they complete, e.g. `read_parquet('out/*.parquet')`).
+    #[arg(long, short)]
+    pub output: String,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub input: InputArgs,
+
+    #[command(flatten)]
+    pub columns: OutputArgs,
+
+    /// Tokens per pack (sequences are packed end to end, no padding). Default: 4096 on the CPU,
+    /// 16384 on a GPU.
+    #[arg(long)]
+    pub tokens_per_batch: Option<usize>,
+
+    /// Rows per part: the unit of length sorting, output row groups and resume.
+    #[arg(long, default_value_t = 10_000)]
+    pub rows_per_part: usize,
+
+    /// Stop at the first bad record (default: list it in the errors file and go on).
+    #[arg(long)]
+    pub strict: bool,
+
+    /// Keep the first of duplicate ids, list the others in the errors file (default: duplicate
+    /// ids stop the job before any model work).
+    #[arg(long)]
+    pub dedupe: bool,
+
+    /// Continue an interrupted job (same command): finished parts are kept.
+    #[arg(long)]
+    pub resume: bool,
+
+    /// Replace an existing output (and discard an interrupted job's progress).
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
+
+    /// No progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Run the job; returns the summary.
+pub fn run(args: EmbedArgs) -> anyhow::Result<JobSummary> {
+    let device = super::parse_device(&args.model.device)?;
+    let dtype = super::parse_dtype(&args.model.dtype, &device)?;
+    let tokens_per_batch =
+        args.tokens_per_batch
+            .unwrap_or(if device.is_cpu() { 4096 } else { 16384 });
+    if args.columns.max_length == 0 {
+        anyhow::bail!("--max-length must be at least 1");
+    }
+    if args.rows_per_part == 0 {
+        anyhow::bail!("--rows-per-part must be at least 1");
+    }
+
+    let inputs = Inputs::open(
+        &paths(&args.inputs),
+        InputOptions {
+            format: args.input.format,
+            seq_column: args.input.seq_column.clone(),
+            id_column: args.input.id_column.clone(),
+            ..InputOptions::default()
+        },
+    )?;
+
+    let loading = Instant::now();
+    let source = ModelSource::parse(&args.model.model)?;
+    let checkpoint = Checkpoint::open(&source)?;
+    let fingerprint = checkpoint.fingerprint()?;
+    let model = Esm2::load(&checkpoint, &device, dtype)?;
+    let config = model.config().clone();
+    let pooling = Pooling {
+        mean: true,
+        bos: args.columns.bos,
+        per_residue: args.columns.per_residue,
+    };
+    let embedder = Embedder::new(
+        model,
+        &EmbedOptions {
+            layers: args.columns.layers.clone(),
+            pooling,
+            unknown: args.columns.unknown.into(),
+            tokens_per_batch,
+        },
+    )?;
+    tracing::info!(
+        "loaded {} ({} layers, hidden {}) on {:?} as {:?} in {:.1}s",
+        checkpoint.source_name,
+        config.num_hidden_layers,
+        config.hidden_size,
+        device,
+        dtype,
+        loading.elapsed().as_secs_f64()
+    );
+
+    let columns = Arc::new(EmbeddingColumns {
+        layers: embedder.layers().to_vec(),
+        last_layer: config.num_hidden_layers,
+        pooling,
+        hidden: config.hidden_size,
+        dtype: args.columns.output_dtype,
+    });
+    let layout = OutputLayout::new(std::path::Path::new(&args.output));
+    let metadata = json!({
+        "esmbed_version": env!("CARGO_PKG_VERSION"),
+        "model": checkpoint.source_name,
+        "model_fingerprint": fingerprint,
+        "num_layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "layers": columns.layers,
+        "primary_layer": columns.primary_layer(),
+        "pooling": {
+            "embedding": "mean over residues (BOS/EOS excluded)",
+            "bos": pooling.bos,
+            "per_residue": pooling.per_residue,
+        },
+        "compute_dtype": format!("{dtype:?}").to_lowercase(),
+        "output_dtype": args.columns.output_dtype,
+        "max_length": args.columns.max_length,
+        "long": args.columns.long,
+        "unknown": args.columns.unknown,
+    });
+    let identity = json!({
+        "inputs": inputs.files.iter().map(|f| {
+            let size = std::fs::metadata(&f.path).map(|m| m.len()).unwrap_or(0);
+            json!({"path": f.name(), "size": size})
+        }).collect::<Vec<_>>(),
+        "seq_column": args.input.seq_column,
+        "id_column": args.input.id_column,
+        "model_fingerprint": metadata["model_fingerprint"],
+        "layers": metadata["layers"],
+        "pooling": metadata["pooling"],
+        "compute_dtype": metadata["compute_dtype"],
+        "output_dtype": metadata["output_dtype"],
+        "max_length": args.columns.max_length,
+        "long": args.columns.long,
+        "unknown": args.columns.unknown,
+        "rows_per_part": args.rows_per_part,
+        "dedupe": args.dedupe,
+    });
+    let spec = JobSpec {
+        inputs,
+        layout,
+        columns,
+        metadata: metadata.to_string(),
+        identity,
+        options: JobOptions {
+            plan: PlanOptions {
+                tokens_per_batch,
+                max_length: args.columns.max_length,
+                long: args.columns.long,
+            },
+            rows_per_part: args.rows_per_part,
+            strict: args.strict,
+            dedupe: args.dedupe,
+            output_dtype: args.columns.output_dtype,
+            resume: args.resume,
+            overwrite: args.overwrite,
+            progress: !args.no_progress,
+        },
+        tokenizer: Tokenizer::new(args.columns.unknown.into()),
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let cancel = Arc::new(AtomicBool::new(false));
+    let summary = runtime.block_on(async {
+        let watcher = tokio::spawn(watch_signals(cancel.clone()));
+        let result = pipeline::run(spec, Arc::new(embedder), cancel.clone()).await;
+        watcher.abort();
+        result
+    })?;
+    print_summary(&summary, args.json);
+    Ok(summary)
+}
+
+/// SIGINT or SIGTERM: ask the pipeline to stop; a second SIGINT exits at once.
+async fn watch_signals(cancel: Arc<AtomicBool>) {
+    #[cfg(unix)]
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    loop {
+        #[cfg(unix)]
+        let terminate = async {
+            match term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let terminate = std::future::pending::<()>();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = terminate => {},
+        }
+        if cancel.swap(true, Ordering::SeqCst) {
+            eprintln!("esmbed: interrupted again, exiting now (rerun with --resume to continue)");
+            std::process::exit(130);
+        }
+        eprintln!("esmbed: stopping after the part being written; finished parts are kept");
+    }
+}
+
+fn print_summary(s: &JobSummary, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(s).expect("summary serializes")
+        );
+    }
+    let busy = if s.seconds > 0.0 {
+        100.0 * s.model_busy_seconds / s.seconds
+    } else {
+        0.0
+    };
+    eprintln!(
+        "esmbed: {} of {} sequences embedded → {}",
+        s.embedded, s.rows, s.output
+    );
+    if let Some(errors) = &s.errors_output {
+        eprintln!("  {} rows in {} (each with its reason)", s.errors, errors);
+    }
+    if s.truncated > 0 {
+        eprintln!(
+            "  {} sequences truncated to --max-length (column `truncated`)",
+            s.truncated
+        );
+    }
+    if s.parts_resumed > 0 {
+        eprintln!("  resumed: {} parts were already done", s.parts_resumed);
+    }
+    eprintln!(
+        "  {} residues, {} tokens in {} packs (packing efficiency {:.1}%), {:.1} s, {:.0} tokens/s, model busy {:.0}%",
+        s.residues,
+        s.tokens,
+        s.packs,
+        100.0 * s.packing_efficiency,
+        s.seconds,
+        s.tokens_per_second(),
+        busy
+    );
+}

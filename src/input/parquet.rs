@@ -1,0 +1,98 @@
+//! Parquet inputs, read as Arrow batches with the parquet crate's reader. Every column passes
+//! through to the output except the sequence column; a truncated or corrupt file is an error that
+//! says so before any model work (the footer is read when the file is opened).
+
+use std::fs::File;
+use std::path::Path;
+
+use arrow::datatypes::{DataType, SchemaRef};
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+
+use super::{InputError, SourceBatch};
+
+/// Open `path` and return its schema and a batch iterator.
+pub fn open(
+    path: &Path,
+    name: &str,
+    batch_rows: usize,
+) -> Result<(SchemaRef, ParquetBatches), InputError> {
+    let file = File::open(path).map_err(|e| InputError::io(name, e))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| InputError::Format {
+        input: name.to_string(),
+        reason: format!(
+            "not a readable Parquet file ({e}); a file cut short by a crashed writer has no footer: \
+             regenerate it"
+        ),
+    })?;
+    let schema = builder.schema().clone();
+    let reader = builder
+        .with_batch_size(batch_rows.max(1))
+        .build()
+        .map_err(|e| InputError::Format {
+            input: name.to_string(),
+            reason: e.to_string(),
+        })?;
+    Ok((
+        schema,
+        ParquetBatches {
+            reader,
+            name: name.to_string(),
+        },
+    ))
+}
+
+/// Check that `column` exists and holds strings.
+pub fn check_sequence_column(
+    schema: &SchemaRef,
+    column: &str,
+    name: &str,
+) -> Result<(), InputError> {
+    let field = schema
+        .field_with_name(column)
+        .map_err(|_| InputError::Format {
+            input: name.to_string(),
+            reason: format!(
+                "no column `{column}` (columns: {}); name the sequence column with --seq-column",
+                schema
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        })?;
+    match field.data_type() {
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => Ok(()),
+        other => Err(InputError::Format {
+            input: name.to_string(),
+            reason: format!(
+                "column `{column}` has type {other}, sequences must be strings (Utf8, LargeUtf8 or Utf8View)"
+            ),
+        }),
+    }
+}
+
+/// Batches of a Parquet file.
+pub struct ParquetBatches {
+    reader: ParquetRecordBatchReader,
+    name: String,
+}
+
+impl Iterator for ParquetBatches {
+    type Item = Result<SourceBatch, InputError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let batch = self.reader.next()?;
+        Some(
+            batch
+                .map(|batch| SourceBatch {
+                    batch,
+                    problems: Vec::new(),
+                })
+                .map_err(|e| InputError::Format {
+                    input: self.name.clone(),
+                    reason: format!("corrupt data: {e}"),
+                }),
+        )
+    }
+}

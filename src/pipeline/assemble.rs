@@ -1,0 +1,292 @@
+//! The writer side of a part: results arrive pack by pack, in length order; when the last one is
+//! in, the part's rows are emitted in input order as one record batch, with its error rows.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, BooleanArray, Int32Array, RecordBatch, UInt32Array};
+use arrow::datatypes::SchemaRef;
+
+use super::plan::{PartPlan, RowPlan, Segment};
+use crate::error::{Error, Result};
+use crate::output::columns::EmbeddingColumns;
+use crate::output::{ErrorRow, PartRecord};
+use crate::pack::PackedBatch;
+use crate::pool::PooledLayer;
+
+/// Per-residue sums of the windows of one long row, per layer.
+struct WindowSums {
+    sums: Vec<Vec<f32>>,
+    counts: Vec<u32>,
+    bos: Vec<Option<Vec<f32>>>,
+}
+
+/// A part being assembled.
+pub struct PartAssembly {
+    plan: PartPlan,
+    columns: Arc<EmbeddingColumns>,
+    remaining: usize,
+    /// Per layer: `[rows × H]` means and BOS vectors (unused rows stay zero).
+    mean: Vec<Vec<f32>>,
+    bos: Vec<Vec<f32>>,
+    /// Per layer, per row: residue vectors.
+    residues: Vec<Vec<Option<Vec<f32>>>>,
+    windows: HashMap<u32, WindowSums>,
+    failed: HashMap<u32, String>,
+}
+
+impl PartAssembly {
+    /// Start assembling `plan`.
+    pub fn new(plan: PartPlan, columns: Arc<EmbeddingColumns>) -> Self {
+        let rows = plan.rows.len();
+        let h = columns.hidden;
+        let layers = columns.layers.len();
+        let p = columns.pooling;
+        Self {
+            remaining: plan.segments,
+            mean: vec![
+                if p.mean {
+                    vec![0.0; rows * h]
+                } else {
+                    Vec::new()
+                };
+                layers
+            ],
+            bos: vec![
+                if p.bos {
+                    vec![0.0; rows * h]
+                } else {
+                    Vec::new()
+                };
+                layers
+            ],
+            residues: vec![
+                if p.per_residue {
+                    vec![None; rows]
+                } else {
+                    Vec::new()
+                };
+                layers
+            ],
+            windows: HashMap::new(),
+            failed: HashMap::new(),
+            plan,
+            columns,
+        }
+    }
+
+    /// Segments still expected.
+    pub fn remaining(&self) -> usize {
+        self.remaining
+    }
+
+    /// Whether every segment is in.
+    pub fn is_complete(&self) -> bool {
+        self.remaining == 0
+    }
+
+    /// Take the results of one pack.
+    pub fn add(&mut self, segments: &[Segment], batch: &PackedBatch, pooled: &[PooledLayer]) {
+        let h = self.columns.hidden;
+        let counts = batch.residue_counts();
+        let mut residue_offset = 0;
+        for (i, segment) in segments.iter().enumerate() {
+            let row = segment.row as usize;
+            let n = counts[i];
+            let windows = match self.plan.rows[row] {
+                RowPlan::Embed { windows, .. } => windows,
+                RowPlan::Error => unreachable!("error rows have no segments"),
+            };
+            for (l, layer) in pooled.iter().enumerate() {
+                let residues = layer
+                    .residues
+                    .as_ref()
+                    .map(|r| &r[residue_offset * h..(residue_offset + n) * h]);
+                let bos = layer.bos.as_ref().map(|b| &b[i * h..(i + 1) * h]);
+                if windows > 1 {
+                    let length = match self.plan.rows[row] {
+                        RowPlan::Embed { length, .. } => length,
+                        RowPlan::Error => 0,
+                    };
+                    let layers = pooled.len();
+                    let entry = self
+                        .windows
+                        .entry(segment.row)
+                        .or_insert_with(|| WindowSums {
+                            sums: vec![vec![0.0; length * h]; layers],
+                            counts: vec![0; length],
+                            bos: vec![None; layers],
+                        });
+                    let residues = residues.expect("windowed packs carry residues");
+                    let start = segment.offset as usize * h;
+                    for (s, r) in entry.sums[l][start..start + n * h].iter_mut().zip(residues) {
+                        *s += r;
+                    }
+                    if l == 0 {
+                        for c in
+                            &mut entry.counts[segment.offset as usize..segment.offset as usize + n]
+                        {
+                            *c += 1;
+                        }
+                    }
+                    if segment.window == 0 {
+                        entry.bos[l] = bos.map(<[f32]>::to_vec);
+                    }
+                    continue;
+                }
+                if let Some(mean) = &layer.mean {
+                    self.mean[l][row * h..(row + 1) * h].copy_from_slice(&mean[i * h..(i + 1) * h]);
+                }
+                if let Some(bos) = bos {
+                    self.bos[l][row * h..(row + 1) * h].copy_from_slice(bos);
+                }
+                if self.columns.pooling.per_residue {
+                    self.residues[l][row] = residues.map(<[f32]>::to_vec);
+                }
+            }
+            residue_offset += n;
+        }
+        self.remaining -= segments.len();
+    }
+
+    /// A segment could not be embedded (out of memory even alone): its row becomes an error.
+    pub fn fail(&mut self, segment: Segment, reason: String) {
+        self.failed.entry(segment.row).or_insert(reason);
+        self.remaining -= 1;
+    }
+
+    /// Average the windows of long rows into their per-residue vectors, means and BOS vectors.
+    fn merge_windows(&mut self) {
+        let h = self.columns.hidden;
+        for (row, w) in std::mem::take(&mut self.windows) {
+            let row = row as usize;
+            for (l, sums) in w.sums.into_iter().enumerate() {
+                let mut averaged = sums;
+                for (r, &count) in w.counts.iter().enumerate() {
+                    let inv = 1.0 / count.max(1) as f32;
+                    averaged[r * h..(r + 1) * h]
+                        .iter_mut()
+                        .for_each(|x| *x *= inv);
+                }
+                if self.columns.pooling.mean {
+                    let length = w.counts.len().max(1) as f32;
+                    let mean = &mut self.mean[l][row * h..(row + 1) * h];
+                    for r in 0..w.counts.len() {
+                        for (m, x) in mean.iter_mut().zip(&averaged[r * h..(r + 1) * h]) {
+                            *m += x;
+                        }
+                    }
+                    mean.iter_mut().for_each(|m| *m /= length);
+                }
+                if let (true, Some(bos)) = (self.columns.pooling.bos, &w.bos[l]) {
+                    self.bos[l][row * h..(row + 1) * h].copy_from_slice(bos);
+                }
+                if self.columns.pooling.per_residue {
+                    self.residues[l][row] = Some(averaged);
+                }
+            }
+        }
+    }
+
+    /// The part's output rows (input order, as a batch of `schema`), its error rows (by
+    /// position) and its manifest record.
+    pub fn finish(
+        mut self,
+        schema: &SchemaRef,
+    ) -> Result<(RecordBatch, Vec<ErrorRow>, PartRecord)> {
+        self.merge_windows();
+        let h = self.columns.hidden;
+        let mut errors = std::mem::take(&mut self.plan.errors);
+        let mut keep = Vec::new();
+        let mut lengths = Vec::new();
+        let mut truncated = Vec::new();
+        let mut residues = 0u64;
+        for (row, plan) in self.plan.rows.iter().enumerate() {
+            let RowPlan::Embed {
+                length,
+                embedded,
+                truncated: t,
+                ..
+            } = *plan
+            else {
+                continue;
+            };
+            if let Some(reason) = self.failed.get(&(row as u32)) {
+                let origin = &self.plan.origins[row];
+                errors.push(ErrorRow {
+                    id: origin.id.clone(),
+                    position: self.plan.first_position + row as u64,
+                    input: origin.input.to_string(),
+                    record: origin.record,
+                    reason: reason.clone(),
+                });
+                continue;
+            }
+            keep.push(row as u32);
+            lengths.push(length as i32);
+            truncated.push(t);
+            residues += embedded as u64;
+        }
+        errors.sort_by_key(|e| e.position);
+
+        let passthrough_schema = Arc::new(arrow::datatypes::Schema::new(
+            schema.fields()[..schema.fields().len() - 2 - self.columns.fields().len()].to_vec(),
+        ));
+        let all = arrow::compute::concat_batches(&passthrough_schema, &self.plan.passthrough)
+            .map_err(arrow_error)?;
+        let indices = UInt32Array::from(keep.clone());
+        let mut columns: Vec<ArrayRef> = all
+            .columns()
+            .iter()
+            .map(|c| arrow::compute::take(c, &indices, None))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(arrow_error)?;
+        columns.push(Arc::new(Int32Array::from(lengths)));
+        columns.push(Arc::new(BooleanArray::from(truncated)));
+        let gather = |values: &[f32]| -> Vec<f32> {
+            keep.iter()
+                .flat_map(|&r| &values[r as usize * h..(r as usize + 1) * h])
+                .copied()
+                .collect()
+        };
+        let p = self.columns.pooling;
+        for l in 0..self.columns.layers.len() {
+            if p.mean {
+                columns.push(self.columns.vectors(gather(&self.mean[l])));
+            }
+            if p.bos {
+                columns.push(self.columns.vectors(gather(&self.bos[l])));
+            }
+            if p.per_residue {
+                let mut counts = Vec::with_capacity(keep.len());
+                let mut values = Vec::new();
+                for &r in &keep {
+                    let v = self.residues[l][r as usize].take().unwrap_or_default();
+                    counts.push(v.len() / h);
+                    values.extend_from_slice(&v);
+                }
+                columns.push(self.columns.vector_lists(values, &counts));
+            }
+        }
+        let batch = RecordBatch::try_new(schema.clone(), columns).map_err(arrow_error)?;
+        let record = PartRecord {
+            first_position: self.plan.first_position,
+            rows: self.plan.rows.len() as u64,
+            output_rows: batch.num_rows() as u64,
+            error_rows: errors.len() as u64,
+            residues,
+            truncated: batch
+                .column_by_name("truncated")
+                .map(|c| {
+                    let b: &BooleanArray = c.as_any().downcast_ref().expect("boolean");
+                    b.true_count() as u64
+                })
+                .unwrap_or(0),
+        };
+        Ok((batch, errors, record))
+    }
+}
+
+fn arrow_error(e: arrow::error::ArrowError) -> Error {
+    Error::InvalidOption(format!("internal: assembling output rows failed: {e}"))
+}

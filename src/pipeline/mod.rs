@@ -1,0 +1,753 @@
+//! A job: inputs → parts → packs → model → assembled parts → output, every stage concurrent.
+//!
+//! ```text
+//!  planner (read, tokenize, sort, pack) ──packs (bounded)──> model ──results──┐
+//!        └────────────── part plans ──────────────────────────────────────────┴─> writer
+//!                                                                               (assemble part,
+//!                                                                                commit, manifest)
+//! ```
+//! Stages are blocking tasks on the tokio runtime joined by bounded channels: a slow writer holds
+//! the model back, the model holds the planner back, and memory stays bounded by a few parts.
+//! Every input row ends in exactly one place: an output row or an error row.
+
+pub mod assemble;
+pub mod plan;
+
+use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow::array::Array;
+use arrow::datatypes::SchemaRef;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use self::assemble::PartAssembly;
+use self::plan::{Duplicates, Origin, Pack, PartBuilder, PartPlan, PlanOptions, Segment};
+use crate::embed::Embedder;
+use crate::error::{Error, Result};
+use crate::input::Inputs;
+use crate::output::columns::{EmbeddingColumns, OutputDType};
+use crate::output::{self, combine, Manifest, OutputKind, OutputLayout};
+use crate::pack::{packing_efficiency, PackedBatch};
+use crate::pool::PooledLayer;
+use crate::tokenize::Tokenizer;
+
+/// The model stage's contract: embed one pack. Implemented by [`Embedder`]; tests wrap it to
+/// inject failures.
+pub trait PackEmbedder: Send + Sync {
+    /// Pooled outputs of every requested layer; `residues` forces per-residue outputs.
+    fn embed(&self, batch: &PackedBatch, residues: bool) -> Result<Vec<PooledLayer>>;
+}
+
+impl PackEmbedder for Embedder {
+    fn embed(&self, batch: &PackedBatch, residues: bool) -> Result<Vec<PooledLayer>> {
+        self.embed_packed_with(batch, residues)
+    }
+}
+
+/// Whether an error is the device running out of memory (then the pack is split and retried).
+pub fn is_out_of_memory(error: &Error) -> bool {
+    let text = error.to_string().to_ascii_lowercase();
+    text.contains("out of memory") || text.contains("out_of_memory")
+}
+
+/// Options of a job beyond the model's.
+#[derive(Debug, Clone)]
+pub struct JobOptions {
+    /// How rows become packs.
+    pub plan: PlanOptions,
+    /// Rows per part (sorting window, output row group, resume unit).
+    pub rows_per_part: usize,
+    /// Stop at the first bad record instead of listing it in the errors.
+    pub strict: bool,
+    /// Keep the first of duplicate ids and list the others as errors (else duplicates are fatal).
+    pub dedupe: bool,
+    /// Element type of embedding columns.
+    pub output_dtype: OutputDType,
+    /// Continue an interrupted job.
+    pub resume: bool,
+    /// Replace an existing output.
+    pub overwrite: bool,
+    /// Show a progress bar (on a terminal).
+    pub progress: bool,
+}
+
+/// What a finished job did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct JobSummary {
+    /// Input rows.
+    pub rows: u64,
+    /// Rows in the output.
+    pub embedded: u64,
+    /// Rows in the errors output.
+    pub errors: u64,
+    /// Rows truncated to `--max-length`.
+    pub truncated: u64,
+    /// Residues embedded.
+    pub residues: u64,
+    /// Tokens through the model (specials included), this run.
+    pub tokens: u64,
+    /// Packs run, this run.
+    pub packs: u64,
+    /// Real tokens / budgeted tokens over this run's packs.
+    pub packing_efficiency: f64,
+    /// Parts written this run / skipped because a previous run finished them.
+    pub parts_written: usize,
+    /// Parts skipped (resume).
+    pub parts_resumed: usize,
+    /// Wall time.
+    pub seconds: f64,
+    /// Time the model stage spent computing.
+    pub model_busy_seconds: f64,
+    /// The output.
+    pub output: String,
+    /// The errors file, if any row failed.
+    pub errors_output: Option<String>,
+}
+
+impl JobSummary {
+    /// Tokens per second of wall time.
+    pub fn tokens_per_second(&self) -> f64 {
+        self.tokens as f64 / self.seconds.max(1e-9)
+    }
+}
+
+/// Everything that defines a job's result, for resume checks and the output's metadata.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    /// The inputs.
+    pub inputs: Inputs,
+    /// The output layout.
+    pub layout: OutputLayout,
+    /// Embedding columns.
+    pub columns: Arc<EmbeddingColumns>,
+    /// esmbed's footer metadata (JSON).
+    pub metadata: String,
+    /// The job identity recorded in the manifest (JSON).
+    pub identity: serde_json::Value,
+    /// Options.
+    pub options: JobOptions,
+    /// Policy for unknown characters.
+    pub tokenizer: Tokenizer,
+}
+
+enum WriterMsg {
+    Plan(PartPlan),
+    Done {
+        part: usize,
+        segments: Vec<Segment>,
+        batch: PackedBatch,
+        pooled: Vec<PooledLayer>,
+    },
+    Failed {
+        part: usize,
+        segment: Segment,
+        reason: String,
+    },
+}
+
+#[derive(Default)]
+struct PlannerStats {
+    rows: u64,
+    parts: usize,
+    resumed: usize,
+}
+
+#[derive(Default)]
+struct ModelStats {
+    tokens: u64,
+    packs: u64,
+    busy: Duration,
+}
+
+/// Run a job to completion (or interruption through `cancel`).
+pub async fn run(
+    spec: JobSpec,
+    embedder: Arc<dyn PackEmbedder>,
+    cancel: Arc<AtomicBool>,
+) -> Result<JobSummary> {
+    let started = Instant::now();
+    let layout = spec.layout.clone();
+    let opts = &spec.options;
+
+    // Existing output and earlier progress.
+    if opts.overwrite {
+        layout.clear()?;
+    } else if layout.finished_output_exists() {
+        if opts.resume {
+            return Err(Error::OutputExists {
+                path: layout.target.display().to_string(),
+                hint: "the job it belongs to is complete: nothing to resume (pass --overwrite to redo it)".into(),
+            });
+        }
+        return Err(Error::OutputExists {
+            path: layout.target.display().to_string(),
+            hint: "pass --overwrite to replace it, or choose another -o".into(),
+        });
+    } else if layout.progress_exists() && !opts.resume {
+        return Err(Error::OutputExists {
+            path: layout.target.display().to_string(),
+            hint: format!(
+                "an interrupted job left progress in {}; continue it with --resume, or start over with --overwrite",
+                layout.staging.display()
+            ),
+        });
+    }
+    let manifest = match Manifest::load(&layout.manifest_path())? {
+        Some(m) if opts.resume => {
+            if m.job != spec.identity {
+                return Err(Error::InvalidOption(format!(
+                    "--resume: this command differs from the interrupted job ({}); rerun it with the same \
+                     inputs, model and output options, or pass --overwrite to start over",
+                    describe_difference(&m.job, &spec.identity)
+                )));
+            }
+            m
+        }
+        _ => Manifest::new(spec.identity.clone()),
+    };
+    layout.prepare()?;
+    manifest.save(&layout.manifest_path())?;
+
+    // Pre-pass: count rows and find duplicate ids before any model work.
+    let scan_inputs = spec.inputs.clone();
+    let dedupe = opts.dedupe;
+    let (total_rows, duplicates) =
+        tokio::task::spawn_blocking(move || scan_ids(&scan_inputs, dedupe))
+            .await
+            .expect("id scan does not panic")?;
+    if total_rows == 0 {
+        return Err(Error::Input(crate::input::InputError::Format {
+            input: spec
+                .inputs
+                .files
+                .iter()
+                .map(|f| f.name())
+                .collect::<Vec<_>>()
+                .join(", "),
+            reason: "no records: the input is empty".into(),
+        }));
+    }
+
+    let progress = progress_bar(total_rows, opts.progress);
+    let manifest = Arc::new(Mutex::new(manifest));
+    let (pack_tx, pack_rx) = mpsc::channel::<Pack>(4);
+    let (writer_tx, writer_rx) = mpsc::channel::<WriterMsg>(64);
+
+    let planner = {
+        let spec = spec.clone();
+        let cancel = cancel.clone();
+        let writer_tx = writer_tx.clone();
+        let done: HashSet<usize> = manifest.lock().unwrap().parts.keys().copied().collect();
+        let progress = progress.clone();
+        tokio::task::spawn_blocking(move || {
+            plan_parts(
+                &spec,
+                &duplicates,
+                &done,
+                &cancel,
+                &pack_tx,
+                &writer_tx,
+                &progress,
+            )
+        })
+    };
+    let model = {
+        let cancel = cancel.clone();
+        let writer_tx = writer_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            run_model(embedder.as_ref(), pack_rx, &writer_tx, &cancel)
+        })
+    };
+    drop(writer_tx);
+    let writer = {
+        let spec = spec.clone();
+        let cancel = cancel.clone();
+        let manifest = manifest.clone();
+        let progress = progress.clone();
+        tokio::task::spawn_blocking(move || {
+            write_parts(&spec, writer_rx, &manifest, &cancel, &progress)
+        })
+    };
+
+    let (planned, modelled, written) = tokio::join!(planner, model, writer);
+    let planned = planned.expect("planner does not panic");
+    let modelled = modelled.expect("model stage does not panic");
+    let written = written.expect("writer does not panic");
+    // Report the root cause: a stage that fails sets `cancel`, which stops the others quietly.
+    let planner_stats = planned?;
+    let model_stats = modelled?;
+    let parts_written = written?;
+    progress.finish_and_clear();
+
+    let mut manifest = Arc::try_unwrap(manifest)
+        .expect("stages are done")
+        .into_inner()
+        .unwrap();
+    if cancel.load(Ordering::SeqCst) {
+        return Err(Error::Interrupted {
+            done: manifest.parts.len(),
+            total: planner_stats.parts,
+        });
+    }
+    manifest.total_parts = Some(planner_stats.parts);
+    let errors_output = finalize(&layout, &mut manifest)?;
+
+    let totals = manifest
+        .parts
+        .values()
+        .fold(JobSummary::default(), |mut s, p| {
+            s.rows += p.rows;
+            s.embedded += p.output_rows;
+            s.errors += p.error_rows;
+            s.residues += p.residues;
+            s.truncated += p.truncated;
+            s
+        });
+    debug_assert_eq!(totals.rows, planner_stats.rows);
+    Ok(JobSummary {
+        tokens: model_stats.tokens,
+        packs: model_stats.packs,
+        packing_efficiency: packing_efficiency(
+            model_stats.tokens as usize,
+            model_stats.packs as usize,
+            opts.plan.tokens_per_batch,
+        ),
+        parts_written,
+        parts_resumed: planner_stats.resumed,
+        seconds: started.elapsed().as_secs_f64(),
+        model_busy_seconds: model_stats.busy.as_secs_f64(),
+        output: layout.target.display().to_string(),
+        errors_output,
+        ..totals
+    })
+}
+
+fn describe_difference(a: &serde_json::Value, b: &serde_json::Value) -> String {
+    match (a.as_object(), b.as_object()) {
+        (Some(a), Some(b)) => {
+            let keys: Vec<&String> = a
+                .keys()
+                .chain(b.keys())
+                .filter(|k| a.get(*k) != b.get(*k))
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            format!(
+                "differs in: {}",
+                keys.iter()
+                    .map(|k| k.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+        _ => "different job".into(),
+    }
+}
+
+fn progress_bar(total: u64, enabled: bool) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !enabled || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {elapsed_precise} [{bar:40}] {human_pos}/{human_len} sequences  {per_sec}  ETA {eta}  {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// Count all rows, and find duplicate ids (`position → first position` of later duplicates).
+/// Without `dedupe`, the first duplicate is an error naming both records. Ids are kept as 128-bit
+/// hashes: 10 million ids cost ~300 MB, not their text.
+fn scan_ids(inputs: &Inputs, dedupe: bool) -> Result<(u64, Duplicates)> {
+    let mut seen: HashMap<u128, u64> = HashMap::new();
+    let mut duplicates = Duplicates::new();
+    let hashers = (std::hash::RandomState::new(), std::hash::RandomState::new());
+    let has_ids = inputs.has_ids();
+    let mut position = 0u64;
+    let mut file_starts: Vec<u64> = Vec::new();
+    // (input, record) of a global position.
+    let locate = |starts: &[u64], position: u64| {
+        let file = starts.partition_point(|&s| s <= position) - 1;
+        format!(
+            "{} record {}",
+            inputs.files[file].name(),
+            position - starts[file] + 1
+        )
+    };
+    for index in 0..inputs.files.len() {
+        file_starts.push(position);
+        for batch in inputs.read(index)? {
+            let rows = inputs.rows(batch?);
+            for i in 0..rows.len() {
+                if let Some(id) = rows.id(i).filter(|_| has_ids) {
+                    let key = hash128(&hashers, id);
+                    match seen.get(&key) {
+                        Some(&first) if !dedupe => {
+                            return Err(Error::DuplicateId {
+                                id: id.to_string(),
+                                first: locate(&file_starts, first),
+                                second: locate(&file_starts, position),
+                            });
+                        }
+                        Some(&first) => {
+                            duplicates.insert(position, first);
+                        }
+                        None => {
+                            seen.insert(key, position);
+                        }
+                    }
+                }
+                position += 1;
+            }
+        }
+    }
+    Ok((position, duplicates))
+}
+
+fn hash128(hashers: &(std::hash::RandomState, std::hash::RandomState), id: &str) -> u128 {
+    ((hashers.0.hash_one(id) as u128) << 64) | hashers.1.hash_one(id) as u128
+}
+
+/// The planner stage: read every input row, cut parts, plan and pack them.
+fn plan_parts(
+    spec: &JobSpec,
+    duplicates: &Duplicates,
+    done: &HashSet<usize>,
+    cancel: &AtomicBool,
+    pack_tx: &mpsc::Sender<Pack>,
+    writer_tx: &mpsc::Sender<WriterMsg>,
+    progress: &indicatif::ProgressBar,
+) -> Result<PlannerStats> {
+    let inputs = &spec.inputs;
+    let rows_per_part = spec.options.rows_per_part.max(1);
+    let mut stats = PlannerStats::default();
+    let mut part = PartBuilder::new(0, 0);
+    let skip = |index: usize| done.contains(&index);
+
+    let flush = |part: PartBuilder, stats: &mut PlannerStats| -> Result<bool> {
+        let index = stats.parts;
+        stats.parts += 1;
+        if skip(index) {
+            stats.resumed += 1;
+            progress.inc(part.len() as u64);
+            return Ok(true);
+        }
+        let (plan, packs) = part.finish(&spec.options.plan);
+        progress.inc(plan.errors.len() as u64);
+        if writer_tx.blocking_send(WriterMsg::Plan(plan)).is_err() {
+            return Ok(false);
+        }
+        for pack in packs {
+            if cancel.load(Ordering::SeqCst) || pack_tx.blocking_send(pack).is_err() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    };
+
+    for index in 0..inputs.files.len() {
+        let input: Arc<str> = Arc::from(inputs.files[index].name());
+        let mut record = 0u64;
+        for batch in inputs.read(index)? {
+            if cancel.load(Ordering::SeqCst) {
+                return Ok(stats);
+            }
+            let rows = inputs.rows(batch?);
+            let problems: HashMap<usize, String> = rows.problems.iter().cloned().collect();
+            let mut start = 0;
+            while start < rows.len() {
+                let take = (rows_per_part - part.len()).min(rows.len() - start);
+                let skipping = skip(stats.parts);
+                if !skipping {
+                    part.add_passthrough(rows.passthrough.slice(start, take));
+                }
+                for i in start..start + take {
+                    record += 1;
+                    stats.rows += 1;
+                    if skipping {
+                        part.add_skipped();
+                        continue;
+                    }
+                    let position = part.next_position();
+                    let origin = Origin {
+                        id: rows.id(i).map(str::to_string),
+                        input: input.clone(),
+                        record,
+                    };
+                    let problem = problems.get(&i).cloned().or_else(|| {
+                        duplicates.get(&position).map(|first| {
+                            format!(
+                                "duplicate id (first seen at position {first}); --dedupe kept the first"
+                            )
+                        })
+                    });
+                    let sequence = rows.sequences.is_valid(i).then(|| rows.sequences.value(i));
+                    part.add_row(
+                        sequence,
+                        origin,
+                        problem,
+                        &spec.tokenizer,
+                        &spec.options.plan,
+                    );
+                    if spec.options.strict {
+                        if let Some(error) = part.last_error() {
+                            return Err(Error::Strict {
+                                input: error.input.clone(),
+                                record: error.record,
+                                id: error.id.clone(),
+                                reason: error.reason.clone(),
+                            });
+                        }
+                    }
+                }
+                start += take;
+                if part.len() == rows_per_part {
+                    let next = PartBuilder::new(0, part.next_position());
+                    let full = std::mem::replace(&mut part, next);
+                    if !flush(full, &mut stats)? {
+                        return Ok(stats);
+                    }
+                }
+            }
+        }
+    }
+    if !part.is_empty() {
+        flush(part, &mut stats)?;
+    }
+    Ok(stats)
+}
+
+/// The model stage: embed packs; on out-of-memory, split and retry down to single sequences.
+fn run_model(
+    embedder: &dyn PackEmbedder,
+    mut packs: mpsc::Receiver<Pack>,
+    writer_tx: &mpsc::Sender<WriterMsg>,
+    cancel: &AtomicBool,
+) -> Result<ModelStats> {
+    let mut stats = ModelStats::default();
+    while let Some(pack) = packs.blocking_recv() {
+        if cancel.load(Ordering::SeqCst) {
+            break;
+        }
+        let started = Instant::now();
+        stats.tokens += pack.batch.total_tokens() as u64;
+        stats.packs += 1;
+        let result = embed_splitting(embedder, &pack.segments, pack.batch, pack.needs_residues);
+        stats.busy += started.elapsed();
+        let pieces = match result {
+            Ok(pieces) => pieces,
+            Err(e) => {
+                cancel.store(true, Ordering::SeqCst);
+                return Err(e);
+            }
+        };
+        for piece in pieces {
+            let msg = match piece {
+                Piece::Done(segments, batch, pooled) => WriterMsg::Done {
+                    part: pack.part,
+                    segments,
+                    batch,
+                    pooled,
+                },
+                Piece::Failed(segment, reason) => WriterMsg::Failed {
+                    part: pack.part,
+                    segment,
+                    reason,
+                },
+            };
+            if writer_tx.blocking_send(msg).is_err() {
+                return Ok(stats);
+            }
+        }
+    }
+    Ok(stats)
+}
+
+/// The outcome of a (sub-)pack.
+pub enum Piece {
+    /// Embedded.
+    Done(Vec<Segment>, PackedBatch, Vec<PooledLayer>),
+    /// Could not be embedded even alone.
+    Failed(Segment, String),
+}
+
+/// Embed a pack; if the device runs out of memory, split it in halves and retry each, down to
+/// one sequence, which then fails alone (and becomes an error row). Other errors are fatal.
+pub fn embed_splitting(
+    embedder: &dyn PackEmbedder,
+    segments: &[Segment],
+    batch: PackedBatch,
+    residues: bool,
+) -> Result<Vec<Piece>> {
+    match embedder.embed(&batch, residues) {
+        Ok(pooled) => Ok(vec![Piece::Done(segments.to_vec(), batch, pooled)]),
+        Err(e) if is_out_of_memory(&e) => {
+            if segments.len() == 1 {
+                return Ok(vec![Piece::Failed(
+                    segments[0],
+                    format!(
+                        "out of memory embedding this sequence alone ({} tokens): lower --max-length, \
+                         use --long window, or run on a device with more memory",
+                        batch.total_tokens()
+                    ),
+                )]);
+            }
+            tracing::warn!(
+                "out of memory on a pack of {} sequences ({} tokens): splitting it and retrying",
+                segments.len(),
+                batch.total_tokens()
+            );
+            let half = segments.len() / 2;
+            let left = PackedBatch::from_sequences((0..half).map(|i| batch.tokens(i)));
+            let right =
+                PackedBatch::from_sequences((half..segments.len()).map(|i| batch.tokens(i)));
+            let mut pieces = embed_splitting(embedder, &segments[..half], left, residues)?;
+            pieces.extend(embed_splitting(
+                embedder,
+                &segments[half..],
+                right,
+                residues,
+            )?);
+            Ok(pieces)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The writer stage: assemble parts as results arrive, commit each when complete.
+fn write_parts(
+    spec: &JobSpec,
+    mut rx: mpsc::Receiver<WriterMsg>,
+    manifest: &Mutex<Manifest>,
+    cancel: &AtomicBool,
+    progress: &indicatif::ProgressBar,
+) -> Result<usize> {
+    let schema: SchemaRef = spec.columns.schema(&spec.inputs.passthrough_schema());
+    let mut parts: HashMap<usize, PartAssembly> = HashMap::new();
+    let mut written = 0;
+    let delay = std::env::var("ESMBED_TEST_PART_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
+    let started = Instant::now();
+    let mut residues_done = 0u64;
+    while let Some(msg) = rx.blocking_recv() {
+        if cancel.load(Ordering::SeqCst) {
+            break;
+        }
+        let index = match msg {
+            WriterMsg::Plan(plan) => {
+                let index = plan.index;
+                parts.insert(index, PartAssembly::new(plan, spec.columns.clone()));
+                index
+            }
+            WriterMsg::Done {
+                part,
+                segments,
+                batch,
+                pooled,
+            } => {
+                let assembly = parts.get_mut(&part).expect("plan precedes results");
+                residues_done += batch.residue_counts().iter().sum::<usize>() as u64;
+                progress.inc(segments.iter().filter(|s| s.window == 0).count() as u64);
+                progress.set_message(format!(
+                    "{:.0} residues/s",
+                    residues_done as f64 / started.elapsed().as_secs_f64().max(1e-9)
+                ));
+                assembly.add(&segments, &batch, &pooled);
+                part
+            }
+            WriterMsg::Failed {
+                part,
+                segment,
+                reason,
+            } => {
+                let assembly = parts.get_mut(&part).expect("plan precedes results");
+                if segment.window == 0 {
+                    progress.inc(1);
+                }
+                assembly.fail(segment, reason);
+                part
+            }
+        };
+        if parts.get(&index).is_some_and(PartAssembly::is_complete) {
+            let assembly = parts.remove(&index).expect("present");
+            let result = commit_part(spec, &schema, index, assembly, manifest);
+            if let Err(e) = result {
+                cancel.store(true, Ordering::SeqCst);
+                return Err(e);
+            }
+            written += 1;
+            if let Some(ms) = delay {
+                std::thread::sleep(Duration::from_millis(ms));
+            }
+        }
+    }
+    Ok(written)
+}
+
+fn commit_part(
+    spec: &JobSpec,
+    schema: &SchemaRef,
+    index: usize,
+    assembly: PartAssembly,
+    manifest: &Mutex<Manifest>,
+) -> Result<()> {
+    let layout = &spec.layout;
+    let (batch, errors, record) = assembly.finish(schema)?;
+    // Errors first: a committed part file implies its errors are committed too.
+    if !errors.is_empty() {
+        output::write_parquet(
+            &layout.part_errors_path(index),
+            &output::errors_batch(&errors),
+            None,
+        )?;
+    }
+    output::write_parquet(&layout.part_path(index), &batch, Some(&spec.metadata))?;
+    let mut manifest = manifest.lock().unwrap();
+    manifest.parts.insert(index, record);
+    manifest.save(&layout.manifest_path())
+}
+
+/// Make the output visible: combine parts into the file (or mark the dataset complete) and
+/// collect the errors beside it. Returns the errors file, if any row failed.
+fn finalize(layout: &OutputLayout, manifest: &mut Manifest) -> Result<Option<String>> {
+    let total = manifest.total_parts.unwrap_or(0);
+    let error_parts: Vec<_> = (0..total)
+        .filter(|i| manifest.parts.get(i).is_some_and(|p| p.error_rows > 0))
+        .map(|i| layout.part_errors_path(i))
+        .collect();
+    let errors_output = if error_parts.is_empty() {
+        match std::fs::remove_file(&layout.errors) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(Error::io(&layout.errors, e))
+            }
+            _ => None,
+        }
+    } else {
+        combine::concat_errors(&error_parts, &layout.errors)?;
+        Some(layout.errors.display().to_string())
+    };
+    match layout.kind {
+        OutputKind::File => {
+            let parts: Vec<_> = (0..total).map(|i| layout.part_path(i)).collect();
+            combine::concat_parts(&parts, &layout.target)?;
+            std::fs::remove_dir_all(&layout.staging).map_err(|e| Error::io(&layout.staging, e))?;
+        }
+        OutputKind::Dataset => {
+            manifest.complete = true;
+            manifest.save(&layout.manifest_path())?;
+            std::fs::remove_dir_all(&layout.staging).map_err(|e| Error::io(&layout.staging, e))?;
+        }
+    }
+    Ok(errors_output)
+}

@@ -1,0 +1,433 @@
+//! The host side of a job: input rows → parts → tokenized, length-sorted, token-budgeted packs.
+//!
+//! A part is a fixed number of consecutive input rows (`rows_per_part`). It is the unit of
+//! sorting (lengths are sorted within a part, so memory stays bounded whatever the input size),
+//! of output (one part file, one row group) and of resume (the manifest lists finished parts).
+//! Because part boundaries depend only on the row count, a resumed job cuts the same parts and
+//! produces the same result.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+
+use crate::output::ErrorRow;
+use crate::pack::{first_fit_decreasing, PackedBatch};
+use crate::tokenize::{Tokenizer, CLS, EOS};
+
+/// What to do with sequences longer than `--max-length` residues.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum LongPolicy {
+    /// Keep the first `max_length` residues (and `<eos>`), mark the row `truncated` (fair-esm).
+    #[default]
+    Truncate,
+    /// Put the row in the errors output.
+    Error,
+    /// Embed overlapping windows of `max_length` residues (stride half a window) and average each
+    /// residue over the windows that cover it. A heuristic: ESM-2 never saw such sequences whole.
+    Window,
+}
+
+/// How rows become packs.
+#[derive(Debug, Clone)]
+pub struct PlanOptions {
+    /// Token budget of a pack (specials included).
+    pub tokens_per_batch: usize,
+    /// Longest sequence embedded whole, in residues.
+    pub max_length: usize,
+    /// Policy beyond `max_length`.
+    pub long: LongPolicy,
+}
+
+/// One model input: a sequence, or one window of a long one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// Row within the part.
+    pub row: u32,
+    /// Index of the window (0 for a whole sequence).
+    pub window: u32,
+    /// First residue of the window in the sequence.
+    pub offset: u32,
+}
+
+/// A pack of segments of one part, ready for the model.
+#[derive(Debug, Clone)]
+pub struct Pack {
+    /// Part index.
+    pub part: usize,
+    /// The segments, in pack order.
+    pub segments: Vec<Segment>,
+    /// Their tokens.
+    pub batch: PackedBatch,
+    /// Whether per-residue outputs are needed (windows are averaged per residue).
+    pub needs_residues: bool,
+}
+
+/// How one input row of a part ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RowPlan {
+    /// Embedded from `windows` segments; `length` residues in the input.
+    Embed {
+        /// Residues of the input sequence.
+        length: usize,
+        /// Residues actually embedded (after truncation).
+        embedded: usize,
+        /// Whether it was cut to `max_length`.
+        truncated: bool,
+        /// Number of segments (1, or the window count).
+        windows: usize,
+    },
+    /// In the errors output.
+    Error,
+}
+
+/// Everything the writer needs to know about a part before its results arrive.
+#[derive(Debug, Clone)]
+pub struct PartPlan {
+    /// Part index.
+    pub index: usize,
+    /// Global position of its first row.
+    pub first_position: u64,
+    /// Pass-through columns of all its rows, in order.
+    pub passthrough: Vec<RecordBatch>,
+    /// Fate of each row.
+    pub rows: Vec<RowPlan>,
+    /// Error rows.
+    pub errors: Vec<ErrorRow>,
+    /// Where each row came from.
+    pub origins: Vec<Origin>,
+    /// Segments the model will return.
+    pub segments: usize,
+}
+
+/// Where a row came from, for error rows.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    /// The row's id, if the input has ids.
+    pub id: Option<String>,
+    /// Input name.
+    pub input: Arc<str>,
+    /// 1-based record number in that input.
+    pub record: u64,
+}
+
+/// Accumulates the rows of one part.
+pub struct PartBuilder {
+    index: usize,
+    first_position: u64,
+    passthrough: Vec<RecordBatch>,
+    rows: Vec<RowPlan>,
+    errors: Vec<ErrorRow>,
+    origins: Vec<Origin>,
+    /// Tokens per segment, with the segment.
+    segments: Vec<(Segment, Vec<u32>)>,
+}
+
+impl PartBuilder {
+    /// Start part `index` at global position `first_position`.
+    pub fn new(index: usize, first_position: u64) -> Self {
+        Self {
+            index,
+            first_position,
+            passthrough: Vec::new(),
+            rows: Vec::new(),
+            errors: Vec::new(),
+            origins: Vec::new(),
+            segments: Vec::new(),
+        }
+    }
+
+    /// Rows so far.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether the part has no row yet.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Global position of the next row.
+    pub fn next_position(&self) -> u64 {
+        self.first_position + self.rows.len() as u64
+    }
+
+    /// Add the pass-through columns of rows about to be added.
+    pub fn add_passthrough(&mut self, batch: RecordBatch) {
+        if batch.num_rows() > 0 {
+            self.passthrough.push(batch);
+        }
+    }
+
+    /// Add one row: `problem` is a reason found before tokenizing (reader problem, duplicate).
+    pub fn add_row(
+        &mut self,
+        sequence: Option<&str>,
+        origin: Origin,
+        problem: Option<String>,
+        tokenizer: &Tokenizer,
+        options: &PlanOptions,
+    ) {
+        if let Some(reason) = problem {
+            return self.add_error(origin, reason);
+        }
+        let Some(sequence) = sequence else {
+            return self.add_error(origin, "sequence is null".into());
+        };
+        let mut tokens = match tokenizer.encode(sequence) {
+            Ok(t) => t,
+            Err(e) => return self.add_error(origin, e.to_string()),
+        };
+        let row = self.rows.len() as u32;
+        let length = tokens.len() - 2;
+        let max = options.max_length;
+        let whole = |tokens| {
+            (
+                Segment {
+                    row,
+                    window: 0,
+                    offset: 0,
+                },
+                tokens,
+            )
+        };
+        let plan = if length <= max {
+            self.segments.push(whole(tokens));
+            RowPlan::Embed {
+                length,
+                embedded: length,
+                truncated: false,
+                windows: 1,
+            }
+        } else {
+            match options.long {
+                LongPolicy::Truncate => {
+                    tokens.truncate(max + 1);
+                    tokens.push(EOS);
+                    self.segments.push(whole(tokens));
+                    RowPlan::Embed {
+                        length,
+                        embedded: max,
+                        truncated: true,
+                        windows: 1,
+                    }
+                }
+                LongPolicy::Error => {
+                    let reason = format!(
+                        "sequence has {length} residues, more than --max-length {max}; use --long \
+                         truncate (first {max} residues) or --long window, or raise --max-length"
+                    );
+                    return self.add_error(origin, reason);
+                }
+                LongPolicy::Window => {
+                    let residues = &tokens[1..=length];
+                    let starts = window_starts(length, max);
+                    for (w, &start) in starts.iter().enumerate() {
+                        let mut window = Vec::with_capacity(max + 2);
+                        window.push(CLS);
+                        window.extend_from_slice(&residues[start..start + max]);
+                        window.push(EOS);
+                        let segment = Segment {
+                            row,
+                            window: w as u32,
+                            offset: start as u32,
+                        };
+                        self.segments.push((segment, window));
+                    }
+                    RowPlan::Embed {
+                        length,
+                        embedded: length,
+                        truncated: false,
+                        windows: starts.len(),
+                    }
+                }
+            }
+        };
+        self.origins.push(origin);
+        self.rows.push(plan);
+    }
+
+    /// Count a row of a part that a previous run finished (nothing is kept).
+    pub fn add_skipped(&mut self) {
+        self.rows.push(RowPlan::Error);
+    }
+
+    /// The error row of the last row added, if it was one.
+    pub fn last_error(&self) -> Option<&ErrorRow> {
+        match self.rows.last() {
+            Some(RowPlan::Error) => self.errors.last(),
+            _ => None,
+        }
+    }
+
+    /// Add a row that goes to the errors output.
+    pub fn add_error(&mut self, origin: Origin, reason: String) {
+        self.errors.push(ErrorRow {
+            id: origin.id.clone(),
+            position: self.next_position(),
+            input: origin.input.to_string(),
+            record: origin.record,
+            reason,
+        });
+        self.origins.push(origin);
+        self.rows.push(RowPlan::Error);
+    }
+
+    /// Close the part: sort its segments by length and pack them.
+    pub fn finish(self, options: &PlanOptions) -> (PartPlan, Vec<Pack>) {
+        let lengths: Vec<usize> = self.segments.iter().map(|(_, t)| t.len()).collect();
+        let groups = first_fit_decreasing(&lengths, options.tokens_per_batch);
+        let packs = groups
+            .into_iter()
+            .map(|group| {
+                let needs_residues = group
+                    .iter()
+                    .any(|&g| self.windows_of(self.segments[g].0.row) > 1);
+                Pack {
+                    part: self.index,
+                    segments: group.iter().map(|&g| self.segments[g].0).collect(),
+                    batch: PackedBatch::from_sequences(
+                        group.iter().map(|&g| &self.segments[g].1[..]),
+                    ),
+                    needs_residues,
+                }
+            })
+            .collect();
+        let plan = PartPlan {
+            index: self.index,
+            first_position: self.first_position,
+            passthrough: self.passthrough,
+            rows: self.rows,
+            errors: self.errors,
+            origins: self.origins,
+            segments: self.segments.len(),
+        };
+        (plan, packs)
+    }
+
+    fn windows_of(&self, row: u32) -> usize {
+        match self.rows[row as usize] {
+            RowPlan::Embed { windows, .. } => windows,
+            RowPlan::Error => 0,
+        }
+    }
+}
+
+/// Window starts covering `length` residues with windows of `window` residues, stride half a
+/// window; the last window ends at the last residue.
+pub fn window_starts(length: usize, window: usize) -> Vec<usize> {
+    let stride = (window / 2).max(1);
+    let mut starts = Vec::new();
+    let mut start = 0;
+    while start + window < length {
+        starts.push(start);
+        start += stride;
+    }
+    starts.push(length.saturating_sub(window));
+    starts
+}
+
+/// Ids seen more than once: `position → first position` of each later duplicate.
+pub type Duplicates = HashMap<u64, u64>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn make_plan(seqs: &[Option<&str>], long: LongPolicy) -> (PartPlan, Vec<Pack>) {
+        let options = PlanOptions {
+            tokens_per_batch: 16,
+            max_length: 6,
+            long,
+        };
+        let mut part = PartBuilder::new(2, 100);
+        let input: Arc<str> = Arc::from("in.fa");
+        for (i, seq) in seqs.iter().enumerate() {
+            let origin = Origin {
+                id: Some(format!("r{i}")),
+                input: input.clone(),
+                record: i as u64 + 1,
+            };
+            part.add_row(*seq, origin, None, &Tokenizer::default(), &options);
+        }
+        part.finish(&options)
+    }
+
+    #[test]
+    fn rows_become_segments_or_errors() {
+        let (plan, packs) = make_plan(
+            &[Some("MKT"), None, Some("MJ"), Some("MKTVRQGL"), Some("A")],
+            LongPolicy::Truncate,
+        );
+        assert_eq!(plan.rows.len(), 5);
+        assert_eq!(plan.errors.len(), 2);
+        assert_eq!(plan.errors[0].position, 101);
+        assert_eq!(plan.errors[0].id.as_deref(), Some("r1"));
+        assert_eq!(plan.errors[0].reason, "sequence is null");
+        assert!(plan.errors[1].reason.contains("'J'"));
+        assert_eq!(plan.errors[1].record, 3);
+        assert_eq!(
+            plan.rows[3],
+            RowPlan::Embed {
+                length: 8,
+                embedded: 6,
+                truncated: true,
+                windows: 1
+            }
+        );
+        let tokens: usize = packs.iter().map(|p| p.batch.total_tokens()).sum();
+        assert_eq!(tokens, 5 + 8 + 3);
+        assert!(packs.iter().all(|p| p.batch.total_tokens() <= 16));
+        // The truncated row keeps <eos>.
+        let long = packs
+            .iter()
+            .flat_map(|p| {
+                (0..p.batch.len()).map(move |i| (p.segments[i], p.batch.tokens(i).to_vec()))
+            })
+            .find(|(s, _)| s.row == 3)
+            .unwrap();
+        assert_eq!(long.1.len(), 8);
+        assert_eq!(*long.1.last().unwrap(), EOS);
+    }
+
+    #[test]
+    fn long_rows_as_errors_or_windows() {
+        let (plan, _) = make_plan(&[Some("MKTVRQGL")], LongPolicy::Error);
+        assert!(plan.errors[0].reason.contains("--max-length 6"));
+        let (plan, packs) = make_plan(&[Some("MKTVRQGLAG")], LongPolicy::Window);
+        assert_eq!(plan.segments, 3);
+        assert!(packs.iter().all(|p| p.needs_residues));
+        let mut offsets: Vec<u32> = packs
+            .iter()
+            .flat_map(|p| p.segments.iter().map(|s| s.offset))
+            .collect();
+        offsets.sort();
+        assert_eq!(offsets, [0, 3, 4]);
+    }
+
+    #[test]
+    fn window_starts_cover_the_sequence() {
+        assert_eq!(window_starts(10, 6), [0, 3, 4]);
+        assert_eq!(window_starts(12, 6), [0, 3, 6]);
+        assert_eq!(window_starts(7, 6), [0, 1]);
+        for length in 7..60 {
+            let starts = window_starts(length, 6);
+            let mut covered = vec![false; length];
+            for s in &starts {
+                covered[*s..s + 6].iter_mut().for_each(|c| *c = true);
+            }
+            assert!(covered.iter().all(|&c| c), "{length}");
+        }
+    }
+}
