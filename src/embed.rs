@@ -160,9 +160,18 @@ impl Embedder {
 
     /// Embed pre-tokenized sequences (`<cls> … <eos>`, `<mask>` allowed), in input order.
     pub fn embed_tokens(&self, tokens: &[Vec<u32>]) -> Result<Vec<SequenceEmbedding>> {
+        self.embed_tokens_with_budget(tokens, self.tokens_per_batch)
+    }
+
+    /// [`Embedder::embed_tokens`] with packs of at most `budget` tokens.
+    pub fn embed_tokens_with_budget(
+        &self,
+        tokens: &[Vec<u32>],
+        budget: usize,
+    ) -> Result<Vec<SequenceEmbedding>> {
         let lengths: Vec<usize> = tokens.iter().map(Vec::len).collect();
         let mut results: Vec<Option<SequenceEmbedding>> = vec![None; tokens.len()];
-        for group in crate::pack::first_fit_decreasing(&lengths, self.tokens_per_batch) {
+        for group in crate::pack::first_fit_decreasing(&lengths, budget.max(1)) {
             let batch = PackedBatch::from_sequences(group.iter().map(|&i| &tokens[i][..]));
             let pooled = self.embed_packed(&batch)?;
             for (slot, split) in group.iter().zip(split_pooled(&pooled, &batch)) {

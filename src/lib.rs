@@ -21,6 +21,7 @@
 //! # Ok::<(), esmbed::Error>(())
 //! ```
 
+pub mod bench;
 pub mod embed;
 pub mod error;
 pub mod input;
@@ -30,6 +31,7 @@ pub mod pack;
 pub mod pipeline;
 pub mod pool;
 pub mod tokenize;
+pub mod verify;
 
 pub use candle_core::{DType, Device};
 pub use embed::{EmbedOptions, Embedder, LayerEmbedding, SequenceEmbedding};

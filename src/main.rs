@@ -43,6 +43,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Embed(args) => cli::embed::run(*args).map(|_| ()),
         Command::Inspect(args) => cli::inspect::run(args),
+        Command::Bench(args) => cli::bench::run(args),
+        Command::Verify(args) => cli::verify::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -54,6 +56,12 @@ fn main() -> ExitCode {
 }
 
 fn exit_code(error: &anyhow::Error) -> u8 {
+    if let Some(input) = error.downcast_ref::<esmbed::input::InputError>() {
+        return match input {
+            esmbed::input::InputError::Format { .. } => exit::BAD_INPUT,
+            esmbed::input::InputError::Io { .. } => exit::IO,
+        };
+    }
     let Some(error) = error.downcast_ref::<Error>() else {
         return exit::USAGE;
     };

@@ -133,6 +133,28 @@ mod tests {
         assert_eq!(batch.residue_counts(), [1, 3, 0]);
     }
 
+    proptest::proptest! {
+        #[test]
+        fn packs_hold_every_item_once_within_budget(
+            lengths in proptest::collection::vec(1usize..3000, 0..400),
+            budget in 64usize..5000,
+        ) {
+            let packs = first_fit_decreasing(&lengths, budget);
+            let mut seen: Vec<usize> = packs.concat();
+            seen.sort();
+            proptest::prop_assert_eq!(seen, (0..lengths.len()).collect::<Vec<_>>());
+            for pack in &packs {
+                let tokens: usize = pack.iter().map(|&i| lengths[i]).sum();
+                proptest::prop_assert!(tokens <= budget || pack.len() == 1, "pack over budget: {tokens}");
+                let seqs: Vec<Vec<u32>> = pack.iter().map(|&i| vec![4; lengths[i]]).collect();
+                let batch = PackedBatch::from_sequences(seqs.iter().map(Vec::as_slice));
+                proptest::prop_assert!(batch.cu_seqlens.windows(2).all(|w| w[0] < w[1]));
+                proptest::prop_assert_eq!(*batch.cu_seqlens.last().unwrap() as usize, tokens);
+                proptest::prop_assert_eq!(batch.max_len, pack.iter().map(|&i| lengths[i]).max().unwrap());
+            }
+        }
+    }
+
     #[test]
     fn first_fit_decreasing_fills_gaps() {
         let lengths = [3, 10, 4, 12, 5, 6];

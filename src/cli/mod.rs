@@ -1,7 +1,9 @@
 //! The command line: a thin front over the library. Parse, call, print.
 
+pub mod bench;
 pub mod embed;
 pub mod inspect;
+pub mod verify;
 
 use std::path::PathBuf;
 
@@ -46,6 +48,14 @@ pub enum Command {
     Embed(Box<embed::EmbedArgs>),
     /// Show the schema, row count and esmbed metadata of an output file or dataset.
     Inspect(inspect::InspectArgs),
+    /// Measure throughput (tokens/s, MFU) on a synthetic workload, packed vs padded.
+    ///
+    /// The workload matches the PyTorch reference benchmark: log-normal lengths (median 270),
+    /// random weights of the real shapes. Example: esmbed bench --shape 650M,3B --device cuda
+    #[command(verbatim_doc_comment)]
+    Bench(bench::BenchArgs),
+    /// Check a device and dtype (GPU, bf16/f16) against the exact CPU f32 path on one model.
+    Verify(verify::VerifyArgs),
 }
 
 /// Where the model comes from and how it runs.

@@ -435,8 +435,8 @@ fn plan_parts(
     let skip = |index: usize| done.contains(&index);
 
     let flush = |part: PartBuilder, stats: &mut PlannerStats| -> Result<bool> {
-        let index = stats.parts;
-        stats.parts += 1;
+        let index = part.index();
+        stats.parts = index + 1;
         if skip(index) {
             stats.resumed += 1;
             progress.inc(part.len() as u64);
@@ -467,7 +467,7 @@ fn plan_parts(
             let mut start = 0;
             while start < rows.len() {
                 let take = (rows_per_part - part.len()).min(rows.len() - start);
-                let skipping = skip(stats.parts);
+                let skipping = skip(part.index());
                 if !skipping {
                     part.add_passthrough(rows.passthrough.slice(start, take));
                 }
@@ -512,7 +512,7 @@ fn plan_parts(
                 }
                 start += take;
                 if part.len() == rows_per_part {
-                    let next = PartBuilder::new(0, part.next_position());
+                    let next = PartBuilder::new(part.index() + 1, part.next_position());
                     let full = std::mem::replace(&mut part, next);
                     if !flush(full, &mut stats)? {
                         return Ok(stats);
@@ -632,7 +632,14 @@ fn write_parts(
     cancel: &AtomicBool,
     progress: &indicatif::ProgressBar,
 ) -> Result<usize> {
-    let schema: SchemaRef = spec.columns.schema(&spec.inputs.passthrough_schema());
+    // esmbed's metadata goes in the Arrow schema (pyarrow and Polars show it) and the footer.
+    let schema: SchemaRef = Arc::new(
+        spec.columns
+            .schema(&spec.inputs.passthrough_schema())
+            .as_ref()
+            .clone()
+            .with_metadata([(output::METADATA_KEY.to_string(), spec.metadata.clone())].into()),
+    );
     let mut parts: HashMap<usize, PartAssembly> = HashMap::new();
     let mut written = 0;
     let delay = std::env::var("ESMBED_TEST_PART_DELAY_MS")

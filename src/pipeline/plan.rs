@@ -148,6 +148,11 @@ impl PartBuilder {
         }
     }
 
+    /// The part's index.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
     /// Rows so far.
     pub fn len(&self) -> usize {
         self.rows.len()

@@ -31,8 +31,13 @@ pub struct Fixture {
     tensors: HashMap<String, candle_core::Tensor>,
 }
 
-/// `tests/fixtures/<name>`.
+/// `tests/fixtures/<name>`: relative to the working directory when it has them (test binaries
+/// carried to the GPU machine run from a copy of the tree), else to the crate.
 pub fn fixture_dir(name: &str) -> PathBuf {
+    let local = PathBuf::from("tests/fixtures").join(name);
+    if local.is_dir() {
+        return std::fs::canonicalize(local).unwrap();
+    }
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(name)
@@ -114,4 +119,111 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
     let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
     let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
     dot / (na * nb)
+}
+
+/// A fresh scratch directory for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("esmbed-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Run the esmbed binary; returns (exit code, stdout, stderr).
+pub fn esmbed<I, S>(args: I) -> (i32, String, String)
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_esmbed"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env_remove("ESMBED_MODEL")
+        .output()
+        .expect("esmbed runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Read a Parquet file (or every part of a dataset directory, in name order) into one batch.
+pub fn read_parquet(path: &std::path::Path) -> arrow::array::RecordBatch {
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let files: Vec<PathBuf> = if path.is_dir() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(path)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .starts_with("part-")
+            })
+            .collect();
+        v.sort();
+        v
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut batches = Vec::new();
+    let mut schema = None;
+    for file in files {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&file).unwrap())
+            .unwrap()
+            .build()
+            .unwrap();
+        schema = Some(arrow::array::RecordBatchReader::schema(&reader));
+        for b in reader {
+            batches.push(b.unwrap());
+        }
+    }
+    arrow::compute::concat_batches(&schema.unwrap(), &batches).unwrap()
+}
+
+/// A string column as `Option<String>`s.
+pub fn strings(batch: &arrow::array::RecordBatch, name: &str) -> Vec<Option<String>> {
+    use arrow::array::{Array, AsArray};
+    let col = batch
+        .column_by_name(name)
+        .unwrap_or_else(|| panic!("no column {name}"));
+    let col = arrow::compute::cast(col, &arrow::datatypes::DataType::Utf8).unwrap();
+    let col = col.as_string::<i32>();
+    (0..col.len())
+        .map(|i| col.is_valid(i).then(|| col.value(i).to_string()))
+        .collect()
+}
+
+/// A `FixedSizeList<Float32|Float16>` column as vectors.
+pub fn vectors(batch: &arrow::array::RecordBatch, name: &str) -> Vec<Vec<f32>> {
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::{Float16Type, Float32Type};
+    let col = batch
+        .column_by_name(name)
+        .unwrap_or_else(|| panic!("no column {name}"));
+    let list = col.as_fixed_size_list();
+    (0..list.len())
+        .map(|i| {
+            let v = list.value(i);
+            match v.data_type() {
+                arrow::datatypes::DataType::Float32 => {
+                    v.as_primitive::<Float32Type>().values().to_vec()
+                }
+                arrow::datatypes::DataType::Float16 => v
+                    .as_primitive::<Float16Type>()
+                    .values()
+                    .iter()
+                    .map(|x| x.to_f32())
+                    .collect(),
+                other => panic!("unexpected element type {other}"),
+            }
+        })
+        .collect()
+}
+
+/// Whether this is a CI run (then optional tools must be present instead of skipped).
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false")
 }

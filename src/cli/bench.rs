@@ -1,0 +1,139 @@
+//! `esmbed bench`: throughput on the reference benchmark's synthetic workload.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+
+use esmbed::bench::{self, Method, H100_PEAK_TFLOPS};
+use esmbed::{EmbedOptions, Embedder, Esm2, EsmConfig};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// ESM-2 shapes to measure, with random weights (the cost does not depend on the values):
+    /// 8M, 35M, 150M, 650M, 3B, 15B.
+    #[arg(long, value_delimiter = ',', default_value = "650M")]
+    pub shape: Vec<String>,
+
+    /// Device: auto, cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+
+    /// Compute precision: auto (f32 on CPU, bf16 on GPU), f32, bf16, f16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+
+    /// Number of synthetic sequences.
+    #[arg(long, short, default_value_t = 4000)]
+    pub n: usize,
+
+    /// Seed of the synthetic lengths and residues.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// Residue counts, one per line, instead of esmbed's own draw (to run exactly the reference
+    /// benchmark's workload).
+    #[arg(long)]
+    pub lengths_file: Option<PathBuf>,
+
+    /// Token budget per batch. Default: 65536, or 32768 for 3B and larger (as the reference).
+    #[arg(long)]
+    pub tokens_per_batch: Option<usize>,
+
+    /// Methods: packed (esmbed) and padded (length-sorted padded batches, for comparison).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "packed,padded"
+    )]
+    pub method: Vec<Method>,
+
+    /// Untimed warm-up batches.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+
+    /// Peak TFLOP/s of the device, for MFU (H100 SXM dense bf16: 989).
+    #[arg(long, default_value_t = H100_PEAK_TFLOPS)]
+    pub peak_tflops: f64,
+
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let device = super::parse_device(&args.device)?;
+    let dtype = super::parse_dtype(&args.dtype, &device)?;
+    let lengths = match &args.lengths_file {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .split_whitespace()
+            .map(|t| {
+                t.parse::<usize>()
+                    .with_context(|| format!("{}: not a length: {t:?}", path.display()))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?,
+        None => bench::synthetic_lengths(args.n, args.seed, 1022),
+    };
+    let sequences = bench::random_sequences(&lengths, args.seed + 1);
+    let tokens: usize = sequences.iter().map(Vec::len).sum();
+    if !args.json {
+        println!(
+            "workload: {} sequences, {} tokens (mean {:.0}), device {:?}, {:?}",
+            sequences.len(),
+            tokens,
+            tokens as f64 / sequences.len().max(1) as f64,
+            device,
+            dtype
+        );
+        println!(
+            "{:<6} {:<7} {:>12} {:>9} {:>6} {:>8} {:>8} {:>6}",
+            "model", "method", "tokens/s", "seq/s", "MFU", "packing", "padding", "busy"
+        );
+    }
+    for shape in &args.shape {
+        let config = EsmConfig::published(shape).with_context(|| {
+            format!(
+                "unknown shape {shape:?}: use one of {}",
+                EsmConfig::published_names()
+            )
+        })?;
+        let budget = args
+            .tokens_per_batch
+            .unwrap_or(if config.hidden_size >= 2560 {
+                32768
+            } else {
+                65536
+            });
+        let model = Esm2::random(&config, &device, dtype, 0)?;
+        let embedder = Embedder::new(model, &EmbedOptions::default())?;
+        for &method in &args.method {
+            let r = bench::measure(
+                &embedder,
+                shape,
+                method,
+                &sequences,
+                budget,
+                args.warmup,
+                args.peak_tflops,
+            )?;
+            if args.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{:<6} {:<7} {:>12.0} {:>9.1} {:>6.3} {:>7.1}% {:>7.1}% {:>5.0}%",
+                    r.model,
+                    format!("{:?}", r.method).to_lowercase(),
+                    r.tokens_per_s,
+                    r.seq_per_s,
+                    r.mfu,
+                    100.0 * r.packing_efficiency,
+                    100.0 * r.padding_efficiency,
+                    100.0 * r.busy
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,66 @@
+//! `esmbed verify`: how close a device and dtype are to the exact CPU f32 path.
+
+use anyhow::Context;
+use clap::Args;
+
+use esmbed::{bench, verify, Checkpoint, ModelSource};
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Model (as for `embed`).
+    #[arg(
+        long,
+        short,
+        env = "ESMBED_MODEL",
+        default_value = "facebook/esm2_t33_650M_UR50D"
+    )]
+    pub model: String,
+
+    /// Device to check against the CPU f32 path.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+
+    /// Dtypes to check.
+    #[arg(long, value_delimiter = ',', default_value = "bf16,f16")]
+    pub dtype: Vec<String>,
+
+    /// Random sequences besides the fixed edge cases (lengths 1, 2, 3, 50, 1022).
+    #[arg(long, short, default_value_t = 40)]
+    pub n: usize,
+
+    /// Fail (exit 1) if a mean embedding's cosine similarity falls below this.
+    #[arg(long, default_value_t = 0.999)]
+    pub min_cosine: f64,
+
+    /// Print JSON lines.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
+    let device = super::parse_device(&args.device)?;
+    let checkpoint = Checkpoint::open(&ModelSource::parse(&args.model)?)?;
+    let mut lengths = vec![1, 2, 3, 50, 1022];
+    lengths.extend(bench::synthetic_lengths(args.n, 7, 1022));
+    let sequences = bench::random_sequences(&lengths, 7);
+    let mut failed = false;
+    for dtype in &args.dtype {
+        let dtype = super::parse_dtype(dtype, &device)?;
+        let a = verify::compare(&checkpoint, &device, dtype, &sequences)
+            .with_context(|| format!("running {:?} in {dtype:?}", device))?;
+        if args.json {
+            println!("{}", serde_json::to_string(&a)?);
+        } else {
+            println!(
+                "{} {}: {} sequences, min cosine {:.6}, mean max abs err {:.2e} (rel {:.2e}), last-layer tokens rel err {:.2e}, alone-vs-packed max abs {:.2e}",
+                a.device, a.dtype, a.sequences, a.min_cosine, a.mean_max_abs_error, a.mean_max_rel_error,
+                a.hidden_max_rel_error, a.invariance_max_abs
+            );
+        }
+        failed |= a.min_cosine < args.min_cosine;
+    }
+    if failed {
+        anyhow::bail!("cosine similarity below --min-cosine {}", args.min_cosine);
+    }
+    Ok(())
+}

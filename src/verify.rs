@@ -1,0 +1,126 @@
+//! How far a device and dtype are from the exact CPU f32 path, on the same weights.
+//!
+//! The CPU f32 path is tested against transformers in CI; this measures everything else (GPU,
+//! bf16/f16, FlashAttention) against it: cosine similarity and errors of the mean embeddings,
+//! the error of the last layer's per-token states, and batch invariance on the device (a sequence
+//! alone vs inside a pack).
+
+use candle_core::{DType, Device};
+use serde::Serialize;
+
+use crate::embed::{EmbedOptions, Embedder};
+use crate::error::Result;
+use crate::model::{Checkpoint, Esm2};
+use crate::pack::{first_fit_decreasing, PackedBatch};
+
+/// Agreement of one device/dtype with the CPU f32 reference.
+#[derive(Debug, Clone, Serialize)]
+pub struct Agreement {
+    /// Device, as debug text.
+    pub device: String,
+    /// Compute dtype.
+    pub dtype: String,
+    /// Sequences compared.
+    pub sequences: usize,
+    /// Lowest cosine similarity of a mean embedding with its reference.
+    pub min_cosine: f64,
+    /// Largest absolute error of a mean-embedding element.
+    pub mean_max_abs_error: f64,
+    /// Largest `max |err| / max |ref|` of a mean embedding.
+    pub mean_max_rel_error: f64,
+    /// Largest `max |err| / max |ref|` of the last layer's per-token states of a sequence.
+    pub hidden_max_rel_error: f64,
+    /// Largest absolute difference of a mean embedding alone vs inside a pack (on the device).
+    pub invariance_max_abs: f64,
+}
+
+fn means(embedder: &Embedder, sequences: &[Vec<u32>], budget: usize) -> Result<Vec<Vec<f32>>> {
+    Ok(embedder
+        .embed_tokens_with_budget(sequences, budget)?
+        .into_iter()
+        .map(|e| e.layers[0].mean.clone().expect("mean pooling"))
+        .collect())
+}
+
+/// Compare `device`/`dtype` with CPU f32 on `sequences` (token ids with `<cls>`/`<eos>`).
+pub fn compare(
+    checkpoint: &Checkpoint,
+    device: &Device,
+    dtype: DType,
+    sequences: &[Vec<u32>],
+) -> Result<Agreement> {
+    let budget = 8192;
+    let options = EmbedOptions::default();
+    let reference = Embedder::new(Esm2::load(checkpoint, &Device::Cpu, DType::F32)?, &options)?;
+    let subject = Embedder::new(Esm2::load(checkpoint, device, dtype)?, &options)?;
+    let expected = means(&reference, sequences, budget)?;
+    let got = means(&subject, sequences, budget)?;
+    let mut a = Agreement {
+        device: format!("{device:?}"),
+        dtype: format!("{dtype:?}").to_lowercase(),
+        sequences: sequences.len(),
+        min_cosine: 1.0,
+        mean_max_abs_error: 0.0,
+        mean_max_rel_error: 0.0,
+        hidden_max_rel_error: 0.0,
+        invariance_max_abs: 0.0,
+    };
+    for (g, e) in got.iter().zip(&expected) {
+        a.min_cosine = a.min_cosine.min(cosine(g, e));
+        let err = max_abs_diff(g, e);
+        a.mean_max_abs_error = a.mean_max_abs_error.max(err);
+        a.mean_max_rel_error = a.mean_max_rel_error.max(err / max_abs(e));
+    }
+    // Per-token states of the last layer, pack by pack.
+    let lengths: Vec<usize> = sequences.iter().map(Vec::len).collect();
+    let last = checkpoint.config.num_hidden_layers;
+    for group in first_fit_decreasing(&lengths, budget) {
+        let batch = PackedBatch::from_sequences(group.iter().map(|&i| &sequences[i][..]));
+        let r = reference.model().forward(&batch, &[last])?.remove(0);
+        let s = subject
+            .model()
+            .forward(&batch, &[last])?
+            .remove(0)
+            .to_device(&Device::Cpu)?;
+        let s = s.to_dtype(DType::F32)?;
+        for i in 0..batch.len() {
+            let range = batch.range(i);
+            let rr: Vec<f32> = r
+                .narrow(0, range.start, range.len())?
+                .flatten_all()?
+                .to_vec1()?;
+            let ss: Vec<f32> = s
+                .narrow(0, range.start, range.len())?
+                .flatten_all()?
+                .to_vec1()?;
+            a.hidden_max_rel_error = a
+                .hidden_max_rel_error
+                .max(max_abs_diff(&ss, &rr) / max_abs(&rr));
+        }
+    }
+    // Batch invariance on the device: alone vs packed.
+    for (i, seq) in sequences.iter().enumerate() {
+        let alone = means(&subject, std::slice::from_ref(seq), budget)?;
+        a.invariance_max_abs = a.invariance_max_abs.max(max_abs_diff(&alone[0], &got[i]));
+    }
+    Ok(a)
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb).max(f64::MIN_POSITIVE)
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .fold(0f64, |m, (x, y)| m.max((*x as f64 - *y as f64).abs()))
+}
+
+fn max_abs(a: &[f32]) -> f64 {
+    a.iter()
+        .fold(0f64, |m, x| m.max((*x as f64).abs()))
+        .max(f64::MIN_POSITIVE)
+}
