@@ -118,6 +118,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 args.warmup,
                 args.peak_tflops,
             )?;
+            if esmbed::model::profile::enabled() {
+                for (name, seconds, calls, share) in esmbed::model::profile::take_report() {
+                    let row = serde_json::json!({"model": shape, "method": r.method, "op": name,
+                        "seconds": seconds, "calls": calls, "share": share});
+                    eprintln!("{row}");
+                }
+            }
             if args.json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {

@@ -6,14 +6,11 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
-use serde_json::json;
 
 use esmbed::input::{InputOptions, Inputs};
-use esmbed::output::columns::EmbeddingColumns;
-use esmbed::output::OutputLayout;
 use esmbed::pipeline::plan::PlanOptions;
-use esmbed::pipeline::{self, JobOptions, JobSpec, JobSummary};
-use esmbed::{Checkpoint, EmbedOptions, Embedder, Esm2, ModelSource, Pooling, Tokenizer};
+use esmbed::pipeline::{self, JobOptions, JobSpec, JobSummary, ModelIdentity};
+use esmbed::{Checkpoint, EmbedOptions, Embedder, Esm2, ModelSource, Pooling};
 
 use super::{paths, InputArgs, ModelArgs, OutputArgs};
 
@@ -38,8 +35,9 @@ pub struct EmbedArgs {
     #[command(flatten)]
     pub columns: OutputArgs,
 
-    /// Tokens per pack (sequences are packed end to end, no padding). Default: 4096 on the CPU,
-    /// 16384 on a GPU.
+    /// Tokens per pack (sequences are packed end to end, no padding). Default: 4096 on the CPU;
+    /// on a GPU, what fits in the memory left after the weights (up to 65536), checked at start
+    /// by a warm-up pack.
     #[arg(long)]
     pub tokens_per_batch: Option<usize>,
 
@@ -77,9 +75,6 @@ pub struct EmbedArgs {
 pub fn run(args: EmbedArgs) -> anyhow::Result<JobSummary> {
     let device = super::parse_device(&args.model.device)?;
     let dtype = super::parse_dtype(&args.model.dtype, &device)?;
-    let tokens_per_batch =
-        args.tokens_per_batch
-            .unwrap_or(if device.is_cpu() { 4096 } else { 16384 });
     if args.columns.max_length == 0 {
         anyhow::bail!("--max-length must be at least 1");
     }
@@ -103,6 +98,9 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<JobSummary> {
     let fingerprint = checkpoint.fingerprint()?;
     let model = Esm2::load(&checkpoint, &device, dtype)?;
     let config = model.config().clone();
+    let tokens_per_batch = args.tokens_per_batch.unwrap_or_else(|| {
+        esmbed::embed::default_tokens_per_batch(&device, config.hidden_size, dtype)
+    });
     let pooling = Pooling {
         mean: true,
         bos: args.columns.bos,
@@ -127,58 +125,24 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<JobSummary> {
         loading.elapsed().as_secs_f64()
     );
 
-    let columns = Arc::new(EmbeddingColumns {
-        layers: embedder.layers().to_vec(),
-        last_layer: config.num_hidden_layers,
-        pooling,
-        hidden: config.hidden_size,
-        dtype: args.columns.output_dtype,
-    });
-    let layout = OutputLayout::new(std::path::Path::new(&args.output));
-    let metadata = json!({
-        "esmbed_version": env!("CARGO_PKG_VERSION"),
-        "model": checkpoint.source_name,
-        "model_fingerprint": fingerprint,
-        "num_layers": config.num_hidden_layers,
-        "hidden_size": config.hidden_size,
-        "layers": columns.layers,
-        "primary_layer": columns.primary_layer(),
-        "pooling": {
-            "embedding": "mean over residues (BOS/EOS excluded)",
-            "bos": pooling.bos,
-            "per_residue": pooling.per_residue,
-        },
-        "compute_dtype": format!("{dtype:?}").to_lowercase(),
-        "output_dtype": args.columns.output_dtype,
-        "max_length": args.columns.max_length,
-        "long": args.columns.long,
-        "unknown": args.columns.unknown,
-    });
-    let identity = json!({
-        "inputs": inputs.files.iter().map(|f| {
-            let size = std::fs::metadata(&f.path).map(|m| m.len()).unwrap_or(0);
-            json!({"path": f.name(), "size": size})
-        }).collect::<Vec<_>>(),
-        "seq_column": args.input.seq_column,
-        "id_column": args.input.id_column,
-        "model_fingerprint": metadata["model_fingerprint"],
-        "layers": metadata["layers"],
-        "pooling": metadata["pooling"],
-        "compute_dtype": metadata["compute_dtype"],
-        "output_dtype": metadata["output_dtype"],
-        "max_length": args.columns.max_length,
-        "long": args.columns.long,
-        "unknown": args.columns.unknown,
-        "rows_per_part": args.rows_per_part,
-        "dedupe": args.dedupe,
-    });
-    let spec = JobSpec {
+    if !device.is_cpu() {
+        let started = Instant::now();
+        esmbed::embed::warm_up(&embedder, tokens_per_batch, args.columns.max_length)?;
+        tracing::info!(
+            "warm-up pack of {tokens_per_batch} tokens fits ({:.1}s)",
+            started.elapsed().as_secs_f64()
+        );
+    }
+
+    let spec = JobSpec::new(
         inputs,
-        layout,
-        columns,
-        metadata: metadata.to_string(),
-        identity,
-        options: JobOptions {
+        std::path::Path::new(&args.output),
+        &embedder,
+        ModelIdentity {
+            name: checkpoint.source_name.clone(),
+            fingerprint,
+        },
+        JobOptions {
             plan: PlanOptions {
                 tokens_per_batch,
                 max_length: args.columns.max_length,
@@ -192,8 +156,7 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<JobSummary> {
             overwrite: args.overwrite,
             progress: !args.no_progress,
         },
-        tokenizer: Tokenizer::new(args.columns.unknown.into()),
-    };
+    );
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

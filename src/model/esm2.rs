@@ -29,8 +29,11 @@ const MASK_RATIO_TRAIN: f64 = 0.15 * 0.8;
 /// One pre-LN transformer block.
 struct Block {
     attn_norm: LayerNorm,
-    /// Query, key and value projections fused into one `[3H, H]` matmul.
-    qkv: Linear,
+    /// Query and key projections fused into one `[2H, H]` matmul, the query's rows pre-scaled
+    /// by `d^-½`; its output is rotated in place and read by the attention without copies.
+    qk: Linear,
+    /// Value projection.
+    v: Linear,
     out: Linear,
     ffn_norm: LayerNorm,
     fc1: Linear,
@@ -54,6 +57,7 @@ pub struct Esm2 {
 impl Esm2 {
     /// Build the model from a checkpoint, converting weights to `dtype` on `device`.
     pub fn load(checkpoint: &Checkpoint, device: &Device, dtype: DType) -> Result<Self> {
+        prepare_device(device)?;
         let config = checkpoint.config.clone();
         let h = config.hidden_size;
         let ffn = config.intermediate_size;
@@ -82,22 +86,22 @@ impl Esm2 {
         for i in 0..config.num_hidden_layers {
             let p = format!("encoder.layer.{i}");
             let attn = format!("{p}.attention.self");
-            let qkv_weight = Tensor::cat(
-                &[
-                    load(&format!("{attn}.query.weight"), &[h, h])?,
-                    load(&format!("{attn}.key.weight"), &[h, h])?,
-                    load(&format!("{attn}.value.weight"), &[h, h])?,
-                ],
-                0,
-            )?;
-            let qkv_bias = Tensor::cat(
-                &[
-                    load(&format!("{attn}.query.bias"), &[h])?,
-                    load(&format!("{attn}.key.bias"), &[h])?,
-                    load(&format!("{attn}.value.bias"), &[h])?,
-                ],
-                0,
-            )?;
+            // HF scales the query by d^-½ before rotary; folding the scale into the query's
+            // weights and bias keeps that order. It is exact for head dims 16 and 64 (650M, 3B:
+            // a power of two) and one f32 rounding otherwise, done before any conversion.
+            let scale = (config.head_dim() as f64).powf(-0.5);
+            let f32_cpu = |name: String, shape: &[usize]| {
+                checkpoint.load(&name, shape, DType::F32, &Device::Cpu)
+            };
+            let query_w = (f32_cpu(format!("{attn}.query.weight"), &[h, h])? * scale)?;
+            let query_b = (f32_cpu(format!("{attn}.query.bias"), &[h])? * scale)?;
+            let key_w = f32_cpu(format!("{attn}.key.weight"), &[h, h])?;
+            let key_b = f32_cpu(format!("{attn}.key.bias"), &[h])?;
+            let to_device = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(device)?) };
+            let qk = Linear::new(
+                to_device(Tensor::cat(&[query_w, key_w], 0)?)?,
+                Some(to_device(Tensor::cat(&[query_b, key_b], 0)?)?),
+            );
             // The checkpoint's inv_freq when present: ESM-2 was trained in fp16 and its stored
             // buffer differs from a recomputation enough to matter at long positions.
             let inv_name = format!("{attn}.rotary_embeddings.inv_freq");
@@ -117,7 +121,8 @@ impl Esm2 {
             };
             blocks.push(Block {
                 attn_norm: norm(&format!("{p}.attention.LayerNorm"))?,
-                qkv: Linear::new(qkv_weight, Some(qkv_bias)),
+                qk,
+                v: linear(&format!("{attn}.value"), h, h)?,
                 out: linear(&format!("{p}.attention.output.dense"), h, h)?,
                 ffn_norm: norm(&format!("{p}.LayerNorm"))?,
                 fc1: linear(&format!("{p}.intermediate.dense"), ffn, h)?,
@@ -145,6 +150,7 @@ impl Esm2 {
     /// not depend on the values). Deterministic in `seed`.
     pub fn random(config: &EsmConfig, device: &Device, dtype: DType, seed: u64) -> Result<Self> {
         config.validate().map_err(|r| Error::model("random", r))?;
+        prepare_device(device)?;
         device.set_seed(seed)?;
         let h = config.hidden_size;
         let ffn = config.intermediate_size;
@@ -169,7 +175,8 @@ impl Esm2 {
             .map(|_| {
                 Ok(Block {
                     attn_norm: norm()?,
-                    qkv: linear(3 * h, h)?,
+                    qk: linear(2 * h, h)?,
+                    v: linear(h, h)?,
                     out: linear(h, h)?,
                     ffn_norm: norm()?,
                     fc1: linear(ffn, h)?,
@@ -296,24 +303,26 @@ impl Esm2 {
         let heads = self.config.num_attention_heads;
         let d = self.config.head_dim();
 
-        let qkv = block.qkv.forward(&block.attn_norm.forward(x)?)?;
-        let qkv = qkv.reshape((total, 3, heads, d))?;
-        // HF scales the query by d^-½ before rotary; keep that order for low-precision parity.
-        let q = (qkv.narrow(1, 0, 1)?.squeeze(1)? * (d as f64).powf(-0.5))?;
-        let k = qkv.narrow(1, 1, 1)?.squeeze(1)?.contiguous()?;
-        let v = qkv.narrow(1, 2, 1)?.squeeze(1)?.contiguous()?;
-        let q = rope(&q, cos, sin)?;
-        let k = rope(&k, cos, sin)?;
-        let context = attention::attend(&q, &k, &v, layout)?.reshape((total, h))?;
-        let x = (x + block.out.forward(&context)?)?;
-
-        let ffn = block.fc2.forward(
-            &block
-                .fc1
-                .forward(&block.ffn_norm.forward(&x)?)?
-                .gelu_erf()?,
-        )?;
-        Ok((x + ffn)?)
+        let dev = &self.device;
+        use super::profile::time;
+        let normed = time(dev, "attn_layernorm", || Ok(block.attn_norm.forward(x)?))?;
+        let (qk, v) = time(dev, "qkv_matmul", || {
+            Ok((block.qk.forward(&normed)?, block.v.forward(&normed)?))
+        })?;
+        let v = v.reshape((total, heads, d))?;
+        // Rotate queries and keys together: [T, 2·heads, d], positions per token.
+        let qk = time(dev, "rotary", || rope(&qk.reshape((total, 2 * heads, d))?, cos, sin))?;
+        let q = qk.narrow(1, 0, heads)?;
+        let k = qk.narrow(1, heads, heads)?;
+        let context = time(dev, "attention", || {
+            Ok(attention::attend(&q, &k, &v, layout)?.reshape((total, h))?)
+        })?;
+        let x = time(dev, "out_proj_residual", || Ok((x + block.out.forward(&context)?)?))?;
+        let normed = time(dev, "ffn_layernorm", || Ok(block.ffn_norm.forward(&x)?))?;
+        let up = time(dev, "fc1_matmul", || Ok(block.fc1.forward(&normed)?))?;
+        let act = time(dev, "gelu", || Ok(up.gelu_erf()?))?;
+        let down = time(dev, "fc2_matmul", || Ok(block.fc2.forward(&act)?))?;
+        time(dev, "ffn_residual", || Ok((x + down)?))
     }
 
     /// Per-token factor `[T, 1]` of the embedding: 0 on `<mask>` rows, else
@@ -338,6 +347,14 @@ impl Esm2 {
                 .to_dtype(self.dtype)?,
         )
     }
+}
+
+/// Device settings the forward relies on (see [`super::flash::keep_freed_memory`]).
+fn prepare_device(device: &Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    super::flash::keep_freed_memory(device)?;
+    let _ = device;
+    Ok(())
 }
 
 /// Rotate-half (NeoX) rotary on the packed layout `[T, heads, d]`, positions restarting per

@@ -8,6 +8,7 @@ pub mod esm2;
 #[cfg(feature = "cuda")]
 pub mod flash;
 pub mod hub;
+pub mod profile;
 pub mod weights;
 
 pub use config::EsmConfig;

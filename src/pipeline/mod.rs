@@ -134,6 +134,85 @@ pub struct JobSpec {
     pub tokenizer: Tokenizer,
 }
 
+/// Which model a job runs, for the output's metadata and resume checks.
+#[derive(Debug, Clone)]
+pub struct ModelIdentity {
+    /// The model as the user named it.
+    pub name: String,
+    /// [`crate::Checkpoint::fingerprint`] of its weights.
+    pub fingerprint: String,
+}
+
+impl JobSpec {
+    /// Describe a job: `inputs` embedded by `embedder` into `output`.
+    pub fn new(
+        inputs: Inputs,
+        output: &std::path::Path,
+        embedder: &Embedder,
+        model: ModelIdentity,
+        options: JobOptions,
+    ) -> Self {
+        let config = embedder.model().config();
+        let pooling = embedder.pooling();
+        let columns = Arc::new(EmbeddingColumns {
+            layers: embedder.layers().to_vec(),
+            last_layer: config.num_hidden_layers,
+            pooling,
+            hidden: config.hidden_size,
+            dtype: options.output_dtype,
+        });
+        let unknown = format!("{:?}", embedder.tokenizer().unknown).to_lowercase();
+        let metadata = serde_json::json!({
+            "esmbed_version": env!("CARGO_PKG_VERSION"),
+            "model": model.name,
+            "model_fingerprint": model.fingerprint,
+            "num_layers": config.num_hidden_layers,
+            "hidden_size": config.hidden_size,
+            "layers": columns.layers,
+            "primary_layer": columns.primary_layer(),
+            "pooling": {
+                "embedding": "mean over residues (BOS/EOS excluded)",
+                "bos": pooling.bos,
+                "per_residue": pooling.per_residue,
+            },
+            "compute_dtype": format!("{:?}", embedder.model().dtype()).to_lowercase(),
+            "output_dtype": options.output_dtype,
+            "max_length": options.plan.max_length,
+            "long": options.plan.long,
+            "unknown": unknown,
+        });
+        // Everything that shapes the result; the token budget and part count do not (packing
+        // does not change a sequence's numbers), so a resumed job may lower --tokens-per-batch.
+        let identity = serde_json::json!({
+            "inputs": inputs.files.iter().map(|f| {
+                let size = std::fs::metadata(&f.path).map(|m| m.len()).unwrap_or(0);
+                serde_json::json!({"path": f.name(), "size": size})
+            }).collect::<Vec<_>>(),
+            "seq_column": inputs.options.seq_column,
+            "id_column": inputs.options.id_column,
+            "model_fingerprint": metadata["model_fingerprint"],
+            "layers": metadata["layers"],
+            "pooling": metadata["pooling"],
+            "compute_dtype": metadata["compute_dtype"],
+            "output_dtype": metadata["output_dtype"],
+            "max_length": options.plan.max_length,
+            "long": options.plan.long,
+            "unknown": unknown,
+            "rows_per_part": options.rows_per_part,
+            "dedupe": options.dedupe,
+        });
+        Self {
+            layout: OutputLayout::new(output),
+            inputs,
+            columns,
+            metadata: metadata.to_string(),
+            identity,
+            tokenizer: *embedder.tokenizer(),
+            options,
+        }
+    }
+}
+
 enum WriterMsg {
     Plan(PartPlan),
     Done {
@@ -209,10 +288,8 @@ pub async fn run(
         }
         _ => Manifest::new(spec.identity.clone()),
     };
-    layout.prepare()?;
-    manifest.save(&layout.manifest_path())?;
-
-    // Pre-pass: count rows and find duplicate ids before any model work.
+    // Pre-pass: count rows and find duplicate ids before any model work (and before anything
+    // is written).
     let scan_inputs = spec.inputs.clone();
     let dedupe = opts.dedupe;
     let (total_rows, duplicates) =
@@ -231,6 +308,8 @@ pub async fn run(
             reason: "no records: the input is empty".into(),
         }));
     }
+    layout.prepare()?;
+    manifest.save(&layout.manifest_path())?;
 
     let progress = progress_bar(total_rows, opts.progress);
     let manifest = Arc::new(Mutex::new(manifest));
@@ -277,11 +356,19 @@ pub async fn run(
     let planned = planned.expect("planner does not panic");
     let modelled = modelled.expect("model stage does not panic");
     let written = written.expect("writer does not panic");
-    // Report the root cause: a stage that fails sets `cancel`, which stops the others quietly.
-    let planner_stats = planned?;
-    let model_stats = modelled?;
-    let parts_written = written?;
     progress.finish_and_clear();
+    // Report the root cause: a stage that fails sets `cancel`, which stops the others quietly.
+    let stages = planned.and_then(|p| Ok((p, modelled?, written?)));
+    let (planner_stats, model_stats, parts_written) = match stages {
+        Ok(stats) => stats,
+        Err(e) => {
+            // Nothing finished: leave nothing behind, so that a corrected rerun starts clean.
+            if manifest.lock().unwrap().parts.is_empty() {
+                let _ = layout.clear();
+            }
+            return Err(e);
+        }
+    };
 
     let mut manifest = Arc::try_unwrap(manifest)
         .expect("stages are done")

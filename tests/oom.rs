@@ -1,0 +1,103 @@
+//! Out of memory mid-job: the pack is split and retried down to single sequences; a sequence that
+//! fails even alone becomes an error row; every row is emitted exactly once, and the rest equals a
+//! run without faults. The failure is injected on the CPU by wrapping the model stage.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use common::*;
+use esmbed::input::{InputOptions, Inputs};
+use esmbed::pipeline::plan::{LongPolicy, PlanOptions};
+use esmbed::pipeline::{self, JobOptions, JobSpec, ModelIdentity, PackEmbedder};
+use esmbed::{DType, Device, EmbedOptions, Embedder, Error, PackedBatch, PooledLayer};
+
+/// Fails like a GPU out of memory on packs over `max_tokens`, and on any pack holding a sequence
+/// of exactly `poison` tokens.
+struct Faulty {
+    inner: Embedder,
+    max_tokens: usize,
+    poison: usize,
+    failures: AtomicUsize,
+}
+
+impl PackEmbedder for Faulty {
+    fn embed(&self, batch: &PackedBatch, residues: bool) -> esmbed::Result<Vec<PooledLayer>> {
+        let poisoned = (0..batch.len()).any(|i| batch.range(i).len() == self.poison);
+        if batch.total_tokens() > self.max_tokens || poisoned {
+            self.failures.fetch_add(1, Ordering::SeqCst);
+            return Err(Error::Candle(candle_core::Error::Msg(
+                "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+            )));
+        }
+        self.inner.embed_packed_with(batch, residues)
+    }
+}
+
+fn run(dir: &std::path::Path, name: &str, embedder: Arc<dyn PackEmbedder>, model: &Embedder) -> esmbed::pipeline::JobSummary {
+    let input = dir.join("in.fasta");
+    let inputs = Inputs::open(&[input], InputOptions::default()).unwrap();
+    let options = JobOptions {
+        plan: PlanOptions { tokens_per_batch: 2000, max_length: 1022, long: LongPolicy::Truncate },
+        rows_per_part: 30,
+        strict: false,
+        dedupe: false,
+        output_dtype: Default::default(),
+        resume: false,
+        overwrite: true,
+        progress: false,
+    };
+    let identity = ModelIdentity { name: "tiny_h16".into(), fingerprint: "test".into() };
+    let spec = JobSpec::new(inputs, &dir.join(name), model, identity, options);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime
+        .block_on(pipeline::run(spec, embedder, Arc::new(AtomicBool::new(false))))
+        .unwrap()
+}
+
+#[test]
+fn out_of_memory_splits_packs_and_loses_nothing() {
+    let dir = scratch("oom");
+    let residues = b"ACDEFGHIKLMNPQRSTVWY";
+    let mut text = String::new();
+    for i in 0..100usize {
+        // Lengths 20..=119 residues; the poisoned one is row 57 (77 residues = 79 tokens).
+        let seq: String = (0..20 + i).map(|j| residues[(i * 7 + j * 3) % 20] as char).collect();
+        text.push_str(&format!(">s{i}\n{seq}\n"));
+    }
+    std::fs::write(dir.join("in.fasta"), text).unwrap();
+
+    let load = || {
+        Embedder::load(fixture_dir("tiny_h16").to_str().unwrap(), &Device::Cpu, DType::F32, &EmbedOptions::default())
+            .unwrap()
+    };
+    let model = load();
+    let clean = run(&dir, "clean.parquet", Arc::new(load()), &model);
+    assert_eq!(clean.errors, 0);
+
+    let faulty = Arc::new(Faulty { inner: load(), max_tokens: 700, poison: 79, failures: AtomicUsize::new(0) });
+    let summary = run(&dir, "faulty.parquet", faulty.clone(), &model);
+    assert!(faulty.failures.load(Ordering::SeqCst) > 10, "the fault must trigger splits");
+    assert_eq!(summary.rows, 100);
+    assert_eq!(summary.embedded, 99);
+    assert_eq!(summary.errors, 1);
+
+    let a = read_parquet(&dir.join("clean.parquet"));
+    let b = read_parquet(&dir.join("faulty.parquet"));
+    let errors = read_parquet(&dir.join("faulty.errors.parquet"));
+    assert_eq!(strings(&errors, "id"), [Some("s57".to_string())]);
+    let reason = strings(&errors, "reason")[0].clone().unwrap();
+    assert!(reason.contains("out of memory") && reason.contains("79 tokens"), "{reason}");
+
+    let ids_a = strings(&a, "id");
+    let ids_b = strings(&b, "id");
+    let expected: Vec<_> = ids_a.iter().filter(|id| id.as_deref() != Some("s57")).cloned().collect();
+    assert_eq!(ids_b, expected, "every other row once, in order");
+    let va = vectors(&a, "embedding");
+    let vb = vectors(&b, "embedding");
+    let kept: Vec<_> = ids_a.iter().zip(&va).filter(|(id, _)| id.as_deref() != Some("s57")).map(|(_, v)| v).collect();
+    for (x, y) in kept.iter().zip(&vb) {
+        assert!(relative_error(y, x) <= 1e-6);
+    }
+}
