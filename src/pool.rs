@@ -54,12 +54,32 @@ pub fn pool(
     pooling: Pooling,
 ) -> Result<PooledLayer> {
     let device = hidden.device();
-    let hidden = hidden.to_dtype(DType::F32)?;
     let (_, h) = hidden.dims2()?;
     let b = batch.len();
     let counts = batch.residue_counts();
 
-    let mean = if pooling.mean {
+    #[cfg(feature = "cuda")]
+    let fused_mean = if pooling.mean && crate::model::kernels::applies(hidden) {
+        let starts: Vec<u32> = (0..b).map(|i| batch.range(i).start as u32 + 1).collect();
+        let residues: Vec<u32> = counts.iter().map(|&c| c as u32).collect();
+        let starts = Tensor::from_vec(starts, b, device)?;
+        let residues = Tensor::from_vec(residues, b, device)?;
+        Some(to_host(&crate::model::kernels::segment_mean(hidden, &starts, &residues)?)?)
+    } else {
+        None
+    };
+    #[cfg(not(feature = "cuda"))]
+    let fused_mean: Option<Vec<f32>> = None;
+    // Everything else works on f32 rows (a cast only when something still needs them).
+    let hidden = if fused_mean.is_none() || pooling.bos || pooling.per_residue {
+        hidden.to_dtype(DType::F32)?
+    } else {
+        hidden.clone()
+    };
+
+    let mean = if fused_mean.is_some() {
+        fused_mean
+    } else if pooling.mean {
         // segment[t] = sequence index for residues, b (a spill row) for cls/eos.
         let mut segment = vec![b as u32; batch.total_tokens()];
         for (i, &count) in counts.iter().enumerate() {

@@ -94,9 +94,19 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<JobSummary> {
 
     let loading = Instant::now();
     let source = ModelSource::parse(&args.model.model)?;
-    let checkpoint = Checkpoint::open(&source)?;
-    let fingerprint = checkpoint.fingerprint()?;
-    let model = Esm2::load(&checkpoint, &device, dtype)?;
+    let (model, fingerprint) = match &source {
+        ModelSource::Random(shape) => {
+            let config = esmbed::EsmConfig::published(shape).expect("checked by parse");
+            let model = Esm2::random(&config, &device, dtype, 0)?;
+            (model, format!("random:{shape}:seed0"))
+        }
+        _ => {
+            let checkpoint = Checkpoint::open(&source)?;
+            let fingerprint = checkpoint.fingerprint()?;
+            (Esm2::load(&checkpoint, &device, dtype)?, fingerprint)
+        }
+    };
+    let model_name = source.display_name();
     let config = model.config().clone();
     let tokens_per_batch = args.tokens_per_batch.unwrap_or_else(|| {
         esmbed::embed::default_tokens_per_batch(&device, config.hidden_size, dtype)
@@ -117,7 +127,7 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<JobSummary> {
     )?;
     tracing::info!(
         "loaded {} ({} layers, hidden {}) on {:?} as {:?} in {:.1}s",
-        checkpoint.source_name,
+        model_name,
         config.num_hidden_layers,
         config.hidden_size,
         device,
@@ -139,7 +149,7 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<JobSummary> {
         std::path::Path::new(&args.output),
         &embedder,
         ModelIdentity {
-            name: checkpoint.source_name.clone(),
+            name: model_name,
             fingerprint,
         },
         JobOptions {

@@ -307,7 +307,7 @@ impl Esm2 {
         use super::profile::time;
         let normed = time(dev, "attn_layernorm", || Ok(block.attn_norm.forward(x)?))?;
         let (qk, v) = time(dev, "qkv_matmul", || {
-            Ok((block.qk.forward(&normed)?, block.v.forward(&normed)?))
+            Ok((linear(&block.qk, &normed, None)?, linear(&block.v, &normed, None)?))
         })?;
         let v = v.reshape((total, heads, d))?;
         // Rotate queries and keys together: [T, 2·heads, d], positions per token.
@@ -317,12 +317,10 @@ impl Esm2 {
         let context = time(dev, "attention", || {
             Ok(attention::attend(&q, &k, &v, layout)?.reshape((total, h))?)
         })?;
-        let x = time(dev, "out_proj_residual", || Ok((x + block.out.forward(&context)?)?))?;
+        let x = time(dev, "out_proj_residual", || linear(&block.out, &context, Some(x)))?;
         let normed = time(dev, "ffn_layernorm", || Ok(block.ffn_norm.forward(&x)?))?;
-        let up = time(dev, "fc1_matmul", || Ok(block.fc1.forward(&normed)?))?;
-        let act = time(dev, "gelu", || Ok(up.gelu_erf()?))?;
-        let down = time(dev, "fc2_matmul", || Ok(block.fc2.forward(&act)?))?;
-        time(dev, "ffn_residual", || Ok((x + down)?))
+        let act = time(dev, "fc1_gelu", || linear_gelu(&block.fc1, &normed))?;
+        time(dev, "fc2_residual", || linear(&block.fc2, &act, Some(&x)))
     }
 
     /// Per-token factor `[T, 1]` of the embedding: 0 on `<mask>` rows, else
@@ -347,6 +345,38 @@ impl Esm2 {
                 .to_dtype(self.dtype)?,
         )
     }
+}
+
+/// `x·Wᵀ + b (+ residual)`. On CUDA in bf16/f16 the bias and residual are added by one fused
+/// kernel (candle's broadcast add was the largest cost of the forward); elsewhere candle's ops,
+/// in the order HF computes them.
+fn linear(layer: &Linear, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::kernels::applies(x) {
+        if let Some(bias) = layer.bias() {
+            let product = x.matmul(&layer.weight().t()?)?;
+            return match residual {
+                Some(r) => super::kernels::bias_residual(&product, bias, r),
+                None => super::kernels::bias(&product, bias),
+            };
+        }
+    }
+    let y = layer.forward(x)?;
+    Ok(match residual {
+        Some(r) => (r + y)?,
+        None => y,
+    })
+}
+
+/// `gelu_erf(x·Wᵀ + b)`, fused on CUDA like [`linear`].
+fn linear_gelu(layer: &Linear, x: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::kernels::applies(x) {
+        if let Some(bias) = layer.bias() {
+            return super::kernels::bias_gelu(&x.matmul(&layer.weight().t()?)?, bias);
+        }
+    }
+    Ok(layer.forward(x)?.gelu_erf()?)
 }
 
 /// Device settings the forward relies on (see [`super::flash::keep_freed_memory`]).

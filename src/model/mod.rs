@@ -8,6 +8,8 @@ pub mod esm2;
 #[cfg(feature = "cuda")]
 pub mod flash;
 pub mod hub;
+#[cfg(feature = "cuda")]
+pub mod kernels;
 pub mod profile;
 pub mod weights;
 

@@ -29,12 +29,24 @@ pub enum ModelSource {
     FairEsm(PathBuf),
     /// A HuggingFace hub id (`facebook/esm2_t33_650M_UR50D`).
     Hub(String),
+    /// Random weights of a published shape (`random:650M`): for benchmarks of whole jobs; the
+    /// vectors mean nothing.
+    Random(String),
 }
 
 impl ModelSource {
     /// Interpret what the user typed: an existing directory or `.pt`/`.pth` file, a published short
     /// name (`650M`), or a hub id (`org/name`).
     pub fn parse(spec: &str) -> Result<Self> {
+        if let Some(shape) = spec.strip_prefix("random:") {
+            return match EsmConfig::published(shape) {
+                Some(_) => Ok(ModelSource::Random(shape.to_string())),
+                None => Err(Error::model(
+                    spec,
+                    format!("unknown shape; use one of {}", EsmConfig::published_names()),
+                )),
+            };
+        }
         let path = Path::new(spec);
         if path.is_dir() {
             return Ok(ModelSource::HfDir(path.to_path_buf()));
@@ -80,6 +92,7 @@ impl ModelSource {
         match self {
             ModelSource::HfDir(p) | ModelSource::FairEsm(p) => p.display().to_string(),
             ModelSource::Hub(id) => id.clone(),
+            ModelSource::Random(shape) => format!("random:{shape}"),
         }
     }
 }
@@ -114,6 +127,10 @@ impl Checkpoint {
                 let dir = super::hub::resolve(id)?;
                 Self::open_hf_dir(&dir, id)
             }
+            ModelSource::Random(_) => Err(Error::model(
+                source.display_name(),
+                "random weights have no checkpoint; build them with Esm2::random",
+            )),
         }
     }
 
