@@ -20,7 +20,10 @@ fn fasta() -> (Vec<u8>, u64) {
     let mut text = Vec::new();
     for (i, seq) in sequences.iter().enumerate() {
         text.extend_from_slice(format!(">seq{i} some description\n").as_bytes());
-        let residues: Vec<u8> = seq[1..seq.len() - 1].iter().map(|&t| TOKENS[t as usize].as_bytes()[0]).collect();
+        let residues: Vec<u8> = seq[1..seq.len() - 1]
+            .iter()
+            .map(|&t| TOKENS[t as usize].as_bytes()[0])
+            .collect();
         for line in residues.chunks(60) {
             text.extend_from_slice(line);
             text.push(b'\n');
@@ -45,7 +48,11 @@ fn stages(c: &mut Criterion) {
         })
     });
 
-    let options = PlanOptions { tokens_per_batch: 16384, max_length: 1022, long: LongPolicy::Truncate };
+    let options = PlanOptions {
+        tokens_per_batch: 16384,
+        max_length: 1022,
+        long: LongPolicy::Truncate,
+    };
     let tokenizer = Tokenizer::default();
     group.bench_function("parse_tokenize_pack", |b| {
         b.iter(|| {
@@ -57,7 +64,11 @@ fn stages(c: &mut Criterion) {
                 let ids = batch.column(0).as_string::<i32>().clone();
                 let sequences = batch.column(2).as_string::<i32>().clone();
                 for i in 0..sequences.len() {
-                    let origin = Origin { id: Some(ids.value(i).to_string()), input: input.clone(), record: i as u64 + 1 };
+                    let origin = Origin {
+                        id: Some(ids.value(i).to_string()),
+                        input: input.clone(),
+                        record: i as u64 + 1,
+                    };
                     part.add_row(Some(sequences.value(i)), origin, None, &tokenizer, &options);
                     if part.len() == 10_000 {
                         let next = PartBuilder::new(part.index() + 1, part.next_position());

@@ -64,7 +64,9 @@ pub fn pool(
         let residues: Vec<u32> = counts.iter().map(|&c| c as u32).collect();
         let starts = Tensor::from_vec(starts, b, device)?;
         let residues = Tensor::from_vec(residues, b, device)?;
-        Some(to_host(&crate::model::kernels::segment_mean(hidden, &starts, &residues)?)?)
+        Some(to_host(&crate::model::kernels::segment_mean(
+            hidden, &starts, &residues,
+        )?)?)
     } else {
         None
     };

@@ -8,11 +8,12 @@ mod common;
 use common::fixture_dir;
 use esmbed::{bench, verify, Checkpoint, DType, Device, ModelSource};
 
-/// Documented tolerances (README, "GPU numerics"), measured on an H100.
+/// Documented tolerances (README, "GPU numerics"); measured on an H200: bf16 0.99992 and 0.015,
+/// f16 0.999999 and 0.0015.
 fn tolerance(dtype: DType) -> (f64, f64) {
     match dtype {
-        DType::BF16 => (0.999, 0.05),
-        _ => (0.9999, 0.01),
+        DType::BF16 => (0.9995, 0.03),
+        _ => (0.99999, 0.005),
     }
 }
 
@@ -28,8 +29,16 @@ fn cuda_matches_cpu_f32_on_every_fixture() {
             let a = verify::compare(&checkpoint, &device, dtype, &sequences).unwrap();
             eprintln!("{name} {a:?}");
             let (min_cosine, max_rel) = tolerance(dtype);
-            assert!(a.min_cosine >= min_cosine, "{name} {dtype:?}: cosine {}", a.min_cosine);
-            assert!(a.mean_max_rel_error <= max_rel, "{name} {dtype:?}: {}", a.mean_max_rel_error);
+            assert!(
+                a.min_cosine >= min_cosine,
+                "{name} {dtype:?}: cosine {}",
+                a.min_cosine
+            );
+            assert!(
+                a.mean_max_rel_error <= max_rel,
+                "{name} {dtype:?}: {}",
+                a.mean_max_rel_error
+            );
             // Packing may change rounding (other matmul shapes) but no more than precision does.
             assert!(
                 a.invariance_max_abs <= 2.0 * a.mean_max_abs_error.max(1e-3),

@@ -35,11 +35,20 @@ impl PackEmbedder for Faulty {
     }
 }
 
-fn run(dir: &std::path::Path, name: &str, embedder: Arc<dyn PackEmbedder>, model: &Embedder) -> esmbed::pipeline::JobSummary {
+fn run(
+    dir: &std::path::Path,
+    name: &str,
+    embedder: Arc<dyn PackEmbedder>,
+    model: &Embedder,
+) -> esmbed::pipeline::JobSummary {
     let input = dir.join("in.fasta");
     let inputs = Inputs::open(&[input], InputOptions::default()).unwrap();
     let options = JobOptions {
-        plan: PlanOptions { tokens_per_batch: 2000, max_length: 1022, long: LongPolicy::Truncate },
+        plan: PlanOptions {
+            tokens_per_batch: 2000,
+            max_length: 1022,
+            long: LongPolicy::Truncate,
+        },
         rows_per_part: 30,
         strict: false,
         dedupe: false,
@@ -48,11 +57,18 @@ fn run(dir: &std::path::Path, name: &str, embedder: Arc<dyn PackEmbedder>, model
         overwrite: true,
         progress: false,
     };
-    let identity = ModelIdentity { name: "tiny_h16".into(), fingerprint: "test".into() };
+    let identity = ModelIdentity {
+        name: "tiny_h16".into(),
+        fingerprint: "test".into(),
+    };
     let spec = JobSpec::new(inputs, &dir.join(name), model, identity, options);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime
-        .block_on(pipeline::run(spec, embedder, Arc::new(AtomicBool::new(false))))
+        .block_on(pipeline::run(
+            spec,
+            embedder,
+            Arc::new(AtomicBool::new(false)),
+        ))
         .unwrap()
 }
 
@@ -63,22 +79,37 @@ fn out_of_memory_splits_packs_and_loses_nothing() {
     let mut text = String::new();
     for i in 0..100usize {
         // Lengths 20..=119 residues; the poisoned one is row 57 (77 residues = 79 tokens).
-        let seq: String = (0..20 + i).map(|j| residues[(i * 7 + j * 3) % 20] as char).collect();
+        let seq: String = (0..20 + i)
+            .map(|j| residues[(i * 7 + j * 3) % 20] as char)
+            .collect();
         text.push_str(&format!(">s{i}\n{seq}\n"));
     }
     std::fs::write(dir.join("in.fasta"), text).unwrap();
 
     let load = || {
-        Embedder::load(fixture_dir("tiny_h16").to_str().unwrap(), &Device::Cpu, DType::F32, &EmbedOptions::default())
-            .unwrap()
+        Embedder::load(
+            fixture_dir("tiny_h16").to_str().unwrap(),
+            &Device::Cpu,
+            DType::F32,
+            &EmbedOptions::default(),
+        )
+        .unwrap()
     };
     let model = load();
     let clean = run(&dir, "clean.parquet", Arc::new(load()), &model);
     assert_eq!(clean.errors, 0);
 
-    let faulty = Arc::new(Faulty { inner: load(), max_tokens: 700, poison: 79, failures: AtomicUsize::new(0) });
+    let faulty = Arc::new(Faulty {
+        inner: load(),
+        max_tokens: 700,
+        poison: 79,
+        failures: AtomicUsize::new(0),
+    });
     let summary = run(&dir, "faulty.parquet", faulty.clone(), &model);
-    assert!(faulty.failures.load(Ordering::SeqCst) > 10, "the fault must trigger splits");
+    assert!(
+        faulty.failures.load(Ordering::SeqCst) > 10,
+        "the fault must trigger splits"
+    );
     assert_eq!(summary.rows, 100);
     assert_eq!(summary.embedded, 99);
     assert_eq!(summary.errors, 1);
@@ -88,15 +119,27 @@ fn out_of_memory_splits_packs_and_loses_nothing() {
     let errors = read_parquet(&dir.join("faulty.errors.parquet"));
     assert_eq!(strings(&errors, "id"), [Some("s57".to_string())]);
     let reason = strings(&errors, "reason")[0].clone().unwrap();
-    assert!(reason.contains("out of memory") && reason.contains("79 tokens"), "{reason}");
+    assert!(
+        reason.contains("out of memory") && reason.contains("79 tokens"),
+        "{reason}"
+    );
 
     let ids_a = strings(&a, "id");
     let ids_b = strings(&b, "id");
-    let expected: Vec<_> = ids_a.iter().filter(|id| id.as_deref() != Some("s57")).cloned().collect();
+    let expected: Vec<_> = ids_a
+        .iter()
+        .filter(|id| id.as_deref() != Some("s57"))
+        .cloned()
+        .collect();
     assert_eq!(ids_b, expected, "every other row once, in order");
     let va = vectors(&a, "embedding");
     let vb = vectors(&b, "embedding");
-    let kept: Vec<_> = ids_a.iter().zip(&va).filter(|(id, _)| id.as_deref() != Some("s57")).map(|(_, v)| v).collect();
+    let kept: Vec<_> = ids_a
+        .iter()
+        .zip(&va)
+        .filter(|(id, _)| id.as_deref() != Some("s57"))
+        .map(|(_, v)| v)
+        .collect();
     for (x, y) in kept.iter().zip(&vb) {
         assert!(relative_error(y, x) <= 1e-6);
     }

@@ -97,7 +97,8 @@ impl Esm2 {
             let query_b = (f32_cpu(format!("{attn}.query.bias"), &[h])? * scale)?;
             let key_w = f32_cpu(format!("{attn}.key.weight"), &[h, h])?;
             let key_b = f32_cpu(format!("{attn}.key.bias"), &[h])?;
-            let to_device = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(device)?) };
+            let to_device =
+                |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(device)?) };
             let qk = Linear::new(
                 to_device(Tensor::cat(&[query_w, key_w], 0)?)?,
                 Some(to_device(Tensor::cat(&[query_b, key_b], 0)?)?),
@@ -307,17 +308,24 @@ impl Esm2 {
         use super::profile::time;
         let normed = time(dev, "attn_layernorm", || Ok(block.attn_norm.forward(x)?))?;
         let (qk, v) = time(dev, "qkv_matmul", || {
-            Ok((linear(&block.qk, &normed, None)?, linear(&block.v, &normed, None)?))
+            Ok((
+                linear(&block.qk, &normed, None)?,
+                linear(&block.v, &normed, None)?,
+            ))
         })?;
         let v = v.reshape((total, heads, d))?;
         // Rotate queries and keys together: [T, 2·heads, d], positions per token.
-        let qk = time(dev, "rotary", || rope(&qk.reshape((total, 2 * heads, d))?, cos, sin))?;
+        let qk = time(dev, "rotary", || {
+            rope(&qk.reshape((total, 2 * heads, d))?, cos, sin)
+        })?;
         let q = qk.narrow(1, 0, heads)?;
         let k = qk.narrow(1, heads, heads)?;
         let context = time(dev, "attention", || {
             Ok(attention::attend(&q, &k, &v, layout)?.reshape((total, h))?)
         })?;
-        let x = time(dev, "out_proj_residual", || linear(&block.out, &context, Some(x)))?;
+        let x = time(dev, "out_proj_residual", || {
+            linear(&block.out, &context, Some(x))
+        })?;
         let normed = time(dev, "ffn_layernorm", || Ok(block.ffn_norm.forward(&x)?))?;
         let act = time(dev, "fc1_gelu", || linear_gelu(&block.fc1, &normed))?;
         time(dev, "fc2_residual", || linear(&block.fc2, &act, Some(&x)))

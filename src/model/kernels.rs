@@ -121,12 +121,12 @@ enum Kind {
 }
 
 fn ptx() -> candle_core::Result<&'static str> {
-    static PTX: std::sync::OnceLock<std::result::Result<String, String>> = std::sync::OnceLock::new();
+    static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
+        std::sync::OnceLock::new();
     PTX.get_or_init(|| {
-        let options = candle_core::cuda_backend::cudarc::nvrtc::CompileOptions {
-            arch: Some("compute_90"),
-            ..Default::default()
-        };
+        // No `arch`: NVRTC's default virtual architecture, which the driver JIT-compiles for
+        // whatever GPU is present (the kernels use nothing architecture-specific).
+        let options = candle_core::cuda_backend::cudarc::nvrtc::CompileOptions::default();
         candle_core::cuda_backend::cudarc::nvrtc::compile_ptx_with_opts(SOURCE, options)
             .map(|p| p.to_src())
             .map_err(|e| format!("{e:?}"))
@@ -241,11 +241,23 @@ impl CustomOp2 for BiasOp {
         "esmbed-bias"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         candle_core::bail!("esmbed's fused kernels run on CUDA only")
     }
 
-    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout, b: &CudaStorage, bl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
         let cols = bl.shape().elem_count();
         let n = xl.shape().elem_count();
         let name = match self.0 {
@@ -381,15 +393,18 @@ pub fn applies(x: &Tensor) -> bool {
 
 /// `x + bias` (bias broadcast over rows).
 pub fn bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    Ok(x.contiguous()?.apply_op2_no_bwd(bias, &BiasOp(Kind::Bias))?)
+    Ok(x.contiguous()?
+        .apply_op2_no_bwd(bias, &BiasOp(Kind::Bias))?)
 }
 
 /// `gelu_erf(x + bias)`.
 pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    Ok(x.contiguous()?.apply_op2_no_bwd(bias, &BiasOp(Kind::BiasGelu))?)
+    Ok(x.contiguous()?
+        .apply_op2_no_bwd(bias, &BiasOp(Kind::BiasGelu))?)
 }
 
 /// `residual + (x + bias)`.
 pub fn bias_residual(x: &Tensor, bias: &Tensor, residual: &Tensor) -> Result<Tensor> {
-    Ok(x.contiguous()?.apply_op3_no_bwd(bias, &residual.contiguous()?, &BiasResidualOp)?)
+    Ok(x.contiguous()?
+        .apply_op3_no_bwd(bias, &residual.contiguous()?, &BiasResidualOp)?)
 }
