@@ -562,3 +562,55 @@ fn missing_inputs_and_models_are_named() {
     assert_eq!(code, 5, "{stderr}");
     assert!(stderr.contains("HF_HUB_OFFLINE"), "{stderr}");
 }
+
+#[test]
+fn bench_runs_on_the_cpu_and_reports_json() {
+    let (code, stdout, stderr) = esmbed([
+        "bench",
+        "--shape",
+        "8M",
+        "--device",
+        "cpu",
+        "-n",
+        "6",
+        "--warmup",
+        "0",
+        "--method",
+        "packed,padded",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let rows: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["method"], "packed");
+    assert_eq!(rows[1]["method"], "padded");
+    assert_eq!(rows[0]["tokens"], rows[1]["tokens"]);
+    assert!(rows[0]["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(rows[1]["computed_tokens"].as_u64() >= rows[0]["computed_tokens"].as_u64());
+    assert_eq!(rows[0]["padding_efficiency"], 1.0);
+}
+
+#[test]
+fn random_models_run_whole_jobs() {
+    let dir = scratch("random-model");
+    let input = dir.join("in.fa");
+    write_fasta(&input, &[("a", "MKTVRQG"), ("b", "MKLLAG")]);
+    let out = dir.join("out.parquet");
+    embed_ok(&["embed", p(&input), "-o", p(&out), "--model", "random:8M"]);
+    let batch = read_parquet(&out);
+    assert_eq!(batch.num_rows(), 2);
+    assert_eq!(vectors(&batch, "embedding")[0].len(), 320);
+    let (code, _, stderr) = esmbed([
+        "embed",
+        p(&input),
+        "-o",
+        p(&dir.join("x.parquet")),
+        "--model",
+        "random:7B",
+    ]);
+    assert_eq!(code, 5, "{stderr}");
+    assert!(stderr.contains("unknown shape"), "{stderr}");
+}
