@@ -166,7 +166,7 @@ fn run<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
 ) -> candle_core::Result<CudaSlice<T>> {
     // Four elements per thread when rows are a multiple of 4 (every ESM-2 width) and indices
     // fit in 32 bits, and every input starts 8-byte aligned.
-    let vec4 = aligned && cols % 4 == 0 && n / 4 < u32::MAX as usize;
+    let vec4 = aligned && cols.is_multiple_of(4) && n / 4 < u32::MAX as usize;
     let kernel = if vec4 {
         format!("{}_{name}4", prefix(dtype)?)
     } else {
@@ -210,7 +210,9 @@ fn launch(
 ) -> candle_core::Result<CudaStorage> {
     let dev = storages[0].0.device();
     let dtype = storages[0].0.dtype();
-    let aligned = storages.iter().all(|(_, l)| l.start_offset() % 4 == 0);
+    let aligned = storages
+        .iter()
+        .all(|(_, l)| l.start_offset().is_multiple_of(4));
     let slice = match dtype {
         DType::BF16 => {
             let views = storages
