@@ -41,9 +41,11 @@ pub struct EmbedArgs {
     #[arg(long)]
     pub tokens_per_batch: Option<usize>,
 
-    /// Rows per part: the unit of length sorting, output row groups and resume.
-    #[arg(long, default_value_t = 10_000)]
-    pub rows_per_part: usize,
+    /// Rows per part: the unit of length sorting, output row groups and resume. Default 50,000
+    /// (hundreds of packs per part, so packs are >99 % full), 2,000 with --per-residue (whose
+    /// rows are large).
+    #[arg(long)]
+    pub rows_per_part: Option<usize>,
 
     /// Stop at the first bad record (default: list it in the errors file and go on).
     #[arg(long)]
@@ -78,7 +80,12 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<JobSummary> {
     if args.columns.max_length == 0 {
         anyhow::bail!("--max-length must be at least 1");
     }
-    if args.rows_per_part == 0 {
+    let rows_per_part = args.rows_per_part.unwrap_or(if args.columns.per_residue {
+        2_000
+    } else {
+        50_000
+    });
+    if rows_per_part == 0 {
         anyhow::bail!("--rows-per-part must be at least 1");
     }
 
@@ -158,7 +165,7 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<JobSummary> {
                 max_length: args.columns.max_length,
                 long: args.columns.long,
             },
-            rows_per_part: args.rows_per_part,
+            rows_per_part,
             strict: args.strict,
             dedupe: args.dedupe,
             output_dtype: args.columns.output_dtype,
