@@ -99,8 +99,7 @@ pub struct InputArgs {
 }
 
 /// `--unknown`: what to do with characters outside the ESM alphabet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum UnknownArg {
     /// The record goes to the errors file, with the character and its position.
     Error,
