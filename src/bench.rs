@@ -109,7 +109,24 @@ pub struct BenchResult {
     pub packing_efficiency: f64,
     /// Real tokens / computed tokens.
     pub padding_efficiency: f64,
-    /// Share of wall time inside forward + pooling.
+    /// Share of wall time inside forward + pooling (averaged over devices).
+    pub busy: f64,
+    /// Per device, when several ran (work shared through one queue).
+    pub devices: Vec<DeviceBench>,
+}
+
+/// One device's share of a measurement.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceBench {
+    /// `cuda:0`.
+    pub device: String,
+    /// Batches it ran.
+    pub batches: usize,
+    /// Real tokens it embedded.
+    pub tokens: usize,
+    /// Its tokens per second of wall time.
+    pub tokens_per_s: f64,
+    /// Share of wall time it spent computing.
     pub busy: f64,
 }
 
@@ -171,29 +188,107 @@ pub fn measure(
     warmup: usize,
     peak_tflops: f64,
 ) -> Result<BenchResult> {
+    measure_devices(
+        std::slice::from_ref(embedder),
+        model_name,
+        method,
+        sequences,
+        budget,
+        warmup,
+        peak_tflops,
+    )
+}
+
+/// [`measure`] on several devices at once (replicas of one model): one thread per device takes
+/// the next batch from a shared counter, as a job's workers take packs from its queue. MFU is
+/// per device (throughput / devices / peak).
+pub fn measure_devices(
+    embedders: &[Embedder],
+    model_name: &str,
+    method: Method,
+    sequences: &[Vec<u32>],
+    budget: usize,
+    warmup: usize,
+    peak_tflops: f64,
+) -> Result<BenchResult> {
     let batches = batches(sequences, budget, method);
-    let device = embedder.model().device().clone();
-    for batch in batches.iter().take(warmup) {
-        embedder.embed_packed(batch)?;
-    }
-    device.synchronize()?;
+    // Real tokens of each batch (padding excluded), for per-device throughput.
+    let real: Vec<usize> = batches
+        .iter()
+        .map(|b| {
+            (0..b.len())
+                .map(|i| b.tokens(i).iter().filter(|&&t| t != PAD).count())
+                .sum()
+        })
+        .collect();
+    std::thread::scope(|scope| -> Result<()> {
+        let handles: Vec<_> = embedders
+            .iter()
+            .map(|e| {
+                let batches = &batches;
+                scope.spawn(move || -> Result<()> {
+                    for batch in batches.iter().take(warmup) {
+                        e.embed_packed(batch)?;
+                    }
+                    e.model().device().synchronize()?;
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().expect("warm-up does not panic")?;
+        }
+        Ok(())
+    })?;
+    let next = std::sync::atomic::AtomicUsize::new(0);
     let started = Instant::now();
-    let mut busy = 0.0;
-    for batch in &batches {
-        let t = Instant::now();
-        embedder.embed_packed(batch)?;
-        busy += t.elapsed().as_secs_f64();
-    }
-    device.synchronize()?;
+    let per_device: Vec<(usize, usize, f64)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = embedders
+            .iter()
+            .map(|e| {
+                let (batches, real, next) = (&batches, &real, &next);
+                scope.spawn(move || -> Result<(usize, usize, f64)> {
+                    let (mut count, mut tokens, mut busy) = (0, 0, 0.0);
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(batch) = batches.get(i) else { break };
+                        let t = Instant::now();
+                        e.embed_packed(batch)?;
+                        busy += t.elapsed().as_secs_f64();
+                        count += 1;
+                        tokens += real[i];
+                    }
+                    e.model().device().synchronize()?;
+                    Ok((count, tokens, busy))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("bench workers do not panic"))
+            .collect::<Result<Vec<_>>>()
+    })?;
     let seconds = started.elapsed().as_secs_f64();
     let tokens: usize = sequences.iter().map(Vec::len).sum();
     let computed: usize = batches.iter().map(PackedBatch::total_tokens).sum();
     let avg = tokens as f64 / sequences.len().max(1) as f64;
-    let flops = embedder
+    let flops = embedders[0]
         .model()
         .config()
         .flops_per_token(avg.round() as usize)
         * tokens as f64;
+    let devices: Vec<DeviceBench> = embedders
+        .iter()
+        .zip(&per_device)
+        .map(|(e, &(count, tokens, busy))| DeviceBench {
+            device: e.device_label(),
+            batches: count,
+            tokens,
+            tokens_per_s: tokens as f64 / seconds,
+            busy: busy / seconds,
+        })
+        .collect();
+    let n = embedders.len().max(1) as f64;
     Ok(BenchResult {
         model: model_name.to_string(),
         method,
@@ -204,10 +299,11 @@ pub fn measure(
         seconds,
         tokens_per_s: tokens as f64 / seconds,
         seq_per_s: sequences.len() as f64 / seconds,
-        mfu: flops / seconds / (peak_tflops * 1e12),
+        mfu: flops / seconds / (peak_tflops * 1e12) / n,
         packing_efficiency: packing_efficiency(tokens, batches.len(), budget),
         padding_efficiency: tokens as f64 / computed as f64,
-        busy: busy / seconds,
+        busy: devices.iter().map(|d| d.busy).sum::<f64>() / n,
+        devices,
     })
 }
 

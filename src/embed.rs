@@ -101,6 +101,23 @@ impl Embedder {
         Self::new(Esm2::load(&checkpoint, device, dtype)?, options)
     }
 
+    /// The same embedder on another device. Weights are copied, not reloaded, so every replica
+    /// gives identical results (random weights included).
+    pub fn replicate(&self, device: &Device) -> Result<Self> {
+        Ok(Self {
+            model: self.model.replicate(device)?,
+            layers: self.layers.clone(),
+            pooling: self.pooling,
+            tokenizer: self.tokenizer,
+            tokens_per_batch: self.tokens_per_batch,
+        })
+    }
+
+    /// The device's short name (`cpu`, `cuda:1`).
+    pub fn device_label(&self) -> String {
+        crate::devices::label(self.model.device())
+    }
+
     /// The model.
     pub fn model(&self) -> &Esm2 {
         &self.model
@@ -143,6 +160,19 @@ impl Embedder {
                 .map(|(h, &layer)| pool(h, batch, layer, pooling))
                 .collect()
         })
+    }
+
+    /// Mean embeddings (`[B, H]`) of one layer (resolved number), whatever layers the embedder
+    /// was built for: the SQL front picks the layer per call.
+    pub fn embed_packed_mean(&self, batch: &PackedBatch, layer: usize) -> Result<Vec<f32>> {
+        let hidden = self.model.forward(batch, &[layer])?;
+        let pooling = Pooling {
+            mean: true,
+            bos: false,
+            per_residue: false,
+        };
+        let pooled = pool(&hidden[0], batch, layer, pooling)?;
+        Ok(pooled.mean.expect("mean requested"))
     }
 
     /// Embed sequences given as text, returning results in input order. Fails on the first
@@ -236,6 +266,25 @@ pub fn warm_up(embedder: &Embedder, tokens_per_batch: usize, max_length: usize) 
         ))),
         Err(e) => Err(e),
     }
+}
+
+/// [`warm_up`] on every device at once (one thread each); the first failure is returned.
+pub fn warm_up_all(
+    embedders: &[Embedder],
+    tokens_per_batch: usize,
+    max_length: usize,
+) -> Result<()> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = embedders
+            .iter()
+            .map(|e| scope.spawn(move || warm_up(e, tokens_per_batch, max_length)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("warm-up does not panic"))
+            .collect::<Result<Vec<()>>>()
+    })?;
+    Ok(())
 }
 
 /// Free memory of `device` in bytes; `None` on the CPU.

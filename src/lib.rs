@@ -10,7 +10,10 @@
 //! - [`model`]: ESM-2 loaded from HF directories, fair-esm `.pt` files or the hub, with one packed
 //!   forward (exact per-segment attention on CPU, FlashAttention varlen on CUDA);
 //! - [`pool`]: mean / BOS / per-residue outputs for a whole pack at once;
-//! - [`embed`]: [`Embedder`], the API that ties them together.
+//! - [`embed`]: [`Embedder`], the API that ties them together;
+//! - [`devices`]: `--device` lists, one model replica per GPU;
+//! - [`sql`]: DataFusion with `esm_embed(sequence)` and FASTA tables;
+//! - [`pipeline`]: the job (read → plan → embed on every device → write), resumable.
 //!
 //! ```no_run
 //! use esmbed::{Embedder, EmbedOptions};
@@ -22,6 +25,7 @@
 //! ```
 
 pub mod bench;
+pub mod devices;
 pub mod embed;
 pub mod error;
 pub mod input;
@@ -30,6 +34,7 @@ pub mod output;
 pub mod pack;
 pub mod pipeline;
 pub mod pool;
+pub mod sql;
 pub mod tokenize;
 pub mod verify;
 

@@ -45,6 +45,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => cli::inspect::run(args),
         Command::Bench(args) => cli::bench::run(args),
         Command::Verify(args) => cli::verify::run(args),
+        Command::Sql(args) => cli::sql::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -66,7 +66,7 @@ fn run(
     runtime
         .block_on(pipeline::run(
             spec,
-            embedder,
+            vec![embedder],
             Arc::new(AtomicBool::new(false)),
         ))
         .unwrap()

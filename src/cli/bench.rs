@@ -15,7 +15,7 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "650M")]
     pub shape: Vec<String>,
 
-    /// Device: auto, cpu, cuda, cuda:N.
+    /// Device: auto, cpu, cuda (every GPU: batches shared through one queue), cuda:N, cuda:0,1.
     #[arg(long, default_value = "auto")]
     pub device: String,
 
@@ -53,7 +53,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
 
-    /// Peak TFLOP/s of the device, for MFU (H100 SXM dense bf16: 989).
+    /// Peak TFLOP/s of one device, for MFU (H100 SXM dense bf16: 989). With several devices MFU
+    /// is per device.
     #[arg(long, default_value_t = H100_PEAK_TFLOPS)]
     pub peak_tflops: f64,
 
@@ -63,7 +64,8 @@ pub struct BenchArgs {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let device = super::parse_device(&args.device)?;
+    let devices = super::parse_devices(&args.device)?;
+    let device = devices[0].clone();
     let dtype = super::parse_dtype(&args.dtype, &device)?;
     let lengths = match &args.lengths_file {
         Some(path) => std::fs::read_to_string(path)
@@ -107,10 +109,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 65536
             });
         let model = Esm2::random(&config, &device, dtype, 0)?;
-        let embedder = Embedder::new(model, &EmbedOptions::default())?;
+        let embedders = model
+            .replicate_to(&devices)?
+            .into_iter()
+            .map(|m| Embedder::new(m, &EmbedOptions::default()))
+            .collect::<esmbed::Result<Vec<_>>>()?;
         for &method in &args.method {
-            let r = bench::measure(
-                &embedder,
+            let r = bench::measure_devices(
+                &embedders,
                 shape,
                 method,
                 &sequences,
@@ -139,6 +145,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     100.0 * r.padding_efficiency,
                     100.0 * r.busy
                 );
+                if r.devices.len() > 1 {
+                    for d in &r.devices {
+                        println!(
+                            "  {:<12} {:>12.0} tokens/s, {} batches, busy {:.0}%",
+                            d.device,
+                            d.tokens_per_s,
+                            d.batches,
+                            100.0 * d.busy
+                        );
+                    }
+                }
             }
         }
     }

@@ -10,7 +10,7 @@ use clap::Args;
 use esmbed::input::{InputOptions, Inputs};
 use esmbed::pipeline::plan::PlanOptions;
 use esmbed::pipeline::{self, JobOptions, JobSpec, JobSummary, ModelIdentity};
-use esmbed::{Checkpoint, EmbedOptions, Embedder, Esm2, ModelSource, Pooling};
+use esmbed::{EmbedOptions, Embedder, Pooling};
 
 use super::{paths, InputArgs, ModelArgs, OutputArgs};
 
@@ -75,7 +75,8 @@ pub struct EmbedArgs {
 
 /// Run the job; returns the summary.
 pub fn run(args: EmbedArgs) -> anyhow::Result<JobSummary> {
-    let device = super::parse_device(&args.model.device)?;
+    let devices = super::parse_devices(&args.model.device)?;
+    let device = devices[0].clone();
     let dtype = super::parse_dtype(&args.model.dtype, &device)?;
     if args.columns.max_length == 0 {
         anyhow::bail!("--max-length must be at least 1");
@@ -100,53 +101,51 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<JobSummary> {
     )?;
 
     let loading = Instant::now();
-    let source = ModelSource::parse(&args.model.model)?;
-    let (model, fingerprint) = match &source {
-        ModelSource::Random(shape) => {
-            let config = esmbed::EsmConfig::published(shape).expect("checked by parse");
-            let model = Esm2::random(&config, &device, dtype, 0)?;
-            (model, format!("random:{shape}:seed0"))
-        }
-        _ => {
-            let checkpoint = Checkpoint::open(&source)?;
-            let fingerprint = checkpoint.fingerprint()?;
-            (Esm2::load(&checkpoint, &device, dtype)?, fingerprint)
-        }
-    };
-    let model_name = source.display_name();
-    let config = model.config().clone();
+    let super::LoadedModel {
+        replicas,
+        name: model_name,
+        fingerprint,
+    } = super::load_model(&args.model.model, &devices, dtype)?;
+    let config = replicas[0].config().clone();
     let tokens_per_batch = args.tokens_per_batch.unwrap_or_else(|| {
-        esmbed::embed::default_tokens_per_batch(&device, config.hidden_size, dtype)
+        devices
+            .iter()
+            .map(|d| esmbed::embed::default_tokens_per_batch(d, config.hidden_size, dtype))
+            .min()
+            .unwrap_or(4096)
     });
     let pooling = Pooling {
         mean: true,
         bos: args.columns.bos,
         per_residue: args.columns.per_residue,
     };
-    let embedder = Embedder::new(
-        model,
-        &EmbedOptions {
-            layers: args.columns.layers.clone(),
-            pooling,
-            unknown: args.columns.unknown.into(),
-            tokens_per_batch,
-        },
-    )?;
+    let options = EmbedOptions {
+        layers: args.columns.layers.clone(),
+        pooling,
+        unknown: args.columns.unknown.into(),
+        tokens_per_batch,
+    };
+    let embedders = replicas
+        .into_iter()
+        .map(|m| Embedder::new(m, &options))
+        .collect::<esmbed::Result<Vec<_>>>()?;
+    let labels: Vec<String> = embedders.iter().map(Embedder::device_label).collect();
     tracing::info!(
-        "loaded {} ({} layers, hidden {}) on {:?} as {:?} in {:.1}s",
+        "loaded {} ({} layers, hidden {}) on {} as {:?} in {:.1}s",
         model_name,
         config.num_hidden_layers,
         config.hidden_size,
-        device,
+        labels.join(", "),
         dtype,
         loading.elapsed().as_secs_f64()
     );
 
     if !device.is_cpu() {
         let started = Instant::now();
-        esmbed::embed::warm_up(&embedder, tokens_per_batch, args.columns.max_length)?;
+        esmbed::embed::warm_up_all(&embedders, tokens_per_batch, args.columns.max_length)?;
         tracing::info!(
-            "warm-up pack of {tokens_per_batch} tokens fits ({:.1}s)",
+            "warm-up pack of {tokens_per_batch} tokens fits on {} ({:.1}s)",
+            labels.join(", "),
             started.elapsed().as_secs_f64()
         );
     }
@@ -154,7 +153,7 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<JobSummary> {
     let spec = JobSpec::new(
         inputs,
         std::path::Path::new(&args.output),
-        &embedder,
+        &embedders[0],
         ModelIdentity {
             name: model_name,
             fingerprint,
@@ -183,7 +182,11 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<JobSummary> {
     let cancel = Arc::new(AtomicBool::new(false));
     let summary = runtime.block_on(async {
         let watcher = tokio::spawn(watch_signals(cancel.clone()));
-        let result = pipeline::run(spec, Arc::new(embedder), cancel.clone()).await;
+        let workers = embedders
+            .into_iter()
+            .map(|e| Arc::new(e) as Arc<dyn pipeline::PackEmbedder>)
+            .collect();
+        let result = pipeline::run(spec, workers, cancel.clone()).await;
         watcher.abort();
         result
     })?;
@@ -257,4 +260,20 @@ fn print_summary(s: &JobSummary, json: bool) {
         s.tokens_per_second(),
         busy
     );
+    if s.devices.len() > 1 || s.devices.iter().any(|d| d.failed.is_some()) {
+        for d in &s.devices {
+            eprintln!(
+                "  {}: {} tokens in {} packs, {:.0} tokens/s while busy, busy {:.0}%{}",
+                d.device,
+                d.tokens,
+                d.packs,
+                d.tokens_per_second,
+                100.0 * d.busy_seconds / s.seconds.max(1e-9),
+                d.failed
+                    .as_ref()
+                    .map(|f| format!(", FAILED (its packs went to the others): {f}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
 }

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod embed;
 pub mod inspect;
+pub mod sql;
 pub mod verify;
 
 use std::path::PathBuf;
@@ -56,6 +57,18 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Check a device and dtype (GPU, bf16/f16) against the exact CPU f32 path on one model.
     Verify(verify::VerifyArgs),
+    /// Run SQL with esm_embed(sequence), esm_tokens, cosine_similarity and FASTA tables.
+    ///
+    /// Examples:
+    ///   esmbed sql -c "CREATE EXTERNAL TABLE p STORED AS FASTA LOCATION 'x.fasta';
+    ///                  COPY (SELECT id, esm_embed(sequence) AS embedding FROM p) TO 'emb.parquet'"
+    ///   esmbed sql -f sql/similarity_search.slt --model tests/fixtures/tiny_h64
+    ///   esmbed sql            (an interactive prompt)
+    ///
+    /// Parquet files are tables too: CREATE EXTERNAL TABLE t STORED AS PARQUET LOCATION '...',
+    /// or SELECT ... FROM 'file.parquet'. esm_embed runs on every device of --device.
+    #[command(verbatim_doc_comment)]
+    Sql(Box<sql::SqlArgs>),
 }
 
 /// Where the model comes from and how it runs.
@@ -72,8 +85,9 @@ pub struct ModelArgs {
     )]
     pub model: String,
 
-    /// Device: auto (a GPU if esmbed was built with CUDA and one is present, else the CPU), cpu,
-    /// cuda (GPU 0) or cuda:N.
+    /// Device: auto (every GPU if esmbed was built with CUDA and one is present, else the CPU),
+    /// cpu, cuda (every visible GPU), cuda:N, or a list: cuda:0,1. Each GPU holds a replica of
+    /// the model and pulls packs from a shared queue; the output does not depend on how many.
     #[arg(long, default_value = "auto")]
     pub device: String,
 
@@ -159,37 +173,52 @@ pub struct OutputArgs {
     pub unknown: UnknownArg,
 }
 
-/// Parse `--device`.
+/// Parse `--device` into the devices to run on (one model replica each).
+pub fn parse_devices(spec: &str) -> anyhow::Result<Vec<esmbed::Device>> {
+    Ok(esmbed::devices::parse(spec)?)
+}
+
+/// Parse `--device` for a command that runs on one device: the first one listed.
 pub fn parse_device(spec: &str) -> anyhow::Result<esmbed::Device> {
-    use anyhow::{bail, Context};
-    let spec = spec.trim().to_ascii_lowercase();
-    match spec.as_str() {
-        "cpu" => Ok(esmbed::Device::Cpu),
-        "auto" => {
-            #[cfg(feature = "cuda")]
-            if let Ok(device) = esmbed::Device::new_cuda(0) {
-                return Ok(device);
-            }
-            Ok(esmbed::Device::Cpu)
+    Ok(parse_devices(spec)?.remove(0))
+}
+
+/// A model loaded on every device of a job.
+pub struct LoadedModel {
+    /// One replica per device, in device order (copies of the first: identical results).
+    pub replicas: Vec<esmbed::Esm2>,
+    /// The model as the user named it.
+    pub name: String,
+    /// Fingerprint of its weights (for resume checks and the output's metadata).
+    pub fingerprint: String,
+}
+
+/// Load `spec` (hub id, directory, `.pt`, short name or `random:SHAPE`) on `devices[0]`, and
+/// replicate it to the others.
+pub fn load_model(
+    spec: &str,
+    devices: &[esmbed::Device],
+    dtype: esmbed::DType,
+) -> anyhow::Result<LoadedModel> {
+    use esmbed::{Checkpoint, Esm2, ModelSource};
+    let source = ModelSource::parse(spec)?;
+    let (model, fingerprint) = match &source {
+        ModelSource::Random(shape) => {
+            let config = esmbed::EsmConfig::published(shape).expect("checked by parse");
+            let model = Esm2::random(&config, &devices[0], dtype, 0)?;
+            (model, format!("random:{shape}:seed0"))
         }
-        gpu if gpu == "cuda" || gpu.starts_with("cuda:") => {
-            let ordinal: usize = gpu
-                .strip_prefix("cuda:")
-                .map(|n| n.parse().context("--device cuda:N needs a GPU number"))
-                .transpose()?
-                .unwrap_or(0);
-            if cfg!(feature = "cuda") {
-                esmbed::Device::new_cuda(ordinal).with_context(|| {
-                    format!("cannot open GPU {ordinal} (is a CUDA driver and GPU present?)")
-                })
-            } else {
-                bail!(
-                    "this esmbed was built without GPU support; rebuild with `cargo build --release --features cuda`, or use --device cpu"
-                )
-            }
+        _ => {
+            let checkpoint = Checkpoint::open(&source)?;
+            let fingerprint = checkpoint.fingerprint()?;
+            (Esm2::load(&checkpoint, &devices[0], dtype)?, fingerprint)
         }
-        other => bail!("unknown --device {other:?}: use auto, cpu, cuda or cuda:N"),
-    }
+    };
+    Ok(LoadedModel {
+        replicas: Esm2::replicate_to(model, devices)?,
+        name: source.display_name(),
+        fingerprint,
+    })
 }
 
 /// Parse `--dtype` for a device.

@@ -202,6 +202,72 @@ impl Esm2 {
         })
     }
 
+    /// The same model on another device: every weight copied, so replicas on several GPUs give
+    /// bitwise-identical results (random weights included, whatever the device's generator).
+    pub fn replicate(&self, device: &Device) -> Result<Self> {
+        prepare_device(device)?;
+        let copy = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(device)?) };
+        let linear = |l: &Linear| -> Result<Linear> {
+            Ok(Linear::new(
+                copy(l.weight())?,
+                l.bias().map(copy).transpose()?,
+            ))
+        };
+        let eps = self.config.layer_norm_eps;
+        let norm = |n: &LayerNorm| -> Result<LayerNorm> {
+            let bias = n.bias().expect("ESM-2 LayerNorms have a bias");
+            Ok(LayerNorm::new(copy(n.weight())?, copy(bias)?, eps))
+        };
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| {
+                Ok(Block {
+                    attn_norm: norm(&b.attn_norm)?,
+                    qk: linear(&b.qk)?,
+                    v: linear(&b.v)?,
+                    out: linear(&b.out)?,
+                    ffn_norm: norm(&b.ffn_norm)?,
+                    fc1: linear(&b.fc1)?,
+                    fc2: linear(&b.fc2)?,
+                    rotary: b.rotary,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            config: self.config.clone(),
+            word_embeddings: copy(&self.word_embeddings)?,
+            blocks,
+            final_norm: norm(&self.final_norm)?,
+            rotary: self.rotary.iter().map(copy).collect::<Result<Vec<_>>>()?,
+            device: device.clone(),
+            dtype: self.dtype,
+        })
+    }
+
+    /// This model on `devices[0]` (where it must already be) and replicas on the others, copied
+    /// in parallel; in device order.
+    pub fn replicate_to(self, devices: &[Device]) -> Result<Vec<Self>> {
+        let this = &self;
+        let copies: Vec<Result<Self>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = devices
+                .iter()
+                .skip(1)
+                .map(|d| scope.spawn(move || this.replicate(d)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("replication does not panic"))
+                .collect()
+        });
+        let mut all = Vec::with_capacity(devices.len());
+        all.push(self);
+        for copy in copies {
+            all.push(copy?);
+        }
+        Ok(all)
+    }
+
     /// The model's hyper-parameters.
     pub fn config(&self) -> &EsmConfig {
         &self.config

@@ -1,17 +1,22 @@
 //! A job: inputs → parts → packs → model → assembled parts → output, every stage concurrent.
 //!
 //! ```text
-//!  planner (read, tokenize, sort, pack) ──packs (bounded)──> model ──results──┐
-//!        └────────────── part plans ──────────────────────────────────────────┴─> writer
-//!                                                                               (assemble part,
-//!                                                                                commit, manifest)
+//!                                               ┌─> worker cuda:0 ─┐
+//!  planner (read, tokenize, sort, pack) ──queue─┼─> worker cuda:1 ─┼──results──┐
+//!        │                                      └─> worker …      ─┘           │
+//!        └────────────── part plans ───────────────────────────────────────────┴─> writer
+//!                                                                     (assemble part, commit,
+//!                                                                      manifest)
 //! ```
-//! Stages are blocking tasks on the tokio runtime joined by bounded channels: a slow writer holds
-//! the model back, the model holds the planner back, and memory stays bounded by a few parts.
+//! Stages are blocking tasks on the tokio runtime joined by bounded queues: a slow writer holds
+//! the workers back, the workers hold the planner back, and memory stays bounded by a few parts.
+//! One worker per device pulls packs from a shared queue ([`schedule`]); the writer puts rows
+//! back in input order, so the output does not depend on how many devices ran it.
 //! Every input row ends in exactly one place: an output row or an error row.
 
 pub mod assemble;
 pub mod plan;
+pub mod schedule;
 
 use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
@@ -26,6 +31,7 @@ use tokio::sync::mpsc;
 
 use self::assemble::PartAssembly;
 use self::plan::{Duplicates, Origin, Pack, PartBuilder, PartPlan, PlanOptions, Segment};
+use self::schedule::{CloseOnDrop, Next, Task, WorkQueue};
 use crate::embed::Embedder;
 use crate::error::{Error, Result};
 use crate::input::Inputs;
@@ -40,11 +46,20 @@ use crate::tokenize::Tokenizer;
 pub trait PackEmbedder: Send + Sync {
     /// Pooled outputs of every requested layer; `residues` forces per-residue outputs.
     fn embed(&self, batch: &PackedBatch, residues: bool) -> Result<Vec<PooledLayer>>;
+
+    /// The device, for summaries and logs (`cuda:1`).
+    fn label(&self) -> String {
+        "device".into()
+    }
 }
 
 impl PackEmbedder for Embedder {
     fn embed(&self, batch: &PackedBatch, residues: bool) -> Result<Vec<PooledLayer>> {
         self.embed_packed_with(batch, residues)
+    }
+
+    fn label(&self) -> String {
+        self.device_label()
     }
 }
 
@@ -100,12 +115,31 @@ pub struct JobSummary {
     pub parts_resumed: usize,
     /// Wall time.
     pub seconds: f64,
-    /// Time the model stage spent computing.
+    /// Time the devices spent computing, averaged over devices (busy % = this / `seconds`).
     pub model_busy_seconds: f64,
+    /// Per device: its share of the work, busy time, and whether it failed.
+    pub devices: Vec<DeviceSummary>,
     /// The output.
     pub output: String,
     /// The errors file, if any row failed.
     pub errors_output: Option<String>,
+}
+
+/// One device's part in a job (or a benchmark).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DeviceSummary {
+    /// `cuda:0`, `cpu`.
+    pub device: String,
+    /// Tokens it embedded.
+    pub tokens: u64,
+    /// Packs it ran.
+    pub packs: u64,
+    /// Seconds it spent computing.
+    pub busy_seconds: f64,
+    /// Tokens per second of its busy time.
+    pub tokens_per_second: f64,
+    /// Why it left the job, if it failed (its packs were run by the others).
+    pub failed: Option<String>,
 }
 
 impl JobSummary {
@@ -235,19 +269,29 @@ struct PlannerStats {
     resumed: usize,
 }
 
-#[derive(Default)]
-struct ModelStats {
-    tokens: u64,
-    packs: u64,
-    busy: Duration,
+/// What flows through the queue: a pack, and why it failed last (a single sequence that ran out
+/// of memory on a device, offered to the others).
+struct Job {
+    pack: Pack,
+    failure: Option<String>,
 }
 
 /// Run a job to completion (or interruption through `cancel`).
+///
+/// `workers` holds one embedder per device (replicas of one model: see
+/// [`crate::Esm2::replicate_to`]); they share the packs, and the result does not depend on their
+/// number. A device that fails leaves the job and its pack goes to the others; the job fails
+/// only when none is left.
 pub async fn run(
     spec: JobSpec,
-    embedder: Arc<dyn PackEmbedder>,
+    workers: Vec<Arc<dyn PackEmbedder>>,
     cancel: Arc<AtomicBool>,
 ) -> Result<JobSummary> {
+    if workers.is_empty() {
+        return Err(Error::InvalidOption(
+            "a job needs at least one device".into(),
+        ));
+    }
     let started = Instant::now();
     let layout = spec.layout.clone();
     let opts = &spec.options;
@@ -313,8 +357,9 @@ pub async fn run(
 
     let progress = progress_bar(total_rows, opts.progress);
     let manifest = Arc::new(Mutex::new(manifest));
-    let (pack_tx, pack_rx) = mpsc::channel::<Pack>(4);
-    let (writer_tx, writer_rx) = mpsc::channel::<WriterMsg>(64);
+    // Enough packs waiting that no device starves while the planner sorts the next part.
+    let queue = Arc::new(WorkQueue::<Job>::new(workers.len(), 2 * workers.len() + 2));
+    let (writer_tx, writer_rx) = mpsc::channel::<WriterMsg>(64 * workers.len());
 
     let planner = {
         let spec = spec.clone();
@@ -322,24 +367,47 @@ pub async fn run(
         let writer_tx = writer_tx.clone();
         let done: HashSet<usize> = manifest.lock().unwrap().parts.keys().copied().collect();
         let progress = progress.clone();
+        let queue = queue.clone();
         tokio::task::spawn_blocking(move || {
+            let _close = CloseOnDrop(&*queue);
             plan_parts(
                 &spec,
                 &duplicates,
                 &done,
                 &cancel,
-                &pack_tx,
+                &queue,
                 &writer_tx,
                 &progress,
             )
         })
     };
     let model = {
-        let cancel = cancel.clone();
-        let writer_tx = writer_tx.clone();
-        tokio::task::spawn_blocking(move || {
-            run_model(embedder.as_ref(), pack_rx, &writer_tx, &cancel)
-        })
+        let handles: Vec<_> = workers
+            .into_iter()
+            .enumerate()
+            .map(|(index, embedder)| {
+                let cancel = cancel.clone();
+                let writer_tx = writer_tx.clone();
+                let queue = queue.clone();
+                tokio::task::spawn_blocking(move || {
+                    run_worker(index, embedder.as_ref(), &queue, &writer_tx, &cancel)
+                })
+            })
+            .collect();
+        async move {
+            let mut devices = Vec::with_capacity(handles.len());
+            let mut failure = None;
+            for handle in handles {
+                match handle.await.expect("model workers do not panic") {
+                    Ok(stats) => devices.push(stats),
+                    Err(e) => failure = Some(e),
+                }
+            }
+            match failure {
+                Some(e) => Err(e),
+                None => Ok(devices),
+            }
+        }
     };
     drop(writer_tx);
     let writer = {
@@ -354,12 +422,11 @@ pub async fn run(
 
     let (planned, modelled, written) = tokio::join!(planner, model, writer);
     let planned = planned.expect("planner does not panic");
-    let modelled = modelled.expect("model stage does not panic");
     let written = written.expect("writer does not panic");
     progress.finish_and_clear();
     // Report the root cause: a stage that fails sets `cancel`, which stops the others quietly.
     let stages = planned.and_then(|p| Ok((p, modelled?, written?)));
-    let (planner_stats, model_stats, parts_written) = match stages {
+    let (planner_stats, devices, parts_written) = match stages {
         Ok(stats) => stats,
         Err(e) => {
             // Nothing finished: leave nothing behind, so that a corrected rerun starts clean.
@@ -395,18 +462,22 @@ pub async fn run(
             s
         });
     debug_assert_eq!(totals.rows, planner_stats.rows);
+    let tokens: u64 = devices.iter().map(|d| d.tokens).sum();
+    let packs: u64 = devices.iter().map(|d| d.packs).sum();
+    let busy: f64 = devices.iter().map(|d| d.busy_seconds).sum();
     Ok(JobSummary {
-        tokens: model_stats.tokens,
-        packs: model_stats.packs,
+        tokens,
+        packs,
         packing_efficiency: packing_efficiency(
-            model_stats.tokens as usize,
-            model_stats.packs as usize,
+            tokens as usize,
+            packs as usize,
             opts.plan.tokens_per_batch,
         ),
         parts_written,
         parts_resumed: planner_stats.resumed,
         seconds: started.elapsed().as_secs_f64(),
-        model_busy_seconds: model_stats.busy.as_secs_f64(),
+        model_busy_seconds: busy / devices.len().max(1) as f64,
+        devices,
         output: layout.target.display().to_string(),
         errors_output,
         ..totals
@@ -511,7 +582,7 @@ fn plan_parts(
     duplicates: &Duplicates,
     done: &HashSet<usize>,
     cancel: &AtomicBool,
-    pack_tx: &mpsc::Sender<Pack>,
+    queue: &WorkQueue<Job>,
     writer_tx: &mpsc::Sender<WriterMsg>,
     progress: &indicatif::ProgressBar,
 ) -> Result<PlannerStats> {
@@ -535,7 +606,13 @@ fn plan_parts(
             return Ok(false);
         }
         for pack in packs {
-            if cancel.load(Ordering::SeqCst) || pack_tx.blocking_send(pack).is_err() {
+            if !queue.push(
+                Job {
+                    pack,
+                    failure: None,
+                },
+                cancel,
+            ) {
                 return Ok(false);
             }
         }
@@ -614,49 +691,114 @@ fn plan_parts(
     Ok(stats)
 }
 
-/// The model stage: embed packs; on out-of-memory, split and retry down to single sequences.
-fn run_model(
+/// A model worker: run packs from the queue on one device until the queue drains.
+///
+/// Out of memory splits a pack down to single sequences ([`embed_splitting`]); a sequence that
+/// fails alone is offered to the other devices, and becomes an error row once every live device
+/// has refused it. Any other error means the device failed: the worker leaves, its pack goes
+/// back to the queue, and the job fails only if it was the last worker.
+fn run_worker(
+    index: usize,
     embedder: &dyn PackEmbedder,
-    mut packs: mpsc::Receiver<Pack>,
+    queue: &WorkQueue<Job>,
     writer_tx: &mpsc::Sender<WriterMsg>,
     cancel: &AtomicBool,
-) -> Result<ModelStats> {
-    let mut stats = ModelStats::default();
-    while let Some(pack) = packs.blocking_recv() {
-        if cancel.load(Ordering::SeqCst) {
-            break;
+) -> Result<DeviceSummary> {
+    let mut stats = DeviceSummary {
+        device: embedder.label(),
+        ..DeviceSummary::default()
+    };
+    let send = |msg: WriterMsg| {
+        let sent = writer_tx.blocking_send(msg).is_ok();
+        if !sent {
+            queue.abort(); // the writer stopped: nothing more can be committed
         }
+        sent
+    };
+    loop {
+        let task = match queue.next(index, cancel) {
+            Next::Exit => break,
+            Next::Orphan(task) => {
+                let pack = task.item.pack;
+                let reason = task.item.failure.unwrap_or_default();
+                for segment in pack.segments {
+                    send(WriterMsg::Failed {
+                        part: pack.part,
+                        segment,
+                        reason: reason.clone(),
+                    });
+                }
+                queue.finish();
+                continue;
+            }
+            Next::Work(task) => task,
+        };
+        let pack = &task.item.pack;
         let started = Instant::now();
-        stats.tokens += pack.batch.total_tokens() as u64;
-        stats.packs += 1;
-        let result = embed_splitting(embedder, &pack.segments, pack.batch, pack.needs_residues);
-        stats.busy += started.elapsed();
+        let result = embed_splitting(embedder, &pack.segments, &pack.batch, pack.needs_residues);
+        let elapsed = started.elapsed();
         let pieces = match result {
             Ok(pieces) => pieces,
             Err(e) => {
+                stats.failed = Some(e.to_string());
+                if queue.fail_worker(index, task) {
+                    tracing::error!(
+                        "{} failed and leaves the job; its packs go to the other devices: {e}",
+                        stats.device
+                    );
+                    break;
+                }
                 cancel.store(true, Ordering::SeqCst);
                 return Err(e);
             }
         };
+        stats.busy_seconds += elapsed.as_secs_f64();
+        stats.tokens += pack.batch.total_tokens() as u64;
+        stats.packs += 1;
+        let part = pack.part;
+        let mut open = true;
         for piece in pieces {
             let msg = match piece {
                 Piece::Done(segments, batch, pooled) => WriterMsg::Done {
-                    part: pack.part,
+                    part,
                     segments,
                     batch,
                     pooled,
                 },
-                Piece::Failed(segment, reason) => WriterMsg::Failed {
-                    part: pack.part,
-                    segment,
-                    reason,
-                },
+                Piece::Failed(segment, batch, reason) => {
+                    let retry = Task {
+                        item: Job {
+                            pack: Pack {
+                                part,
+                                segments: vec![segment],
+                                batch,
+                                needs_residues: pack.needs_residues,
+                            },
+                            failure: Some(reason),
+                        },
+                        refused_by: task.refused_by.clone(),
+                    };
+                    match queue.refuse(index, retry) {
+                        None => continue, // another device will try it
+                        Some(back) => WriterMsg::Failed {
+                            part,
+                            segment,
+                            reason: back.item.failure.unwrap_or_default(),
+                        },
+                    }
+                }
             };
-            if writer_tx.blocking_send(msg).is_err() {
-                return Ok(stats);
+            if !send(msg) {
+                open = false;
+                break;
             }
         }
+        queue.finish();
+        if !open {
+            break;
+        }
     }
+    stats.tokens_per_second = stats.tokens as f64 / stats.busy_seconds.max(1e-9);
     Ok(stats)
 }
 
@@ -664,24 +806,25 @@ fn run_model(
 pub enum Piece {
     /// Embedded.
     Done(Vec<Segment>, PackedBatch, Vec<PooledLayer>),
-    /// Could not be embedded even alone.
-    Failed(Segment, String),
+    /// One sequence (and its tokens) that could not be embedded even alone, and why.
+    Failed(Segment, PackedBatch, String),
 }
 
 /// Embed a pack; if the device runs out of memory, split it in halves and retry each, down to
-/// one sequence, which then fails alone (and becomes an error row). Other errors are fatal.
+/// one sequence, which then fails alone. Other errors are returned (the device failed).
 pub fn embed_splitting(
     embedder: &dyn PackEmbedder,
     segments: &[Segment],
-    batch: PackedBatch,
+    batch: &PackedBatch,
     residues: bool,
 ) -> Result<Vec<Piece>> {
-    match embedder.embed(&batch, residues) {
-        Ok(pooled) => Ok(vec![Piece::Done(segments.to_vec(), batch, pooled)]),
+    match embedder.embed(batch, residues) {
+        Ok(pooled) => Ok(vec![Piece::Done(segments.to_vec(), batch.clone(), pooled)]),
         Err(e) if is_out_of_memory(&e) => {
             if segments.len() == 1 {
                 return Ok(vec![Piece::Failed(
                     segments[0],
+                    batch.clone(),
                     format!(
                         "out of memory embedding this sequence alone ({} tokens): lower --max-length, \
                          use --long window, or run on a device with more memory",
@@ -690,7 +833,8 @@ pub fn embed_splitting(
                 )]);
             }
             tracing::warn!(
-                "out of memory on a pack of {} sequences ({} tokens): splitting it and retrying",
+                "{}: out of memory on a pack of {} sequences ({} tokens): splitting it and retrying",
+                embedder.label(),
                 segments.len(),
                 batch.total_tokens()
             );
@@ -698,11 +842,11 @@ pub fn embed_splitting(
             let left = PackedBatch::from_sequences((0..half).map(|i| batch.tokens(i)));
             let right =
                 PackedBatch::from_sequences((half..segments.len()).map(|i| batch.tokens(i)));
-            let mut pieces = embed_splitting(embedder, &segments[..half], left, residues)?;
+            let mut pieces = embed_splitting(embedder, &segments[..half], &left, residues)?;
             pieces.extend(embed_splitting(
                 embedder,
                 &segments[half..],
-                right,
+                &right,
                 residues,
             )?);
             Ok(pieces)

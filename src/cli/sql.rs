@@ -1,0 +1,224 @@
+//! `esmbed sql`: DataFusion with esmbed's functions, from the command line.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Args;
+
+use esmbed::sql::service::{BadRows, EmbedService, ServiceOptions};
+use esmbed::sql::{self, SessionOptions};
+use esmbed::{EmbedOptions, Embedder};
+
+use super::{ModelArgs, UnknownArg};
+
+#[derive(Debug, Args)]
+pub struct SqlArgs {
+    /// SQL to run: one or more statements separated by `;`.
+    #[arg(
+        short = 'c',
+        long = "command",
+        value_name = "SQL",
+        conflicts_with = "file"
+    )]
+    pub command: Option<String>,
+
+    /// A file of SQL statements, or a sqllogictest file (`.slt`): its queries are run and their
+    /// results checked (as the sql/ examples are).
+    #[arg(short = 'f', long, value_name = "FILE")]
+    pub file: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// Do not load a model: FASTA tables and cosine_similarity work, esm_embed does not exist.
+    #[arg(long)]
+    pub no_model: bool,
+
+    /// Rows that esm_embed cannot embed (a character outside the alphabet, an empty sequence)
+    /// give NULL instead of failing the query.
+    #[arg(long)]
+    pub lenient: bool,
+
+    /// Characters outside the ESM alphabet: error (see --lenient), x or unk.
+    #[arg(long, value_enum, default_value = "error")]
+    pub unknown: UnknownArg,
+
+    /// Sequences longer than this many residues keep their first --max-length residues.
+    #[arg(long, default_value_t = 1022)]
+    pub max_length: usize,
+
+    /// Tokens per pack. Default: 4096 on the CPU; on a GPU, what fits in its free memory.
+    #[arg(long)]
+    pub tokens_per_batch: Option<usize>,
+
+    /// Rows per batch, hence per esm_embed call (each call is sorted and packed as a whole).
+    #[arg(long, default_value_t = sql::DEFAULT_BATCH_ROWS)]
+    pub batch_rows: usize,
+
+    /// Partitions run at once (default: the number of CPU cores).
+    #[arg(long)]
+    pub partitions: Option<usize>,
+}
+
+pub fn run(args: SqlArgs) -> anyhow::Result<()> {
+    let service = if args.no_model {
+        None
+    } else {
+        Some(Arc::new(start_service(&args)?))
+    };
+    let mut options = SessionOptions {
+        batch_rows: args.batch_rows,
+        ..SessionOptions::default()
+    };
+    if let Some(p) = args.partitions {
+        options.target_partitions = p;
+    }
+    let ctx = sql::session(service.clone(), &options);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let started = Instant::now();
+    let result = runtime.block_on(async {
+        if let Some(file) = &args.file {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            if file.extension().is_some_and(|e| e == "slt") {
+                let records = sql::slt::run(&ctx, &file.display().to_string(), &text).await?;
+                eprintln!("esmbed: {}: {records} records passed", file.display());
+                return Ok(());
+            }
+            run_and_print(&ctx, &text).await
+        } else if let Some(command) = &args.command {
+            run_and_print(&ctx, command).await
+        } else if std::io::stdin().is_terminal() {
+            prompt(&ctx).await
+        } else {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)?;
+            run_and_print(&ctx, &text).await
+        }
+    });
+    if let Some(service) = &service {
+        let wall = started.elapsed().as_secs_f64();
+        let stats = service.device_stats();
+        let tokens: u64 = stats.iter().map(|d| d.tokens).sum();
+        if tokens > 0 {
+            tracing::info!(
+                "esm_embed: {tokens} tokens in {wall:.1}s, {:.0} tokens/s",
+                tokens as f64 / wall.max(1e-9)
+            );
+        }
+        for d in stats.iter().filter(|d| d.packs > 0) {
+            tracing::info!(
+                "{}: {} tokens in {} packs, {:.0} tokens/s while busy, busy {:.0}% of {:.1}s",
+                d.device,
+                d.tokens,
+                d.packs,
+                d.tokens_per_second,
+                100.0 * d.busy_seconds / wall.max(1e-9),
+                wall
+            );
+        }
+    }
+    result
+}
+
+fn start_service(args: &SqlArgs) -> anyhow::Result<EmbedService> {
+    let devices = super::parse_devices(&args.model.device)?;
+    let dtype = super::parse_dtype(&args.model.dtype, &devices[0])?;
+    let loading = Instant::now();
+    let loaded = super::load_model(&args.model.model, &devices, dtype)?;
+    let hidden = loaded.replicas[0].config().hidden_size;
+    let tokens_per_batch = args.tokens_per_batch.unwrap_or_else(|| {
+        devices
+            .iter()
+            .map(|d| esmbed::embed::default_tokens_per_batch(d, hidden, dtype))
+            .min()
+            .unwrap_or(4096)
+    });
+    let options = EmbedOptions {
+        unknown: args.unknown.into(),
+        tokens_per_batch,
+        ..EmbedOptions::default()
+    };
+    let embedders = loaded
+        .replicas
+        .into_iter()
+        .map(|m| Embedder::new(m, &options))
+        .collect::<esmbed::Result<Vec<_>>>()?;
+    if !devices[0].is_cpu() {
+        esmbed::embed::warm_up_all(&embedders, tokens_per_batch, args.max_length)?;
+    }
+    let labels: Vec<String> = embedders.iter().map(Embedder::device_label).collect();
+    tracing::info!(
+        "esm_embed: {} on {} as {:?}, {} tokens per pack (loaded in {:.1}s)",
+        loaded.name,
+        labels.join(", "),
+        dtype,
+        tokens_per_batch,
+        loading.elapsed().as_secs_f64()
+    );
+    Ok(EmbedService::start(
+        embedders,
+        ServiceOptions {
+            tokens_per_batch,
+            max_length: args.max_length,
+            bad_rows: if args.lenient {
+                BadRows::Null
+            } else {
+                BadRows::Error
+            },
+        },
+    )?)
+}
+
+async fn run_and_print(
+    ctx: &datafusion::prelude::SessionContext,
+    text: &str,
+) -> anyhow::Result<()> {
+    for result in sql::run_script(ctx, text).await? {
+        if result.schema.fields().is_empty() {
+            continue; // DDL
+        }
+        println!("{}", sql::display::table(&result.schema, &result.batches)?);
+    }
+    Ok(())
+}
+
+/// An interactive prompt: statements end with `;`, `\q` or end of input quits.
+async fn prompt(ctx: &datafusion::prelude::SessionContext) -> anyhow::Result<()> {
+    eprintln!(
+        "esmbed sql: statements end with ';'. \\q quits. Try: SELECT esm_tokens('MKTAYIAK');"
+    );
+    let stdin = std::io::stdin();
+    let mut pending = String::new();
+    loop {
+        eprint!(
+            "{}",
+            if pending.is_empty() {
+                "esmbed> "
+            } else {
+                "     -> "
+            }
+        );
+        std::io::stderr().flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 || line.trim() == "\\q" {
+            return Ok(());
+        }
+        pending.push_str(&line);
+        if !pending.trim_end().ends_with(';') {
+            continue;
+        }
+        let started = Instant::now();
+        match run_and_print(ctx, &pending).await {
+            Ok(()) => eprintln!("({:.2}s)", started.elapsed().as_secs_f64()),
+            Err(e) => eprintln!("error: {e:#}"),
+        }
+        pending.clear();
+    }
+}
