@@ -77,6 +77,15 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// An object-store request failed (after retries, for transient errors).
+    #[error("{url}: {reason}")]
+    Remote {
+        /// The object or prefix.
+        url: String,
+        /// What went wrong and what to do.
+        reason: String,
+    },
+
     /// An input could not be read.
     #[error(transparent)]
     Input(#[from] crate::input::InputError),

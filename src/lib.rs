@@ -35,6 +35,7 @@ pub mod pack;
 pub mod pipeline;
 pub mod pool;
 pub mod sql;
+pub mod storage;
 pub mod tokenize;
 pub mod verify;
 

@@ -72,7 +72,9 @@ fn exit_code(error: &anyhow::Error) -> u8 {
         | Error::Strict { .. }
         | Error::DuplicateId { .. }
         | Error::Input(esmbed::input::InputError::Format { .. }) => exit::BAD_INPUT,
-        Error::Io { .. } | Error::Input(esmbed::input::InputError::Io { .. }) => exit::IO,
+        Error::Io { .. }
+        | Error::Remote { .. }
+        | Error::Input(esmbed::input::InputError::Io { .. }) => exit::IO,
         Error::Model { .. }
         | Error::MissingTensor { .. }
         | Error::TensorShape { .. }

@@ -12,19 +12,31 @@ use esmbed::pipeline::plan::PlanOptions;
 use esmbed::pipeline::{self, JobOptions, JobSpec, JobSummary, ModelIdentity};
 use esmbed::{EmbedOptions, Embedder, Pooling};
 
-use super::{paths, InputArgs, ModelArgs, OutputArgs};
+use super::{InputArgs, ModelArgs, OutputArgs};
 
 #[derive(Debug, Args)]
 pub struct EmbedArgs {
-    /// Input files or directories (FASTA, FASTA.gz, Parquet). Rows are numbered across them in
-    /// the order given; a directory contributes its files sorted by name.
+    /// Input files or directories (FASTA, FASTA.gz, Parquet), local or `s3://bucket/key`: an
+    /// object, a prefix (`s3://bucket/in/`) or a glob (`s3://bucket/in/*.fa.gz`). Rows are
+    /// numbered across them in the order given; a directory or prefix contributes its files
+    /// sorted by name. Objects are streamed by range requests, never downloaded whole.
     #[arg(required = true, value_name = "INPUT")]
     pub inputs: Vec<String>,
 
     /// Output: `out.parquet` (one file, appears complete at the end) or `out/` (a dataset of
-    /// part files, readable as they complete, e.g. `read_parquet('out/*.parquet')`).
+    /// part files, readable as they complete, e.g. `read_parquet('out/*.parquet')`); local or
+    /// `s3://bucket/key.parquet` / `s3://bucket/prefix/` (multipart uploads; the manifest lives
+    /// beside the output, so --resume works from any machine).
     #[arg(long, short)]
     pub output: String,
+
+    /// Run share I of N of the input files (0-based: 0/4 … 3/4), for several machines splitting
+    /// one job deterministically; give each shard its own --output.
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<esmbed::input::Shard>,
+
+    #[command(flatten)]
+    pub store: super::StoreArgs,
 
     #[command(flatten)]
     pub model: ModelArgs,
@@ -90,15 +102,27 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<JobSummary> {
         anyhow::bail!("--rows-per-part must be at least 1");
     }
 
-    let inputs = Inputs::open(
-        &paths(&args.inputs),
+    let store = args.store.options();
+    let inputs = Inputs::open_locations(
+        &args.inputs,
         InputOptions {
             format: args.input.format,
             seq_column: args.input.seq_column.clone(),
             id_column: args.input.id_column.clone(),
             ..InputOptions::default()
         },
+        &store,
+        args.shard,
     )?;
+    let remote = if esmbed::storage::is_url(&args.output) {
+        Some(esmbed::output::remote::RemoteOutput::new(
+            &args.output,
+            &store,
+            None,
+        )?)
+    } else {
+        None
+    };
 
     let loading = Instant::now();
     let super::LoadedModel {
@@ -150,7 +174,7 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<JobSummary> {
         );
     }
 
-    let spec = JobSpec::new(
+    let mut spec = JobSpec::new(
         inputs,
         std::path::Path::new(&args.output),
         &embedders[0],
@@ -173,6 +197,9 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<JobSummary> {
             progress: !args.no_progress,
         },
     );
+    if let Some(remote) = remote {
+        spec = spec.with_remote_output(remote);
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

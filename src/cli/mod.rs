@@ -6,8 +6,6 @@ pub mod inspect;
 pub mod sql;
 pub mod verify;
 
-use std::path::PathBuf;
-
 use clap::{Args, Parser, Subcommand};
 
 use esmbed::input::InputFormat;
@@ -110,6 +108,40 @@ pub struct InputArgs {
     /// Parquet: the column holding ids (optional; used in error rows and duplicate checks).
     #[arg(long, default_value = "id")]
     pub id_column: String,
+}
+
+/// Object stores (inputs and outputs given as `s3://bucket/key`).
+#[derive(Debug, Args, Clone)]
+pub struct StoreArgs {
+    /// Endpoint of an S3-compatible store, e.g. http://localhost:9000 for MinIO (default:
+    /// AWS_ENDPOINT, else AWS). Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
+    /// (and AWS_SESSION_TOKEN, AWS_REGION).
+    #[arg(long, env = "AWS_ENDPOINT", value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+
+    /// Allow plain http:// endpoints (a local MinIO; default: AWS_ALLOW_HTTP).
+    #[arg(long)]
+    pub s3_allow_http: bool,
+
+    /// Attempts per object-store request before a transient error (5xx, throttling, a dropped
+    /// connection) fails the job. Missing objects and refused credentials fail at once.
+    #[arg(long, default_value_t = 5)]
+    pub s3_attempts: usize,
+}
+
+impl StoreArgs {
+    /// The library's options.
+    pub fn options(&self) -> esmbed::storage::StoreOptions {
+        let env_http = std::env::var("AWS_ALLOW_HTTP")
+            .map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+            .unwrap_or(false);
+        esmbed::storage::StoreOptions {
+            endpoint: self.s3_endpoint.clone(),
+            allow_http: self.s3_allow_http || env_http,
+            attempts: self.s3_attempts.max(1),
+            ..Default::default()
+        }
+    }
 }
 
 /// `--unknown`: what to do with characters outside the ESM alphabet.
@@ -232,9 +264,4 @@ pub fn parse_dtype(spec: &str, device: &esmbed::Device) -> anyhow::Result<esmbed
         "f16" | "fp16" | "float16" | "half" => DType::F16,
         other => anyhow::bail!("unknown --dtype {other:?}: use auto, f32, bf16 or f16"),
     })
-}
-
-/// Paths given on the command line.
-pub fn paths(items: &[String]) -> Vec<PathBuf> {
-    items.iter().map(PathBuf::from).collect()
 }

@@ -17,6 +17,74 @@ use std::sync::Arc;
 use arrow::array::{Array, AsArray, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Schema, SchemaRef};
 
+use crate::storage::{glob_match, ObjectUrl, StoreOptions};
+
+/// The input files an `s3://` location names: an object, a prefix (`…/`) or a glob.
+fn list_objects(
+    location: &str,
+    options: &InputOptions,
+    store: &StoreOptions,
+) -> Result<Vec<InputFile>, InputError> {
+    let remote = |e: crate::Error| InputError::Format {
+        input: location.to_string(),
+        reason: match e {
+            crate::Error::Remote { reason, .. } => reason,
+            other => other.to_string(),
+        },
+    };
+    let file = |object: ObjectUrl, size: u64| -> Result<InputFile, InputError> {
+        let format = match options.format {
+            Some(f) => f,
+            None => detect_object_format(&object, size)?,
+        };
+        Ok(InputFile {
+            path: PathBuf::from(object.url()),
+            format,
+            object: Some((object, size)),
+        })
+    };
+    let url = ObjectUrl::parse(location, store).map_err(remote)?;
+    // The key as typed: the store's path type would escape `*` and `?`.
+    let key = location
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split_once('/'))
+        .map_or("", |(_, key)| key)
+        .trim_end_matches('/')
+        .to_string();
+    let glob = key.find(['*', '?']);
+    let is_prefix = location.ends_with('/') || key.is_empty();
+    if glob.is_none() && !is_prefix {
+        let meta = url.require().map_err(remote)?;
+        return Ok(vec![file(url, meta.size)?]);
+    }
+    // List below the deepest folder without wildcards.
+    let base = match glob {
+        Some(i) => key[..i].rsplit_once('/').map_or("", |(b, _)| b).to_string(),
+        None => key.clone(),
+    };
+    let mut files = Vec::new();
+    for meta in url.with_key(&base).list().map_err(remote)? {
+        let name = meta.location.as_ref();
+        let leaf = name.rsplit('/').next().unwrap_or(name);
+        let wanted = match glob {
+            Some(_) => glob_match(&key, name),
+            None => !leaf.starts_with(['.', '_']) && format_from_name(leaf).is_some(),
+        };
+        if wanted {
+            files.push(file(url.with_key(name), meta.size)?);
+        }
+    }
+    if files.is_empty() {
+        return Err(InputError::Format {
+            input: location.to_string(),
+            reason: "no FASTA or Parquet objects match (a prefix lists *.fasta[.gz], *.fa[.gz], \
+                     *.parquet …; a glob such as s3://bucket/in/*.fa.gz takes any name)"
+                .into(),
+        });
+    }
+    Ok(files)
+}
+
 /// An input could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum InputError {
@@ -93,31 +161,113 @@ impl Default for InputOptions {
 /// One input file.
 #[derive(Debug, Clone)]
 pub struct InputFile {
-    /// Where it is.
+    /// Where it is (for an object, its URL).
     pub path: PathBuf,
     /// How to read it.
     pub format: InputFormat,
+    /// The object and its size, for an input in an object store.
+    pub object: Option<(ObjectUrl, u64)>,
 }
 
 impl InputFile {
     /// The name used in messages.
     pub fn name(&self) -> String {
-        self.path.display().to_string()
+        match &self.object {
+            Some((o, _)) => o.url(),
+            None => self.path.display().to_string(),
+        }
+    }
+
+    /// Its size in bytes (0 if it cannot be read).
+    pub fn size(&self) -> u64 {
+        match &self.object {
+            Some((_, size)) => *size,
+            None => std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0),
+        }
+    }
+
+    /// A reader from the start.
+    fn open(&self) -> Result<Box<dyn std::io::Read + Send>, InputError> {
+        Ok(match &self.object {
+            Some((o, size)) => Box::new(o.reader(*size)),
+            None => Box::new(
+                std::fs::File::open(&self.path).map_err(|e| InputError::io(&self.name(), e))?,
+            ),
+        })
+    }
+}
+
+/// The format of an object: by name, then by its first bytes.
+fn detect_object_format(object: &ObjectUrl, size: u64) -> Result<InputFormat, InputError> {
+    if let Some(format) = format_from_name(object.key()) {
+        return Ok(format);
+    }
+    let head = object
+        .get_range(0..size.min(4))
+        .map_err(|e| InputError::io(&object.url(), std::io::Error::other(e)))?;
+    Ok(if head.as_ref() == b"PAR1" {
+        InputFormat::Parquet
+    } else {
+        InputFormat::Fasta
+    })
+}
+
+/// The format a file name implies, if any.
+fn format_from_name(name: &str) -> Option<InputFormat> {
+    let name = name.to_ascii_lowercase();
+    let stem = name.strip_suffix(".gz").unwrap_or(&name);
+    if stem.ends_with(".parquet") || stem.ends_with(".pq") {
+        return Some(InputFormat::Parquet);
+    }
+    [".fa", ".fasta", ".faa", ".fas", ".fna", ".mpfa", ".fsa"]
+        .iter()
+        .any(|ext| stem.ends_with(ext))
+        .then_some(InputFormat::Fasta)
+}
+
+/// `--shard i/n`: this machine's share of a job's inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// This shard, `0..count`.
+    pub index: usize,
+    /// Shards in all.
+    pub count: usize,
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (i, n) = s
+            .split_once('/')
+            .ok_or_else(|| format!("--shard {s:?}: write I/N, e.g. 0/4"))?;
+        let index: usize = i
+            .trim()
+            .parse()
+            .map_err(|_| format!("--shard {s:?}: I is not a number"))?;
+        let count: usize = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("--shard {s:?}: N is not a number"))?;
+        if count == 0 || index >= count {
+            return Err(format!("--shard {s:?}: needs 0 <= I < N"));
+        }
+        Ok(Self { index, count })
+    }
+}
+
+impl Shard {
+    /// Whether the `k`-th input file (in the job's sorted order) belongs to this shard.
+    pub fn owns(&self, k: usize) -> bool {
+        k % self.count == self.index
     }
 }
 
 /// Guess the format of `path`: by extension, then by content (`PAR1` magic).
 pub fn detect_format(path: &Path) -> Result<InputFormat, InputError> {
     let name = path.to_string_lossy().to_ascii_lowercase();
-    let stem = name.strip_suffix(".gz").unwrap_or(&name);
-    if stem.ends_with(".parquet") || stem.ends_with(".pq") {
-        return Ok(InputFormat::Parquet);
-    }
-    if [".fa", ".fasta", ".faa", ".fas", ".fna", ".mpfa", ".fsa"]
-        .iter()
-        .any(|ext| stem.ends_with(ext))
-    {
-        return Ok(InputFormat::Fasta);
+    if let Some(format) = format_from_name(&name) {
+        return Ok(format);
     }
     use std::io::Read;
     let mut head = [0u8; 4];
@@ -142,11 +292,33 @@ pub struct Inputs {
 }
 
 impl Inputs {
-    /// Resolve and check the given paths; directories expand to the FASTA/Parquet files in them
-    /// (sorted by name).
+    /// Resolve and check the given local paths; see [`Inputs::open_locations`].
     pub fn open(paths: &[PathBuf], options: InputOptions) -> Result<Self, InputError> {
+        let locations: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+        Self::open_locations(&locations, options, &StoreOptions::default(), None)
+    }
+
+    /// Resolve and check inputs: local paths, `file://` URLs and `s3://` URLs. A directory, an
+    /// `s3://…/` prefix or a glob (`s3://b/in/*.fasta.gz`) expands to the FASTA/Parquet files in
+    /// it, sorted by name. With a `shard`, only the files of that shard are kept (every `n`-th
+    /// file of the sorted list, so machines that run `--shard 0/n` … `--shard n-1/n` split a job
+    /// without overlap).
+    pub fn open_locations(
+        locations: &[String],
+        options: InputOptions,
+        store: &StoreOptions,
+        shard: Option<Shard>,
+    ) -> Result<Self, InputError> {
         let mut files = Vec::new();
-        for path in paths {
+        let mut paths = Vec::new();
+        for location in locations {
+            if crate::storage::is_url(location) {
+                files.extend(list_objects(location, &options, store)?);
+                continue;
+            }
+            let path = PathBuf::from(location.strip_prefix("file://").unwrap_or(location));
+            paths.push(path.clone());
+            let path = &path;
             if path.is_dir() {
                 let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
                     .map_err(|e| InputError::io(&path.display().to_string(), e))?
@@ -159,7 +331,11 @@ impl Inputs {
                         .format
                         .map(Ok)
                         .unwrap_or_else(|| detect_format(&p))?;
-                    files.push(InputFile { path: p, format });
+                    files.push(InputFile {
+                        path: p,
+                        format,
+                        object: None,
+                    });
                 }
             } else {
                 if !path.exists() {
@@ -175,17 +351,25 @@ impl Inputs {
                 files.push(InputFile {
                     path: path.clone(),
                     format,
+                    object: None,
                 });
             }
         }
+        if let Some(shard) = shard {
+            files = files
+                .into_iter()
+                .enumerate()
+                .filter(|(k, _)| shard.owns(*k))
+                .map(|(_, f)| f)
+                .collect();
+        }
         if files.is_empty() {
             return Err(InputError::Format {
-                input: paths
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                reason: "no input files".into(),
+                input: locations.join(", "),
+                reason: match shard {
+                    Some(s) => format!("no input files for --shard {}/{}", s.index, s.count),
+                    None => "no input files".into(),
+                },
             });
         }
         let mut schema: Option<(SchemaRef, String)> = None;
@@ -193,7 +377,7 @@ impl Inputs {
             let this = match file.format {
                 InputFormat::Fasta => fasta::schema(),
                 InputFormat::Parquet => {
-                    let (schema, _) = parquet::open(&file.path, &file.name(), 1)?;
+                    let (schema, _) = parquet::open(file, 1)?;
                     parquet::check_sequence_column(&schema, &options.seq_column, &file.name())?;
                     schema
                 }
@@ -256,13 +440,12 @@ impl Inputs {
         let file = &self.files[index];
         let name = file.name();
         Ok(match file.format {
-            InputFormat::Fasta => {
-                let f = std::fs::File::open(&file.path).map_err(|e| InputError::io(&name, e))?;
-                Box::new(fasta::FastaBatches::new(f, &name, self.options.batch_rows)?)
-            }
-            InputFormat::Parquet => {
-                Box::new(parquet::open(&file.path, &name, self.options.batch_rows)?.1)
-            }
+            InputFormat::Fasta => Box::new(fasta::FastaBatches::new(
+                file.open()?,
+                &name,
+                self.options.batch_rows,
+            )?),
+            InputFormat::Parquet => Box::new(parquet::open(file, self.options.batch_rows)?.1),
         })
     }
 

@@ -3,21 +3,41 @@
 //! says so before any model work (the footer is read when the file is opened).
 
 use std::fs::File;
-use std::path::Path;
+
+use parquet::file::reader::ChunkReader;
+
+use super::InputFile;
+use crate::storage::ObjectChunks;
 
 use arrow::datatypes::{DataType, SchemaRef};
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 
 use super::{InputError, SourceBatch};
 
-/// Open `path` and return its schema and a batch iterator.
+/// Open an input file (local or in an object store, read by ranges) and return its schema and a
+/// batch iterator.
 pub fn open(
-    path: &Path,
+    input: &InputFile,
+    batch_rows: usize,
+) -> Result<(SchemaRef, ParquetBatches), InputError> {
+    let name = input.name();
+    match &input.object {
+        Some((object, size)) => {
+            open_reader(ObjectChunks::new(object.clone(), *size), &name, batch_rows)
+        }
+        None => {
+            let file = File::open(&input.path).map_err(|e| InputError::io(&name, e))?;
+            open_reader(file, &name, batch_rows)
+        }
+    }
+}
+
+fn open_reader<R: ChunkReader + 'static>(
+    reader: R,
     name: &str,
     batch_rows: usize,
 ) -> Result<(SchemaRef, ParquetBatches), InputError> {
-    let file = File::open(path).map_err(|e| InputError::io(name, e))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| InputError::Format {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(reader).map_err(|e| InputError::Format {
         input: name.to_string(),
         reason: format!(
             "not a readable Parquet file ({e}); a file cut short by a crashed writer has no footer: \

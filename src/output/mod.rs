@@ -16,6 +16,7 @@
 
 pub mod columns;
 pub mod combine;
+pub mod remote;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};

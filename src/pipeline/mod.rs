@@ -36,6 +36,7 @@ use crate::embed::Embedder;
 use crate::error::{Error, Result};
 use crate::input::Inputs;
 use crate::output::columns::{EmbeddingColumns, OutputDType};
+use crate::output::remote::RemoteOutput;
 use crate::output::{self, combine, Manifest, OutputKind, OutputLayout};
 use crate::pack::{packing_efficiency, PackedBatch};
 use crate::pool::PooledLayer;
@@ -166,6 +167,8 @@ pub struct JobSpec {
     pub options: JobOptions,
     /// Policy for unknown characters.
     pub tokenizer: Tokenizer,
+    /// Where the output is mirrored, for an output in an object store.
+    pub remote: Option<Arc<RemoteOutput>>,
 }
 
 /// Which model a job runs, for the output's metadata and resume checks.
@@ -219,8 +222,7 @@ impl JobSpec {
         // does not change a sequence's numbers), so a resumed job may lower --tokens-per-batch.
         let identity = serde_json::json!({
             "inputs": inputs.files.iter().map(|f| {
-                let size = std::fs::metadata(&f.path).map(|m| m.len()).unwrap_or(0);
-                serde_json::json!({"path": f.name(), "size": size})
+                serde_json::json!({"path": f.name(), "size": f.size()})
             }).collect::<Vec<_>>(),
             "seq_column": inputs.options.seq_column,
             "id_column": inputs.options.id_column,
@@ -243,7 +245,16 @@ impl JobSpec {
             identity,
             tokenizer: *embedder.tokenizer(),
             options,
+            remote: None,
         }
+    }
+
+    /// Write the output to an object store (see [`RemoteOutput`]): the job writes the remote
+    /// output's local mirror, and every committed file is uploaded.
+    pub fn with_remote_output(mut self, remote: RemoteOutput) -> Self {
+        self.layout = remote.local.clone();
+        self.remote = Some(Arc::new(remote));
+        self
     }
 }
 
@@ -295,6 +306,12 @@ pub async fn run(
     let started = Instant::now();
     let layout = spec.layout.clone();
     let opts = &spec.options;
+    if let Some(remote) = spec.remote.clone() {
+        let (overwrite, resume) = (opts.overwrite, opts.resume);
+        tokio::task::spawn_blocking(move || remote.start(overwrite, resume))
+            .await
+            .expect("remote start does not panic")?;
+    }
 
     // Existing output and earlier progress.
     if opts.overwrite {
@@ -448,7 +465,25 @@ pub async fn run(
         });
     }
     manifest.total_parts = Some(planner_stats.parts);
-    let errors_output = finalize(&layout, &mut manifest)?;
+    let (errors_output, manifest) = {
+        let (layout, remote) = (layout.clone(), spec.remote.clone());
+        tokio::task::spawn_blocking(move || {
+            if let Some(remote) = &remote {
+                remote.fetch_parts(&manifest)?;
+            }
+            let errors = finalize(&layout, &mut manifest)?;
+            if let Some(remote) = &remote {
+                remote.finish(errors.is_some())?;
+            }
+            Ok::<_, Error>((errors, manifest))
+        })
+        .await
+        .expect("finalize does not panic")?
+    };
+    let errors_output = match (&spec.remote, errors_output) {
+        (Some(remote), Some(_)) => Some(remote.errors_url()),
+        (_, errors) => errors,
+    };
 
     let totals = manifest
         .parts
@@ -478,7 +513,10 @@ pub async fn run(
         seconds: started.elapsed().as_secs_f64(),
         model_busy_seconds: busy / devices.len().max(1) as f64,
         devices,
-        output: layout.target.display().to_string(),
+        output: match &spec.remote {
+            Some(remote) => remote.output_url(),
+            None => layout.target.display().to_string(),
+        },
         errors_output,
         ..totals
     })
@@ -951,9 +989,20 @@ fn commit_part(
         )?;
     }
     output::write_parquet(&layout.part_path(index), &batch, Some(&spec.metadata))?;
+    // In an object store: the part (and its errors) first, the manifest that lists it last.
+    if let Some(remote) = &spec.remote {
+        if !errors.is_empty() {
+            remote.upload(&layout.part_errors_path(index))?;
+        }
+        remote.upload(&layout.part_path(index))?;
+    }
     let mut manifest = manifest.lock().unwrap();
     manifest.parts.insert(index, record);
-    manifest.save(&layout.manifest_path())
+    manifest.save(&layout.manifest_path())?;
+    if let Some(remote) = &spec.remote {
+        remote.upload(&layout.manifest_path())?;
+    }
+    Ok(())
 }
 
 /// Make the output visible: combine parts into the file (or mark the dataset complete) and

@@ -78,6 +78,34 @@ pub fn session(service: Option<Arc<EmbedService>>, options: &SessionOptions) -> 
     ctx
 }
 
+/// Register an S3 store for every bucket that `sql` names (`s3://bucket/...`), so that tables
+/// and `COPY ... TO` can use them. Credentials and endpoint as for `esmbed embed`.
+pub fn register_buckets(
+    ctx: &SessionContext,
+    sql: &str,
+    options: &crate::storage::StoreOptions,
+) -> crate::Result<()> {
+    let mut rest = sql;
+    while let Some(at) = rest.find("s3://") {
+        let url = &rest[at..];
+        let end = url
+            .find(|c: char| c == '\'' || c == '"' || c.is_whitespace())
+            .unwrap_or(url.len());
+        let object = crate::storage::ObjectUrl::parse(&url[..end], options)?;
+        let base = format!("s3://{}", object.bucket());
+        let key =
+            datafusion::execution::object_store::ObjectStoreUrl::parse(&base).map_err(|e| {
+                crate::Error::Remote {
+                    url: base.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+        ctx.register_object_store(key.as_ref(), object.store());
+        rest = &url[end..];
+    }
+    Ok(())
+}
+
 /// The result of one statement.
 #[derive(Debug)]
 pub struct StatementResult {

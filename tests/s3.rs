@@ -1,0 +1,694 @@
+//! Inputs and outputs in S3, against a real S3-compatible server: `moto_server` (PyPI
+//! `moto[server]`, installed by `.ci/run`), started on a loopback port per test. Outside CI the
+//! tests skip with a message when moto is not installed; in CI they fail instead.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use common::*;
+use futures::stream::BoxStream;
+use object_store::path::Path as Key;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult, UploadPart,
+};
+
+use esmbed::storage::{ObjectUrl, StoreOptions};
+
+/// A moto server on a free loopback port, stopped on drop.
+struct Moto {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Moto {
+    /// Start a server, or `None` (outside CI) when moto is not installed.
+    fn start() -> Option<Self> {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("python3")
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        let mut server = match child {
+            Ok(child) => Moto { child, port },
+            Err(e) => return skip(&format!("cannot run python3: {e}")),
+        };
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(30) {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                return skip(&format!(
+                    "moto_server exited ({status}); install it with: pip install 'moto[server]'"
+                ));
+            }
+            if server
+                .http("GET", "/moto-api/", None)
+                .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+            {
+                return Some(server);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        skip("moto_server did not answer within 30 s")
+    }
+
+    /// A raw HTTP request (moto's control API, bucket creation); the response text.
+    fn http(&self, method: &str, path: &str, body: Option<&str>) -> Option<String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .ok()?;
+        let body = body.unwrap_or("");
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.port,
+            body.len()
+        )
+        .ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        Some(response)
+    }
+
+    fn bucket(&self, name: &str) {
+        let response = self.http("PUT", &format!("/{name}"), None).unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn options(&self) -> StoreOptions {
+        StoreOptions {
+            endpoint: Some(self.endpoint()),
+            allow_http: true,
+            attempts: 3,
+            backoff: Duration::from_millis(20),
+        }
+    }
+
+    fn object(&self, url: &str) -> ObjectUrl {
+        credentials();
+        ObjectUrl::parse(url, &self.options()).unwrap()
+    }
+
+    /// Run esmbed with this server's settings.
+    fn esmbed(&self, args: &[&str]) -> (i32, String, String) {
+        self.esmbed_env(args, &[])
+    }
+
+    fn esmbed_env(&self, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+        let mut command = self.command(args);
+        command.envs(env.iter().copied());
+        let out = command.output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_esmbed"));
+        command
+            .args(args)
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ENDPOINT", self.endpoint())
+            .env("AWS_ALLOW_HTTP", "true")
+            .env("HF_HUB_OFFLINE", "1")
+            .env_remove("ESMBED_MODEL");
+        command
+    }
+
+    /// Every key in the bucket.
+    fn keys(&self, bucket: &str) -> Vec<String> {
+        self.object(&format!("s3://{bucket}/"))
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|m| m.location.to_string())
+            .collect()
+    }
+}
+
+fn skip(reason: &str) -> Option<Moto> {
+    assert!(
+        !in_ci(),
+        "CI must run the S3 tests: {reason} (.ci/run installs moto[server])"
+    );
+    eprintln!("SKIPPED: no S3 test server: {reason}");
+    None
+}
+
+/// Credentials for object_store in this process (moto accepts any).
+fn credentials() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        std::env::set_var("AWS_ACCESS_KEY_ID", "test");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "test");
+        std::env::set_var("AWS_REGION", "us-east-1");
+    });
+}
+
+fn model() -> String {
+    fixture_dir("tiny_h16").display().to_string()
+}
+
+/// Two FASTA inputs (one gzip) of 60 sequences in all.
+fn fasta_inputs(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let residues = b"ACDEFGHIKLMNPQRSTVWY";
+    let seq = |i: usize| -> String {
+        (0..15 + (i * 7) % 90)
+            .map(|j| residues[(i * 5 + j * 3) % 20] as char)
+            .collect()
+    };
+    let mut a = String::new();
+    let mut b = String::new();
+    for i in 0..60 {
+        let record = format!(">q{i:02}\n{}\n", seq(i));
+        if i < 35 {
+            a.push_str(&record)
+        } else {
+            b.push_str(&record)
+        }
+    }
+    let pa = dir.join("a.fasta");
+    std::fs::write(&pa, a).unwrap();
+    let pb = dir.join("b.fasta.gz");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(b.as_bytes()).unwrap();
+    std::fs::write(&pb, gz.finish().unwrap()).unwrap();
+    vec![pa, pb]
+}
+
+fn upload(moto: &Moto, local: &std::path::Path, url: &str) {
+    moto.object(url).upload(local).unwrap();
+}
+
+fn download(moto: &Moto, url: &str, local: &std::path::Path) -> arrow::array::RecordBatch {
+    moto.object(url).download(local).unwrap();
+    read_parquet(local)
+}
+
+fn assert_same(a: &arrow::array::RecordBatch, b: &arrow::array::RecordBatch) {
+    assert_eq!(strings(a, "id"), strings(b, "id"));
+    assert_eq!(vectors(a, "embedding"), vectors(b, "embedding"));
+}
+
+#[test]
+fn inputs_from_a_bucket_prefix_and_outputs_to_a_bucket_equal_local_results() {
+    let Some(moto) = Moto::start() else { return };
+    moto.bucket("data");
+    let dir = scratch("s3_equal");
+    let files = fasta_inputs(&dir);
+    for f in &files {
+        upload(
+            &moto,
+            f,
+            &format!("s3://data/in/{}", f.file_name().unwrap().to_string_lossy()),
+        );
+    }
+    let common = [
+        "--model",
+        &model(),
+        "--device",
+        "cpu",
+        "--rows-per-part",
+        "25",
+        "--no-progress",
+    ];
+
+    // Local reference.
+    let local = dir.join("local.parquet");
+    let mut args = vec![
+        "embed",
+        files[0].to_str().unwrap(),
+        files[1].to_str().unwrap(),
+        "-o",
+        local.to_str().unwrap(),
+    ];
+    args.extend(common);
+    let (code, _, err) = esmbed(&args);
+    assert_eq!(code, 0, "{err}");
+
+    // FASTA from a prefix (plain + gzip) to one Parquet object.
+    let mut args = vec!["embed", "s3://data/in/", "-o", "s3://data/out/emb.parquet"];
+    args.extend(common);
+    let (code, _, err) = moto.esmbed(&args);
+    assert_eq!(code, 0, "{err}");
+    let remote = download(
+        &moto,
+        "s3://data/out/emb.parquet",
+        &dir.join("remote.parquet"),
+    );
+    assert_same(&read_parquet(&local), &remote);
+    assert_eq!(
+        moto.keys("data")
+            .iter()
+            .filter(|k| k.starts_with("out/"))
+            .collect::<Vec<_>>(),
+        ["out/emb.parquet"],
+        "no staging objects left"
+    );
+
+    // Parquet input (the FASTA output has id + embedding; embed its ids again from a glob) to
+    // a dataset prefix.
+    let table = dir.join("seqs.parquet");
+    let (code, _, err) = esmbed([
+        "sql",
+        "--no-model",
+        "-c",
+        &format!(
+            "CREATE EXTERNAL TABLE f STORED AS FASTA LOCATION '{}'; \
+             COPY (SELECT id, sequence FROM f) TO '{}' STORED AS PARQUET",
+            files[0].display(),
+            table.display()
+        ),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    upload(&moto, &table, "s3://data/pq/seqs.parquet");
+    let mut args = vec!["embed", "s3://data/pq/*.parquet", "-o", "s3://data/ds/"];
+    args.extend(common);
+    let (code, _, err) = moto.esmbed(&args);
+    assert_eq!(code, 0, "{err}");
+
+    // SQL: a FASTA table in the bucket, COPY to the bucket.
+    let (code, out, err) = moto.esmbed(&[
+        "sql", "--model", &model(), "--device", "cpu", "-c",
+        "CREATE EXTERNAL TABLE p STORED AS FASTA LOCATION 's3://data/in/b.fasta.gz'; \
+         COPY (SELECT id, esm_embed(sequence) AS embedding FROM p) TO 's3://data/sql/emb.parquet' STORED AS PARQUET",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("| 25 "), "25 rows copied: {out}");
+    let via_sql = download(&moto, "s3://data/sql/emb.parquet", &dir.join("sql.parquet"));
+    assert_eq!(
+        strings(&via_sql, "id"),
+        strings(&read_parquet(&local), "id")[35..].to_vec()
+    );
+
+    let parts: Vec<String> = moto
+        .keys("data")
+        .into_iter()
+        .filter(|k| k.starts_with("ds/"))
+        .collect();
+    assert!(
+        parts.contains(&"ds/part-00000.parquet".to_string()),
+        "{parts:?}"
+    );
+    assert!(
+        parts.contains(&"ds/_manifest.json".to_string()),
+        "{parts:?}"
+    );
+    let local_ds = dir.join("ds");
+    std::fs::create_dir_all(&local_ds).unwrap();
+    for key in parts.iter().filter(|k| k.ends_with(".parquet")) {
+        moto.object(&format!("s3://data/{key}"))
+            .download(&local_ds.join(key.trim_start_matches("ds/")))
+            .unwrap();
+    }
+    let from_parquet = read_parquet(&local_ds);
+    let reference = read_parquet(&local);
+    let n = strings(&from_parquet, "id").len();
+    assert_eq!(n, 35);
+    assert_eq!(
+        strings(&from_parquet, "id"),
+        strings(&reference, "id")[..n].to_vec()
+    );
+    assert_eq!(
+        vectors(&from_parquet, "embedding"),
+        vectors(&reference, "embedding")[..n].to_vec()
+    );
+}
+
+#[test]
+fn a_killed_job_resumes_with_no_duplicate_or_partial_object() {
+    let Some(moto) = Moto::start() else { return };
+    moto.bucket("jobs");
+    let dir = scratch("s3_resume");
+    let files = fasta_inputs(&dir);
+    for f in &files {
+        upload(
+            &moto,
+            f,
+            &format!("s3://jobs/in/{}", f.file_name().unwrap().to_string_lossy()),
+        );
+    }
+    let args = [
+        "embed",
+        "s3://jobs/in/",
+        "-o",
+        "s3://jobs/emb.parquet",
+        "--model",
+        &model(),
+        "--device",
+        "cpu",
+        "--rows-per-part",
+        "10",
+        "--no-progress",
+    ];
+    let (code, _, err) = moto.esmbed(&args);
+    assert_eq!(code, 0, "{err}");
+    let reference = download(
+        &moto,
+        "s3://jobs/emb.parquet",
+        &dir.join("reference.parquet"),
+    );
+
+    let mut overwrite = args.to_vec();
+    overwrite.push("--overwrite");
+    // Slow parts, killed once the store's manifest lists a part.
+    let mut child = moto
+        .command(&overwrite)
+        .env("ESMBED_TEST_PART_DELAY_MS", "400")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let manifest = moto.object("s3://jobs/.emb.parquet.esmbed/_manifest.json");
+    let started = Instant::now();
+    loop {
+        let listed = manifest
+            .head()
+            .unwrap()
+            .and_then(|_| manifest.get().ok())
+            .is_some_and(|m| String::from_utf8_lossy(&m).contains("\"first_position\""));
+        if listed || started.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        moto.object("s3://jobs/emb.parquet")
+            .head()
+            .unwrap()
+            .is_none(),
+        "a killed job leaves no output object"
+    );
+    let (code, _, err) = moto.esmbed(&args);
+    assert_eq!(code, 2, "without --resume the progress is refused: {err}");
+    assert!(err.contains("--resume"), "{err}");
+
+    let mut resume = args.to_vec();
+    resume.push("--resume");
+    let (code, _, err) = moto.esmbed(&resume);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("resumed"), "{err}");
+    let resumed = download(&moto, "s3://jobs/emb.parquet", &dir.join("resumed.parquet"));
+    assert_same(&reference, &resumed);
+    let keys = moto.keys("jobs");
+    assert_eq!(
+        keys.iter()
+            .filter(|k| !k.starts_with("in/"))
+            .collect::<Vec<_>>(),
+        ["emb.parquet"],
+        "no duplicate, partial or staging object: {keys:?}"
+    );
+}
+
+/// Fails the first `fail` requests of every kind with a transient error, or every request with
+/// `denied`.
+#[derive(Debug)]
+struct Faulty {
+    inner: Arc<dyn ObjectStore>,
+    fail: usize,
+    denied: bool,
+    calls: AtomicUsize,
+}
+
+impl std::fmt::Display for Faulty {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Faulty({})", self.inner)
+    }
+}
+
+impl Faulty {
+    fn check(&self, location: &Key) -> object_store::Result<()> {
+        if self.denied {
+            return Err(object_store::Error::PermissionDenied {
+                path: location.to_string(),
+                source: "403 Forbidden (injected)".into(),
+            });
+        }
+        if self.calls.fetch_add(1, Ordering::SeqCst) < self.fail {
+            return Err(object_store::Error::Generic {
+                store: "S3",
+                source: "503 Slow Down (injected)".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ObjectStore for Faulty {
+    async fn put_opts(
+        &self,
+        location: &Key,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        self.check(location)?;
+        self.inner.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Key,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.check(location)?;
+        let inner = self.inner.put_multipart_opts(location, opts).await?;
+        // The first part of each upload fails once: the whole upload is retried.
+        Ok(Box::new(FaultyUpload {
+            inner,
+            failed: self.fail > 0 && self.calls.load(Ordering::SeqCst) <= self.fail + 1,
+        }))
+    }
+
+    async fn get_opts(
+        &self,
+        location: &Key,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        self.check(location)?;
+        self.inner.get_opts(location, options).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<Key>>,
+    ) -> BoxStream<'static, object_store::Result<Key>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(&self, prefix: Option<&Key>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Key>) -> object_store::Result<ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &Key,
+        to: &Key,
+        options: CopyOptions,
+    ) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+#[derive(Debug)]
+struct FaultyUpload {
+    inner: Box<dyn MultipartUpload>,
+    failed: bool,
+}
+
+#[async_trait]
+impl MultipartUpload for FaultyUpload {
+    fn put_part(&mut self, data: PutPayload) -> UploadPart {
+        if self.failed {
+            self.failed = false;
+            return Box::pin(async {
+                Err(object_store::Error::Generic {
+                    store: "S3",
+                    source: "500 part lost (injected)".into(),
+                })
+            });
+        }
+        self.inner.put_part(data)
+    }
+
+    async fn complete(&mut self) -> object_store::Result<PutResult> {
+        self.inner.complete().await
+    }
+
+    async fn abort(&mut self) -> object_store::Result<()> {
+        self.inner.abort().await
+    }
+}
+
+#[test]
+fn transient_faults_are_retried_and_permanent_ones_reported() {
+    let Some(moto) = Moto::start() else { return };
+    moto.bucket("faults");
+    let base = moto.object("s3://faults/x.bin");
+    let store = |fail: usize, denied: bool| -> ObjectUrl {
+        // The same client, behind the fault injector.
+        let inner: Arc<dyn ObjectStore> = Arc::new(
+            object_store::aws::AmazonS3Builder::from_env()
+                .with_bucket_name("faults")
+                .with_endpoint(moto.endpoint())
+                .with_allow_http(true)
+                .build()
+                .unwrap(),
+        );
+        base.with_store(Arc::new(Faulty {
+            inner,
+            fail,
+            denied,
+            calls: AtomicUsize::new(0),
+        }))
+    };
+
+    // Two transient failures, then success: retried (3 attempts).
+    let flaky = store(2, false);
+    flaky.put(Bytes::from_static(b"hello")).unwrap();
+    assert_eq!(base.get().unwrap().as_ref(), b"hello");
+    let flaky = store(2, false);
+    assert_eq!(flaky.get().unwrap().as_ref(), b"hello");
+
+    // A multipart upload (20 MiB, three parts) whose first part fails: retried as a whole,
+    // and the object is complete.
+    let dir = scratch("s3_faults");
+    let big = dir.join("big.bin");
+    let data: Vec<u8> = (0..20u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&big, &data).unwrap();
+    let flaky = store(1, false).with_key("big.bin");
+    flaky.upload(&big).unwrap();
+    let back = dir.join("back.bin");
+    base.with_key("big.bin").download(&back).unwrap();
+    assert!(
+        std::fs::read(&back).unwrap() == data,
+        "the multipart object is complete"
+    );
+
+    // Always failing: reported after the attempts, naming the URL; nothing is visible.
+    let broken = store(usize::MAX, false).with_key("never.bin");
+    let error = broken.upload(&big).unwrap_err().to_string();
+    assert!(
+        error.contains("s3://faults/never.bin") && error.contains("failed 3 times"),
+        "{error}"
+    );
+    assert!(
+        base.with_key("never.bin").head().unwrap().is_none(),
+        "a failed upload leaves no object"
+    );
+
+    // Access denied: not retried, named.
+    let denied = store(0, true);
+    let started = Instant::now();
+    let error = denied.get().unwrap_err().to_string();
+    assert!(
+        error.contains("access denied") && error.contains("s3://faults/x.bin"),
+        "{error}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "denied requests are not retried"
+    );
+}
+
+#[test]
+fn bad_credentials_and_missing_objects_fail_fast_with_the_url() {
+    let Some(moto) = Moto::start() else { return };
+    moto.bucket("locked");
+    let dir = scratch("s3_auth");
+    let files = fasta_inputs(&dir);
+    upload(&moto, &files[0], "s3://locked/in/a.fasta");
+
+    // A missing object: exit 3 (bad input), the URL named.
+    let (code, _, err) = moto.esmbed(&[
+        "embed",
+        "s3://locked/in/nope.fasta",
+        "-o",
+        "s3://locked/o.parquet",
+        "--model",
+        &model(),
+        "--device",
+        "cpu",
+    ]);
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains("s3://locked/in/nope.fasta") && err.contains("no such object"),
+        "{err}"
+    );
+
+    // Authentication on, unknown keys: refused at once (not retried), with the fix.
+    let response = moto
+        .http("POST", "/moto-api/reset-auth", Some("0"))
+        .unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let started = Instant::now();
+    let (code, _, err) = moto.esmbed_env(
+        &[
+            "embed",
+            "s3://locked/in/a.fasta",
+            "-o",
+            "s3://locked/o.parquet",
+            "--model",
+            &model(),
+            "--device",
+            "cpu",
+        ],
+        &[
+            ("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG1"),
+            ("AWS_SECRET_ACCESS_KEY", "wrong"),
+        ],
+    );
+    moto.http("POST", "/moto-api/reset-auth", Some("inf"));
+    assert_ne!(code, 0);
+    assert!(err.contains("s3://locked/in/a.fasta"), "{err}");
+    assert!(
+        err.contains("access denied") && err.contains("AWS_ACCESS_KEY_ID"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+}
