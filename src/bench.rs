@@ -240,6 +240,7 @@ pub fn measure_devices(
         }
         Ok(())
     })?;
+    tracing::info!("warm-up done on {} device(s)", embedders.len());
     let next = std::sync::atomic::AtomicUsize::new(0);
     let started = Instant::now();
     let per_device: Vec<(usize, usize, f64)> = std::thread::scope(|scope| {

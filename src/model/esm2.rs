@@ -206,7 +206,11 @@ impl Esm2 {
     /// bitwise-identical results (random weights included, whatever the device's generator).
     pub fn replicate(&self, device: &Device) -> Result<Self> {
         prepare_device(device)?;
-        let copy = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(device)?) };
+        // Through the host: a direct copy between GPUs needs peer access, which not every host
+        // grants (and the host copy costs seconds once per job).
+        let copy = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.to_device(&Device::Cpu)?.to_device(device)?)
+        };
         let linear = |l: &Linear| -> Result<Linear> {
             Ok(Linear::new(
                 copy(l.weight())?,
@@ -253,7 +257,18 @@ impl Esm2 {
             let handles: Vec<_> = devices
                 .iter()
                 .skip(1)
-                .map(|d| scope.spawn(move || this.replicate(d)))
+                .map(|d| {
+                    scope.spawn(move || {
+                        let started = std::time::Instant::now();
+                        let copy = this.replicate(d);
+                        tracing::info!(
+                            "replicated the model to {} in {:.1}s",
+                            crate::devices::label(d),
+                            started.elapsed().as_secs_f64()
+                        );
+                        copy
+                    })
+                })
                 .collect();
             handles
                 .into_iter()
