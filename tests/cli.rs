@@ -614,3 +614,51 @@ fn random_models_run_whole_jobs() {
     assert_eq!(code, 5, "{stderr}");
     assert!(stderr.contains("unknown shape"), "{stderr}");
 }
+
+#[test]
+fn shards_split_the_inputs_without_overlap() {
+    let dir = scratch("shards");
+    let input_dir = dir.join("in");
+    std::fs::create_dir_all(&input_dir).unwrap();
+    let inputs: Vec<PathBuf> = (0..3)
+        .map(|k| {
+            let path = input_dir.join(format!("in{k}.fasta"));
+            let ids: Vec<String> = (0..4).map(|i| format!("f{k}s{i}")).collect();
+            let records: Vec<(&str, &str)> = ids
+                .iter()
+                .map(|id| (id.as_str(), "MKTAYIAKQRQISFVKSHFSRQ"))
+                .collect();
+            write_fasta(&path, &records);
+            path
+        })
+        .collect();
+    let tiny = model("tiny_h16");
+    let mut seen = Vec::new();
+    for shard in ["0/2", "1/2"] {
+        let out = dir.join(format!("shard{}.parquet", &shard[..1]));
+        embed_ok(&[
+            "embed",
+            p(&input_dir),
+            "-o",
+            p(&out),
+            "--model",
+            &tiny,
+            "--device",
+            "cpu",
+            "--shard",
+            shard,
+        ]);
+        seen.extend(strings(&read_parquet(&out), "id").into_iter().flatten());
+    }
+    // Shard 0 has files 0 and 2, shard 1 file 1: every row once.
+    seen.sort();
+    let mut all: Vec<String> = (0..3)
+        .flat_map(|k| (0..4).map(move |i| format!("f{k}s{i}")))
+        .collect();
+    all.sort();
+    assert_eq!(seen, all);
+    assert_eq!(inputs.len(), 3);
+    let (code, _, err) = esmbed(["embed", p(&input_dir), "-o", "x.parquet", "--shard", "2/2"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("0 <= I < N"), "{err}");
+}

@@ -208,9 +208,8 @@ impl Esm2 {
         prepare_device(device)?;
         // Through the host: a direct copy between GPUs needs peer access, which not every host
         // grants (and the host copy costs seconds once per job).
-        let copy = |t: &Tensor| -> Result<Tensor> {
-            Ok(t.to_device(&Device::Cpu)?.to_device(device)?)
-        };
+        let copy =
+            |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(&Device::Cpu)?.to_device(device)?) };
         let linear = |l: &Linear| -> Result<Linear> {
             Ok(Linear::new(
                 copy(l.weight())?,
