@@ -237,8 +237,11 @@ fn vector_item(t: &DataType) -> Option<&DataType> {
     }
 }
 
-/// Rows of a vector column as `(values, [(start, len)])` over one `Float32Array`.
-fn vector_rows(array: &ArrayRef) -> Result<(Float32Array, Vec<Option<(usize, usize)>>)> {
+/// Where each row's vector lies in the values (`None` for a NULL row): `(start, len)`.
+type Spans = Vec<Option<(usize, usize)>>;
+
+/// Rows of a vector column as `(values, spans)` over one `Float32Array`.
+fn vector_rows(array: &ArrayRef) -> Result<(Float32Array, Spans)> {
     let rows = |valid: &dyn Fn(usize) -> bool, span: &dyn Fn(usize) -> (usize, usize)| {
         (0..array.len())
             .map(|i| valid(i).then(|| span(i)))
