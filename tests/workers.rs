@@ -157,7 +157,7 @@ fn several_workers_share_the_packs_and_give_the_one_worker_output() {
         .map(|k| {
             let mut w = Worker::new(base.replicate(&Device::Cpu).unwrap(), &format!("cpu#{k}"));
             // Unequal speeds: a static split would leave the fast worker idle.
-            w.delay = Duration::from_millis(2 + 8 * k as u64);
+            w.delay = Duration::from_millis(2 + 40 * k as u64);
             Arc::new(w) as Arc<dyn PackEmbedder>
         })
         .collect();
