@@ -128,6 +128,15 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// Keep the first `max_residues` residues of an encoded sequence (and its `<eos>`), as
+    /// fair-esm truncates; shorter sequences are left as they are.
+    pub fn truncate(tokens: &mut Vec<u32>, max_residues: usize) {
+        if tokens.len() > max_residues + 2 {
+            tokens.truncate(max_residues + 1);
+            tokens.push(EOS);
+        }
+    }
+
     /// Append the residue ids of `text` (no `<cls>`/`<eos>`) to `out`.
     pub fn encode_residues_into(
         &self,

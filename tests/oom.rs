@@ -4,14 +4,12 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use common::*;
-use esmbed::input::{InputOptions, Inputs};
-use esmbed::pipeline::plan::{LongPolicy, PlanOptions};
-use esmbed::pipeline::{self, JobOptions, JobSpec, ModelIdentity, PackEmbedder};
-use esmbed::{DType, Device, EmbedOptions, Embedder, Error, PackedBatch, PooledLayer};
+use esmbed::pipeline::PackEmbedder;
+use esmbed::{Embedder, Error, PackedBatch, PooledLayer};
 
 /// Fails like a GPU out of memory on packs over `max_tokens`, and on any pack holding a sequence
 /// of exactly `poison` tokens.
@@ -41,35 +39,15 @@ fn run(
     embedder: Arc<dyn PackEmbedder>,
     model: &Embedder,
 ) -> esmbed::pipeline::JobSummary {
-    let input = dir.join("in.fasta");
-    let inputs = Inputs::open(&[input], InputOptions::default()).unwrap();
-    let options = JobOptions {
-        plan: PlanOptions {
-            tokens_per_batch: 2000,
-            max_length: 1022,
-            long: LongPolicy::Truncate,
-        },
-        rows_per_part: 30,
-        strict: false,
-        dedupe: false,
-        output_dtype: Default::default(),
-        resume: false,
-        overwrite: true,
-        progress: false,
-    };
-    let identity = ModelIdentity {
-        name: "tiny_h16".into(),
-        fingerprint: "test".into(),
-    };
-    let spec = JobSpec::new(inputs, &dir.join(name), model, identity, options);
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime
-        .block_on(pipeline::run(
-            spec,
-            vec![embedder],
-            Arc::new(AtomicBool::new(false)),
-        ))
-        .unwrap()
+    run_job(
+        &dir.join("in.fasta"),
+        &dir.join(name),
+        model,
+        vec![embedder],
+        2000,
+        30,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -86,15 +64,7 @@ fn out_of_memory_splits_packs_and_loses_nothing() {
     }
     std::fs::write(dir.join("in.fasta"), text).unwrap();
 
-    let load = || {
-        Embedder::load(
-            fixture_dir("tiny_h16").to_str().unwrap(),
-            &Device::Cpu,
-            DType::F32,
-            &EmbedOptions::default(),
-        )
-        .unwrap()
-    };
+    let load = || load_embedder("tiny_h16");
     let model = load();
     let clean = run(&dir, "clean.parquet", Arc::new(load()), &model);
     assert_eq!(clean.errors, 0);

@@ -215,6 +215,14 @@ fn upload(moto: &Moto, local: &std::path::Path, url: &str) {
     moto.object(url).upload(local).unwrap();
 }
 
+/// Upload local files under `prefix`, keeping their names.
+fn upload_all(moto: &Moto, files: &[std::path::PathBuf], prefix: &str) {
+    for f in files {
+        let name = f.file_name().unwrap().to_string_lossy();
+        upload(moto, f, &format!("{prefix}/{name}"));
+    }
+}
+
 fn download(moto: &Moto, url: &str, local: &std::path::Path) -> arrow::array::RecordBatch {
     moto.object(url).download(local).unwrap();
     read_parquet(local)
@@ -231,13 +239,7 @@ fn inputs_from_a_bucket_prefix_and_outputs_to_a_bucket_equal_local_results() {
     moto.bucket("data");
     let dir = scratch("s3_equal");
     let files = fasta_inputs(&dir);
-    for f in &files {
-        upload(
-            &moto,
-            f,
-            &format!("s3://data/in/{}", f.file_name().unwrap().to_string_lossy()),
-        );
-    }
+    upload_all(&moto, &files, "s3://data/in");
     let common = [
         "--model",
         &model(),
@@ -356,13 +358,7 @@ fn a_killed_job_resumes_with_no_duplicate_or_partial_object() {
     moto.bucket("jobs");
     let dir = scratch("s3_resume");
     let files = fasta_inputs(&dir);
-    for f in &files {
-        upload(
-            &moto,
-            f,
-            &format!("s3://jobs/in/{}", f.file_name().unwrap().to_string_lossy()),
-        );
-    }
+    upload_all(&moto, &files, "s3://jobs/in");
     let args = [
         "embed",
         "s3://jobs/in/",

@@ -4,27 +4,18 @@
 
 mod common;
 
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use common::*;
-use esmbed::input::{InputOptions, Inputs};
-use esmbed::pipeline::plan::{LongPolicy, PlanOptions};
-use esmbed::pipeline::{self, JobOptions, JobSpec, ModelIdentity, PackEmbedder};
+use esmbed::pipeline::PackEmbedder;
 use esmbed::sql::service::{BadRows, EmbedService, ServiceOptions};
 use esmbed::sql::{self, SessionOptions};
-use esmbed::{DType, Device, EmbedOptions, Embedder};
+use esmbed::{Device, Embedder};
 
 const MODEL: &str = "tiny_h64";
 
 fn embedder() -> Embedder {
-    Embedder::load(
-        fixture_dir(MODEL).to_str().unwrap(),
-        &Device::Cpu,
-        DType::F32,
-        &EmbedOptions::default(),
-    )
-    .unwrap()
+    load_embedder(MODEL)
 }
 
 fn service(workers: usize, bad_rows: BadRows) -> Arc<EmbedService> {
@@ -127,39 +118,15 @@ fn sql_embeddings_equal_esmbed_embed() {
 
     // esmbed embed, through the library.
     let model = embedder();
-    let inputs = Inputs::open(&[fasta.to_path_buf()], InputOptions::default()).unwrap();
-    let options = JobOptions {
-        plan: PlanOptions {
-            tokens_per_batch: 4096,
-            max_length: 1022,
-            long: LongPolicy::Truncate,
-        },
-        rows_per_part: 1000,
-        strict: false,
-        dedupe: false,
-        output_dtype: Default::default(),
-        resume: false,
-        overwrite: true,
-        progress: false,
-    };
-    let identity = ModelIdentity {
-        name: MODEL.into(),
-        fingerprint: "test".into(),
-    };
-    let spec = JobSpec::new(
-        inputs,
+    run_job(
+        fasta,
         &dir.join("embed.parquet"),
         &model,
-        identity,
-        options,
-    );
-    runtime()
-        .block_on(pipeline::run(
-            spec,
-            vec![Arc::new(model) as Arc<dyn PackEmbedder>],
-            Arc::new(AtomicBool::new(false)),
-        ))
-        .unwrap();
+        vec![Arc::new(embedder()) as Arc<dyn PackEmbedder>],
+        4096,
+        1000,
+    )
+    .unwrap();
 
     // The same rows through SQL.
     let ctx = session(service(1, BadRows::Error));

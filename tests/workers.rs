@@ -4,15 +4,13 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use esmbed::input::{InputOptions, Inputs};
-use esmbed::pipeline::plan::{LongPolicy, PlanOptions};
-use esmbed::pipeline::{self, JobOptions, JobSpec, JobSummary, ModelIdentity, PackEmbedder};
-use esmbed::{DType, Device, EmbedOptions, Embedder, Error, PackedBatch, PooledLayer};
+use esmbed::pipeline::{JobSummary, PackEmbedder};
+use esmbed::{Device, Embedder, Error, PackedBatch, PooledLayer};
 
 /// A CPU worker that can be slow, die with a driver error after some packs, or run out of
 /// memory on one sequence length.
@@ -66,13 +64,7 @@ impl PackEmbedder for Worker {
 }
 
 fn model() -> Embedder {
-    Embedder::load(
-        fixture_dir("tiny_h16").to_str().unwrap(),
-        &Device::Cpu,
-        DType::F32,
-        &EmbedOptions::default(),
-    )
-    .unwrap()
+    load_embedder("tiny_h16")
 }
 
 /// 150 sequences of 20..=169 residues; row `i` has `22 + i` tokens.
@@ -95,33 +87,7 @@ fn run(
     name: &str,
     workers: Vec<Arc<dyn PackEmbedder>>,
 ) -> esmbed::Result<JobSummary> {
-    let inputs = Inputs::open(&[input(dir)], InputOptions::default()).unwrap();
-    let options = JobOptions {
-        plan: PlanOptions {
-            tokens_per_batch: 800,
-            max_length: 1022,
-            long: LongPolicy::Truncate,
-        },
-        rows_per_part: 40,
-        strict: false,
-        dedupe: false,
-        output_dtype: Default::default(),
-        resume: false,
-        overwrite: true,
-        progress: false,
-    };
-    let identity = ModelIdentity {
-        name: "tiny_h16".into(),
-        fingerprint: "test".into(),
-    };
-    let spec = JobSpec::new(inputs, &dir.join(name), &model(), identity, options);
-    tokio::runtime::Runtime::new()
-        .unwrap()
-        .block_on(pipeline::run(
-            spec,
-            workers,
-            Arc::new(AtomicBool::new(false)),
-        ))
+    run_job(&input(dir), &dir.join(name), &model(), workers, 800, 40)
 }
 
 fn one_worker_output(dir: &std::path::Path) -> arrow::array::RecordBatch {

@@ -104,6 +104,21 @@ impl EsmConfig {
         PUBLISHED.iter().map(|p| p.0).collect::<Vec<_>>().join(", ")
     }
 
+    /// Resolve a fair-esm layer number (0 = embeddings, N = last and normalized, negatives
+    /// count from the end: -1 = N) to `0..=N`.
+    pub fn resolve_layer(&self, layer: i64) -> crate::error::Result<usize> {
+        let n = self.num_hidden_layers as i64;
+        let resolved = if layer < 0 { n + 1 + layer } else { layer };
+        if (0..=n).contains(&resolved) {
+            Ok(resolved as usize)
+        } else {
+            Err(crate::error::Error::InvalidOption(format!(
+                "layer {layer} does not exist: this model has layers 0 (embeddings) to {n} (or -1 to -{})",
+                n + 1
+            )))
+        }
+    }
+
     /// Width of one attention head.
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads

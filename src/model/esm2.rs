@@ -300,16 +300,7 @@ impl Esm2 {
     /// Resolve fair-esm layer numbers (0 = embeddings, N = last and normalized, negatives count
     /// from the end: -1 = N) to `0..=N`.
     pub fn resolve_layer(&self, layer: i64) -> Result<usize> {
-        let n = self.config.num_hidden_layers as i64;
-        let resolved = if layer < 0 { n + 1 + layer } else { layer };
-        if (0..=n).contains(&resolved) {
-            Ok(resolved as usize)
-        } else {
-            Err(Error::InvalidOption(format!(
-                "layer {layer} does not exist: this model has layers 0 (embeddings) to {n} (or -1 to -{})",
-                n + 1
-            )))
-        }
+        self.config.resolve_layer(layer)
     }
 
     /// Run the packed forward and return the representation `[T, H]` of each requested layer

@@ -218,8 +218,7 @@ impl PartBuilder {
         } else {
             match options.long {
                 LongPolicy::Truncate => {
-                    tokens.truncate(max + 1);
-                    tokens.push(EOS);
+                    Tokenizer::truncate(&mut tokens, max);
                     self.segments.push(whole(tokens));
                     RowPlan::Embed {
                         length,

@@ -14,10 +14,11 @@ use std::time::Instant;
 
 use crate::embed::Embedder;
 use crate::error::{Error, Result};
+use crate::model::EsmConfig;
 use crate::pack::{first_fit_decreasing, PackedBatch};
 use crate::pipeline::schedule::{Next, WorkQueue};
 use crate::pipeline::{is_out_of_memory, DeviceSummary};
-use crate::tokenize::{TokenizeError, Tokenizer, EOS};
+use crate::tokenize::{TokenizeError, Tokenizer};
 
 /// How `esm_embed` treats rows it cannot embed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -66,15 +67,15 @@ pub struct EmbedService {
     stats: Arc<Mutex<Vec<DeviceSummary>>>,
     tokenizer: Tokenizer,
     options: ServiceOptions,
-    num_layers: usize,
-    hidden: usize,
+    /// The model's hyper-parameters (width, layers).
+    config: EsmConfig,
 }
 
 impl std::fmt::Debug for EmbedService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EmbedService")
             .field("devices", &self.workers.len())
-            .field("hidden", &self.hidden)
+            .field("hidden", &self.config.hidden_size)
             .finish()
     }
 }
@@ -86,8 +87,7 @@ impl EmbedService {
         let first = embedders.first().ok_or_else(|| {
             Error::InvalidOption("the SQL service needs at least one device".into())
         })?;
-        let config = first.model().config();
-        let (num_layers, hidden) = (config.num_hidden_layers, config.hidden_size);
+        let config = first.model().config().clone();
         let tokenizer = *first.tokenizer();
         let queue = Arc::new(WorkQueue::new(embedders.len(), 4 * embedders.len() + 4));
         let stop = Arc::new(AtomicBool::new(false));
@@ -118,19 +118,18 @@ impl EmbedService {
             stats,
             tokenizer,
             options,
-            num_layers,
-            hidden,
+            config,
         })
     }
 
     /// Width of the embeddings.
     pub fn hidden(&self) -> usize {
-        self.hidden
+        self.config.hidden_size
     }
 
     /// Number of layers (the last one, normalized, is the default of `esm_embed`).
     pub fn num_layers(&self) -> usize {
-        self.num_layers
+        self.config.num_hidden_layers
     }
 
     /// The options.
@@ -145,25 +144,13 @@ impl EmbedService {
 
     /// Resolve a fair-esm layer number (negative from the end).
     pub fn resolve_layer(&self, layer: i64) -> Result<usize> {
-        let n = self.num_layers as i64;
-        let resolved = if layer < 0 { n + 1 + layer } else { layer };
-        if (0..=n).contains(&resolved) {
-            Ok(resolved as usize)
-        } else {
-            Err(Error::InvalidOption(format!(
-                "esm_embed: layer {layer} does not exist; this model has layers 0 (embeddings) to {n} (or -1 to -{})",
-                n + 1
-            )))
-        }
+        self.config.resolve_layer(layer)
     }
 
     /// The tokens a sequence becomes (`<cls>`, residues cut at `max_length`, `<eos>`).
     pub fn tokenize(&self, sequence: &str) -> std::result::Result<Vec<u32>, TokenizeError> {
         let mut tokens = self.tokenizer.encode(sequence)?;
-        if tokens.len() > self.options.max_length + 2 {
-            tokens.truncate(self.options.max_length + 1);
-            tokens.push(EOS);
-        }
+        Tokenizer::truncate(&mut tokens, self.options.max_length);
         Ok(tokens)
     }
 
@@ -185,7 +172,7 @@ impl EmbedService {
     /// zeros where the result is null, and the validity of each row. Blocks until the devices are
     /// done: call it from a blocking thread.
     pub fn embed(&self, sequences: &[Option<&str>], layer: usize) -> Result<(Vec<f32>, Vec<bool>)> {
-        let h = self.hidden;
+        let h = self.config.hidden_size;
         let mut valid = vec![false; sequences.len()];
         let mut rows = Vec::with_capacity(sequences.len());
         let mut tokens = Vec::with_capacity(sequences.len());

@@ -227,3 +227,57 @@ pub fn vectors(batch: &arrow::array::RecordBatch, name: &str) -> Vec<Vec<f32>> {
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false")
 }
+
+/// A fixture model on the CPU in f32, default output options.
+pub fn load_embedder(name: &str) -> esmbed::Embedder {
+    esmbed::Embedder::load(
+        fixture_dir(name).to_str().unwrap(),
+        &Device::Cpu,
+        DType::F32,
+        &esmbed::EmbedOptions::default(),
+    )
+    .unwrap()
+}
+
+/// Run a library job (`esmbed embed` without the CLI): `input` into `output` (replaced if it
+/// exists), packs of `tokens_per_batch` tokens, parts of `rows_per_part` rows, on `workers`.
+/// `model` describes the output (layers, pooling, width).
+pub fn run_job(
+    input: &std::path::Path,
+    output: &std::path::Path,
+    model: &esmbed::Embedder,
+    workers: Vec<std::sync::Arc<dyn esmbed::pipeline::PackEmbedder>>,
+    tokens_per_batch: usize,
+    rows_per_part: usize,
+) -> esmbed::Result<esmbed::pipeline::JobSummary> {
+    use esmbed::input::{InputOptions, Inputs};
+    use esmbed::pipeline::plan::{LongPolicy, PlanOptions};
+    use esmbed::pipeline::{JobOptions, JobSpec, ModelIdentity};
+    let inputs = Inputs::open(&[input.to_path_buf()], InputOptions::default()).unwrap();
+    let options = JobOptions {
+        plan: PlanOptions {
+            tokens_per_batch,
+            max_length: 1022,
+            long: LongPolicy::Truncate,
+        },
+        rows_per_part,
+        strict: false,
+        dedupe: false,
+        output_dtype: Default::default(),
+        resume: false,
+        overwrite: true,
+        progress: false,
+    };
+    let identity = ModelIdentity {
+        name: "fixture".into(),
+        fingerprint: "test".into(),
+    };
+    let spec = JobSpec::new(inputs, output, model, identity, options);
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(esmbed::pipeline::run(
+            spec,
+            workers,
+            std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        ))
+}
