@@ -29,11 +29,9 @@ const MASK_RATIO_TRAIN: f64 = 0.15 * 0.8;
 /// One pre-LN transformer block.
 struct Block {
     attn_norm: LayerNorm,
-    /// Query and key projections fused into one `[2H, H]` matmul, the query's rows pre-scaled
-    /// by `d^-½`; its output is rotated in place and read by the attention without copies.
-    qk: Linear,
-    /// Value projection.
-    v: Linear,
+    /// Query, key and value projections fused into one `[3H, H]` matmul, the query's rows
+    /// pre-scaled by `d^-½`; the attention reads its output as three strided views.
+    qkv: Linear,
     out: Linear,
     ffn_norm: LayerNorm,
     fc1: Linear,
@@ -97,11 +95,13 @@ impl Esm2 {
             let query_b = (f32_cpu(format!("{attn}.query.bias"), &[h])? * scale)?;
             let key_w = f32_cpu(format!("{attn}.key.weight"), &[h, h])?;
             let key_b = f32_cpu(format!("{attn}.key.bias"), &[h])?;
+            let value_w = f32_cpu(format!("{attn}.value.weight"), &[h, h])?;
+            let value_b = f32_cpu(format!("{attn}.value.bias"), &[h])?;
             let to_device =
                 |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(device)?) };
-            let qk = Linear::new(
-                to_device(Tensor::cat(&[query_w, key_w], 0)?)?,
-                Some(to_device(Tensor::cat(&[query_b, key_b], 0)?)?),
+            let qkv = Linear::new(
+                to_device(Tensor::cat(&[query_w, key_w, value_w], 0)?)?,
+                Some(to_device(Tensor::cat(&[query_b, key_b, value_b], 0)?)?),
             );
             // The checkpoint's inv_freq when present: ESM-2 was trained in fp16 and its stored
             // buffer differs from a recomputation enough to matter at long positions.
@@ -122,8 +122,7 @@ impl Esm2 {
             };
             blocks.push(Block {
                 attn_norm: norm(&format!("{p}.attention.LayerNorm"))?,
-                qk,
-                v: linear(&format!("{attn}.value"), h, h)?,
+                qkv,
                 out: linear(&format!("{p}.attention.output.dense"), h, h)?,
                 ffn_norm: norm(&format!("{p}.LayerNorm"))?,
                 fc1: linear(&format!("{p}.intermediate.dense"), ffn, h)?,
@@ -180,8 +179,7 @@ impl Esm2 {
             .map(|_| {
                 Ok(Block {
                     attn_norm: norm()?,
-                    qk: linear(2 * h, h)?,
-                    v: linear(h, h)?,
+                    qkv: linear(3 * h, h)?,
                     out: linear(h, h)?,
                     ffn_norm: norm()?,
                     fc1: linear(ffn, h)?,
@@ -227,8 +225,7 @@ impl Esm2 {
             .map(|b| {
                 Ok(Block {
                     attn_norm: norm(&b.attn_norm)?,
-                    qk: linear(&b.qk)?,
-                    v: linear(&b.v)?,
+                    qkv: linear(&b.qkv)?,
                     out: linear(&b.out)?,
                     ffn_norm: norm(&b.ffn_norm)?,
                     fc1: linear(&b.fc1)?,
@@ -333,16 +330,20 @@ impl Esm2 {
         }
         let positions: Vec<f32> = batch.positions().into_iter().map(|p| p as f32).collect();
         let positions = Tensor::from_vec(positions, (total, 1), &self.device)?;
+        let fused = self.fused();
         let rope: Vec<(Tensor, Tensor)> = self
             .rotary
             .iter()
             .map(|inv_freq| {
-                // freqs = t ⊗ inv_freq in f32 as HF does, then cos/sin in the compute dtype.
+                // freqs = t ⊗ inv_freq and its cos/sin in f32 as HF does. The fused kernel reads
+                // the f32 tables; candle's rope wants them in the compute dtype.
                 let freqs = positions.broadcast_mul(&inv_freq.unsqueeze(0)?)?;
-                Ok((
-                    freqs.cos()?.to_dtype(self.dtype)?,
-                    freqs.sin()?.to_dtype(self.dtype)?,
-                ))
+                let (cos, sin) = (freqs.cos()?, freqs.sin()?);
+                Ok(if fused {
+                    (cos, sin)
+                } else {
+                    (cos.to_dtype(self.dtype)?, sin.to_dtype(self.dtype)?)
+                })
             })
             .collect::<Result<_>>()?;
 
@@ -351,7 +352,7 @@ impl Esm2 {
             x = self.block_forward(block, &x, cos, sin, &layout)?;
             let layer = index + 1;
             if layer == n {
-                x = self.final_norm.forward(&x)?;
+                x = self.layer_norm(&self.final_norm, &x)?;
             }
             if layers.contains(&layer) {
                 reprs[layer] = Some(x.clone());
@@ -367,6 +368,29 @@ impl Esm2 {
             .collect())
     }
 
+    /// Whether this model runs on the fused CUDA kernels (bf16/f16 on a GPU, widths the vector
+    /// kernels take: hidden size and head dim multiples of 4, every ESM-2 size).
+    fn fused(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        if self.device.is_cuda()
+            && matches!(self.dtype, DType::BF16 | DType::F16)
+            && self.config.hidden_size.is_multiple_of(4)
+            && self.config.head_dim().is_multiple_of(4)
+        {
+            return true;
+        }
+        false
+    }
+
+    fn layer_norm(&self, norm: &LayerNorm, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.fused() {
+            let bias = norm.bias().expect("ESM-2 LayerNorms have a bias");
+            return super::kernels::layer_norm(x, norm.weight(), bias, self.config.layer_norm_eps);
+        }
+        Ok(norm.forward(x)?)
+    }
+
     fn block_forward(
         &self,
         block: &Block,
@@ -375,35 +399,83 @@ impl Esm2 {
         sin: &Tensor,
         layout: &PackLayout,
     ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.fused() {
+            return self.block_forward_fused(block, x, cos, sin, layout);
+        }
         let (total, h) = x.dims2()?;
         let heads = self.config.num_attention_heads;
         let d = self.config.head_dim();
 
-        let dev = &self.device;
-        use super::profile::time;
-        let normed = time(dev, "attn_layernorm", || Ok(block.attn_norm.forward(x)?))?;
-        let (qk, v) = time(dev, "qkv_matmul", || {
-            Ok((
-                linear(&block.qk, &normed, None)?,
-                linear(&block.v, &normed, None)?,
-            ))
-        })?;
-        let v = v.reshape((total, heads, d))?;
+        let normed = block.attn_norm.forward(x)?;
+        let qkv = block.qkv.forward(&normed)?;
         // Rotate queries and keys together: [T, 2·heads, d], positions per token.
-        let qk = time(dev, "rotary", || {
-            rope(&qk.reshape((total, 2 * heads, d))?, cos, sin)
-        })?;
+        let qk = rope(
+            &qkv.narrow(1, 0, 2 * h)?.reshape((total, 2 * heads, d))?,
+            cos,
+            sin,
+        )?;
         let q = qk.narrow(1, 0, heads)?;
         let k = qk.narrow(1, heads, heads)?;
+        let v = qkv.narrow(1, 2 * h, h)?.reshape((total, heads, d))?;
+        let context = attention::attend(&q, &k, &v, layout)?.reshape((total, h))?;
+        let x = (x + block.out.forward(&context)?)?;
+        let normed = block.ffn_norm.forward(&x)?;
+        let act = block.fc1.forward(&normed)?.gelu_erf()?;
+        Ok((x + block.fc2.forward(&act)?)?)
+    }
+
+    /// The block on the fused CUDA kernels (see [`super::kernels`]); `cos`/`sin` are f32.
+    #[cfg(feature = "cuda")]
+    fn block_forward_fused(
+        &self,
+        block: &Block,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        layout: &PackLayout,
+    ) -> Result<Tensor> {
+        use super::kernels;
+        use super::profile::time;
+        let (total, h) = x.dims2()?;
+        let heads = self.config.num_attention_heads;
+        let d = self.config.head_dim();
+        let dev = &self.device;
+        let weights = |l: &Linear| {
+            (
+                l.weight().clone(),
+                l.bias().expect("ESM-2 Linears have a bias").clone(),
+            )
+        };
+
+        let normed = time(dev, "attn_layernorm", || {
+            self.layer_norm(&block.attn_norm, x)
+        })?;
+        let (w, b) = weights(&block.qkv);
+        let qkv = time(dev, "qkv_rotary", || {
+            kernels::linear_rotary(&normed, &w, &b, (cos, sin), 2 * heads, d / 2)
+        })?;
+        // Strided views of the one projection: [T, 3·heads, d] → q, k, v.
+        let qkv = qkv.reshape((total, 3 * heads, d))?;
+        let q = qkv.narrow(1, 0, heads)?;
+        let k = qkv.narrow(1, heads, heads)?;
+        let v = qkv.narrow(1, 2 * heads, heads)?;
         let context = time(dev, "attention", || {
             Ok(attention::attend(&q, &k, &v, layout)?.reshape((total, h))?)
         })?;
+        let (w, b) = weights(&block.out);
         let x = time(dev, "out_proj_residual", || {
-            linear(&block.out, &context, Some(x))
+            kernels::linear_residual(&context, &w, &b, x)
         })?;
-        let normed = time(dev, "ffn_layernorm", || Ok(block.ffn_norm.forward(&x)?))?;
-        let act = time(dev, "fc1_gelu", || linear_gelu(&block.fc1, &normed))?;
-        time(dev, "fc2_residual", || linear(&block.fc2, &act, Some(&x)))
+        let normed = time(dev, "ffn_layernorm", || {
+            self.layer_norm(&block.ffn_norm, &x)
+        })?;
+        let (w, b) = weights(&block.fc1);
+        let act = time(dev, "fc1_gelu", || kernels::linear_gelu(&normed, &w, &b))?;
+        let (w, b) = weights(&block.fc2);
+        time(dev, "fc2_residual", || {
+            kernels::linear_residual(&act, &w, &b, &x)
+        })
     }
 
     /// Per-token factor `[T, 1]` of the embedding: 0 on `<mask>` rows, else
@@ -428,38 +500,6 @@ impl Esm2 {
                 .to_dtype(self.dtype)?,
         )
     }
-}
-
-/// `x·Wᵀ + b (+ residual)`. On CUDA in bf16/f16 the bias and residual are added by one fused
-/// kernel (candle's broadcast add was the largest cost of the forward); elsewhere candle's ops,
-/// in the order HF computes them.
-fn linear(layer: &Linear, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if super::kernels::applies(x) {
-        if let Some(bias) = layer.bias() {
-            let product = x.matmul(&layer.weight().t()?)?;
-            return match residual {
-                Some(r) => super::kernels::bias_residual(&product, bias, r),
-                None => super::kernels::bias(&product, bias),
-            };
-        }
-    }
-    let y = layer.forward(x)?;
-    Ok(match residual {
-        Some(r) => (r + y)?,
-        None => y,
-    })
-}
-
-/// `gelu_erf(x·Wᵀ + b)`, fused on CUDA like [`linear`].
-fn linear_gelu(layer: &Linear, x: &Tensor) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if super::kernels::applies(x) {
-        if let Some(bias) = layer.bias() {
-            return super::kernels::bias_gelu(&x.matmul(&layer.weight().t()?)?, bias);
-        }
-    }
-    Ok(layer.forward(x)?.gelu_erf()?)
 }
 
 /// Device settings the forward relies on (see [`super::flash::keep_freed_memory`]).

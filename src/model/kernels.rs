@@ -1,10 +1,12 @@
-//! Fused elementwise CUDA kernels for the bf16/f16 forward, compiled with NVRTC at first use.
+//! The CUDA forward's own kernels (bf16/f16), compiled with NVRTC at first use, and the candle
+//! ops that pair them with the cuBLASLt GEMMs of [`super::gemm`].
 //!
-//! Measured with Nsight Compute on an H200 (650M shape, one 61k-token pack): candle's broadcast
-//! add of the Linear biases took 58 % of the GPU time (a [T, 5120] bias add 5.9 ms, against
-//! 0.6–0.95 ms for the matmul that produced it), and the erf GELU another 8 %. These kernels do the
-//! bias add, the bias add plus residual, and the bias add plus exact GELU in one pass each, in f32
-//! registers with a single rounding to the storage type (as PyTorch's cuBLASLt bias epilogue does).
+//! Measured with Nsight Compute and `ESMBED_PROFILE` on an H200 (650M shape): candle's broadcast
+//! bias add, its LayerNorm and its rotary kernel each cost several times the memory traffic they
+//! need. Per layer the forward is now: LayerNorm (one warp per row) → QKV GEMM with the bias in
+//! its epilogue, rotary in place on its output → FlashAttention → output GEMM with bias and
+//! residual in the epilogue → LayerNorm → FC1 GEMM with bias, exact GELU in place → FC2 GEMM
+//! with bias and residual. Every kernel computes in f32 and rounds once on store.
 //!
 //! bf16/f16 conversions are written out (bit operations and PTX `cvt`) so that the source needs
 //! no CUDA headers at run time.
@@ -13,9 +15,12 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
-use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, StorageRef, Tensor,
+};
 
+use super::gemm::{self, Operand};
 use crate::error::Result;
 
 const MODULE: &str = "esmbed_fused";
@@ -35,66 +40,101 @@ __device__ __forceinline__ unsigned short store_f16(float f) {
     unsigned short h; asm("{ cvt.rn.f16.f32 %0, %1; }" : "=h"(h) : "f"(f)); return h;
 }
 __device__ __forceinline__ float gelu_erf(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
-
-#define FUSED(NAME, LOAD, STORE)                                                                  \
-extern "C" __global__ void NAME##_bias(const unsigned short* x, const unsigned short* bias,       \
-        unsigned short* out, unsigned long long n, unsigned int cols) {                          \
-    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;  \
-         i += (unsigned long long)blockDim.x * gridDim.x)                                         \
-        out[i] = STORE(LOAD(x[i]) + LOAD(bias[i % cols]));                                       \
-}                                                                                                 \
-extern "C" __global__ void NAME##_bias_residual(const unsigned short* x, const unsigned short* bias, \
-        const unsigned short* residual, unsigned short* out, unsigned long long n, unsigned int cols) { \
-    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;  \
-         i += (unsigned long long)blockDim.x * gridDim.x)                                         \
-        out[i] = STORE(LOAD(residual[i]) + (LOAD(x[i]) + LOAD(bias[i % cols])));                 \
-}                                                                                                 \
-extern "C" __global__ void NAME##_bias_gelu(const unsigned short* x, const unsigned short* bias,  \
-        unsigned short* out, unsigned long long n, unsigned int cols) {                          \
-    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;  \
-         i += (unsigned long long)blockDim.x * gridDim.x)                                         \
-        out[i] = STORE(gelu_erf(LOAD(x[i]) + LOAD(bias[i % cols])));                             \
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
 }
-
-FUSED(bf16, load_bf16, store_bf16)
-FUSED(f16, load_f16, store_f16)
-
-/* The same, four elements per thread (8-byte loads), 32-bit indices: rows of a multiple of 4. */
-#define LANE(v, k, LOAD) LOAD((unsigned short)(((k) & 1) ? ((v) >> 16) : ((v) & 0xffff)))
+#define LO(v, LOAD) LOAD((unsigned short)((v) & 0xffff))
+#define HI(v, LOAD) LOAD((unsigned short)((v) >> 16))
 #define PACK(f0, f1, STORE) ((unsigned int)STORE(f0) | ((unsigned int)STORE(f1) << 16))
-#define MAP4(a, b, EXPR, LOAD, STORE, out)                                                        \
-    {                                                                                             \
-        float r0, r1, r2, r3, e, f;                                                               \
-        e = LANE(a.x, 0, LOAD); f = LANE(b.x, 0, LOAD); r0 = EXPR;                                \
-        e = LANE(a.x, 1, LOAD); f = LANE(b.x, 1, LOAD); r1 = EXPR;                                \
-        e = LANE(a.y, 0, LOAD); f = LANE(b.y, 0, LOAD); r2 = EXPR;                                \
-        e = LANE(a.y, 1, LOAD); f = LANE(b.y, 1, LOAD); r3 = EXPR;                                \
-        out = make_uint2(PACK(r0, r1, STORE), PACK(r2, r3, STORE));                               \
-    }
-#define FUSED4(NAME, LOAD, STORE)                                                                 \
-extern "C" __global__ void NAME##_bias4(const uint2* x, const uint2* bias, uint2* out,            \
-        unsigned int n, unsigned int cols) {                                                      \
-    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) { \
-        uint2 a = x[i], b = bias[i % cols]; MAP4(a, b, e + f, LOAD, STORE, out[i]) }              \
+
+/* Exact (erf) GELU in place, eight elements per thread (16-byte accesses). */
+#define GELU(NAME, LOAD, STORE)                                                                   \
+extern "C" __global__ void NAME##_gelu8(uint4* x, unsigned long long n8) {                        \
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n8; \
+         i += (unsigned long long)blockDim.x * gridDim.x) {                                       \
+        uint4 v = x[i];                                                                           \
+        v.x = PACK(gelu_erf(LO(v.x, LOAD)), gelu_erf(HI(v.x, LOAD)), STORE);                      \
+        v.y = PACK(gelu_erf(LO(v.y, LOAD)), gelu_erf(HI(v.y, LOAD)), STORE);                      \
+        v.z = PACK(gelu_erf(LO(v.z, LOAD)), gelu_erf(HI(v.z, LOAD)), STORE);                      \
+        v.w = PACK(gelu_erf(LO(v.w, LOAD)), gelu_erf(HI(v.w, LOAD)), STORE);                      \
+        x[i] = v;                                                                                 \
+    }                                                                                             \
 }                                                                                                 \
-extern "C" __global__ void NAME##_bias_gelu4(const uint2* x, const uint2* bias, uint2* out,       \
-        unsigned int n, unsigned int cols) {                                                      \
-    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) { \
-        uint2 a = x[i], b = bias[i % cols]; MAP4(a, b, gelu_erf(e + f), LOAD, STORE, out[i]) }    \
-}                                                                                                 \
-extern "C" __global__ void NAME##_bias_residual4(const uint2* x, const uint2* bias,               \
-        const uint2* residual, uint2* out, unsigned int n, unsigned int cols) {                   \
-    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) { \
-        uint2 a = x[i], b = bias[i % cols], r = residual[i];                                      \
-        float r0 = LANE(r.x, 0, LOAD) + (LANE(a.x, 0, LOAD) + LANE(b.x, 0, LOAD));                \
-        float r1 = LANE(r.x, 1, LOAD) + (LANE(a.x, 1, LOAD) + LANE(b.x, 1, LOAD));                \
-        float r2 = LANE(r.y, 0, LOAD) + (LANE(a.y, 0, LOAD) + LANE(b.y, 0, LOAD));                \
-        float r3 = LANE(r.y, 1, LOAD) + (LANE(a.y, 1, LOAD) + LANE(b.y, 1, LOAD));                \
-        out[i] = make_uint2(PACK(r0, r1, STORE), PACK(r2, r3, STORE));                            \
+extern "C" __global__ void NAME##_gelu1(unsigned short* x, unsigned long long n) {                \
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;  \
+         i += (unsigned long long)blockDim.x * gridDim.x)                                         \
+        x[i] = STORE(gelu_erf(LOAD(x[i])));                                                       \
+}
+GELU(bf16, load_bf16, store_bf16)
+GELU(f16, load_f16, store_f16)
+
+/* LayerNorm over rows of 4*cols4 elements: one warp per row, statistics in f32 (mean, then the
+   mean squared deviation: PyTorch's biased variance), y = (x - mean) * rstd * w + b rounded once. */
+#define LAYER_NORM(NAME, LOAD, STORE)                                                             \
+extern "C" __global__ void NAME##_layer_norm(const uint2* x, const uint2* w, const uint2* b,      \
+        uint2* out, unsigned int rows, unsigned int cols4, float eps) {                           \
+    unsigned int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;                              \
+    unsigned int lane = threadIdx.x & 31;                                                         \
+    if (row >= rows) return;                                                                      \
+    const uint2* in = x + (unsigned long long)row * cols4;                                        \
+    uint2* o = out + (unsigned long long)row * cols4;                                             \
+    float sum = 0.0f;                                                                             \
+    for (unsigned int c = lane; c < cols4; c += 32) {                                             \
+        uint2 v = in[c];                                                                          \
+        sum += (LO(v.x, LOAD) + HI(v.x, LOAD)) + (LO(v.y, LOAD) + HI(v.y, LOAD));                 \
+    }                                                                                             \
+    float n = (float)(cols4 * 4);                                                                 \
+    float mean = warp_sum(sum) / n;                                                               \
+    float sq = 0.0f;                                                                              \
+    for (unsigned int c = lane; c < cols4; c += 32) {                                             \
+        uint2 v = in[c];                                                                          \
+        float d0 = LO(v.x, LOAD) - mean, d1 = HI(v.x, LOAD) - mean;                               \
+        float d2 = LO(v.y, LOAD) - mean, d3 = HI(v.y, LOAD) - mean;                               \
+        sq += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);                                          \
+    }                                                                                             \
+    float rstd = rsqrtf(warp_sum(sq) / n + eps);                                                  \
+    for (unsigned int c = lane; c < cols4; c += 32) {                                             \
+        uint2 v = in[c], g = w[c], s = b[c];                                                      \
+        float y0 = (LO(v.x, LOAD) - mean) * rstd * LO(g.x, LOAD) + LO(s.x, LOAD);                 \
+        float y1 = (HI(v.x, LOAD) - mean) * rstd * HI(g.x, LOAD) + HI(s.x, LOAD);                 \
+        float y2 = (LO(v.y, LOAD) - mean) * rstd * LO(g.y, LOAD) + LO(s.y, LOAD);                 \
+        float y3 = (HI(v.y, LOAD) - mean) * rstd * HI(g.y, LOAD) + HI(s.y, LOAD);                 \
+        o[c] = make_uint2(PACK(y0, y1, STORE), PACK(y2, y3, STORE));                              \
     }                                                                                             \
 }
-FUSED4(bf16, load_bf16, store_bf16)
-FUSED4(f16, load_f16, store_f16)
+LAYER_NORM(bf16, load_bf16, store_bf16)
+LAYER_NORM(f16, load_f16, store_f16)
+
+/* Rotate-half (NeoX) rotary in place on the query and key heads of a fused projection output
+   (rows of `row` elements: heads2 = 2 * heads heads of 2 * half, then the values, untouched).
+   cos/sin: f32 [tokens, half], positions already per sequence. In f32 as HF does it
+   (x * cos + rotate_half(x) * sin with f32 tables), rounded once. Each thread takes two
+   neighbouring pairs (i, i + half) and (i + 1, i + 1 + half). */
+#define ROTARY(NAME, LOAD, STORE)                                                                 \
+extern "C" __global__ void NAME##_rotary(unsigned short* qkv, const float* cos, const float* sin, \
+        unsigned int tokens, unsigned int heads2, unsigned int half, unsigned int row) {          \
+    unsigned int quarter = half >> 1;                                                             \
+    unsigned long long total = (unsigned long long)tokens * heads2 * quarter;                     \
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;        \
+         i < total; i += (unsigned long long)blockDim.x * gridDim.x) {                            \
+        unsigned int j = (unsigned int)(i % quarter) * 2;                                         \
+        unsigned long long th = i / quarter;                                                      \
+        unsigned int h = (unsigned int)(th % heads2);                                             \
+        unsigned long long t = th / heads2;                                                       \
+        unsigned short* base = qkv + t * row + (unsigned long long)h * 2 * half + j;              \
+        unsigned int* p1 = (unsigned int*)base;                                                   \
+        unsigned int* p2 = (unsigned int*)(base + half);                                          \
+        unsigned int a = *p1, b = *p2;                                                            \
+        float c0 = cos[t * half + j], c1 = cos[t * half + j + 1];                                 \
+        float s0 = sin[t * half + j], s1 = sin[t * half + j + 1];                                 \
+        float x10 = LO(a, LOAD), x11 = HI(a, LOAD), x20 = LO(b, LOAD), x21 = HI(b, LOAD);         \
+        *p1 = PACK(x10 * c0 + (-x20) * s0, x11 * c1 + (-x21) * s1, STORE);                        \
+        *p2 = PACK(x20 * c0 + x10 * s0, x21 * c1 + x11 * s1, STORE);                              \
+    }                                                                                             \
+}
+ROTARY(bf16, load_bf16, store_bf16)
+ROTARY(f16, load_f16, store_f16)
 
 /* Mean over the residue rows of each sequence of a pack: grid (sequences, column blocks). */
 #define SEGMENT_MEAN(NAME, LOAD)                                                                  \
@@ -112,13 +152,6 @@ extern "C" __global__ void NAME##_segment_mean(const unsigned short* hidden,    
 SEGMENT_MEAN(bf16, load_bf16)
 SEGMENT_MEAN(f16, load_f16)
 "#;
-
-/// Which fused operation.
-#[derive(Debug, Clone, Copy)]
-enum Kind {
-    Bias,
-    BiasGelu,
-}
 
 fn ptx() -> candle_core::Result<&'static str> {
     static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
@@ -143,166 +176,271 @@ fn prefix(dtype: DType) -> candle_core::Result<&'static str> {
     }
 }
 
-/// A contiguous view of `s` as `T` (bf16 or f16).
-fn view<'a, T: candle_core::cuda_backend::CudaDType>(
-    s: &'a CudaStorage,
-    l: &Layout,
-) -> candle_core::Result<CudaView<'a, T>> {
+/// A contiguous view of `s` as `T` (bf16, f16, f32 or u32).
+fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> candle_core::Result<CudaView<'a, T>> {
     let (start, end) = l
         .contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg("fused kernels need contiguous inputs".into()))?;
     Ok(s.as_cuda_slice::<T>()?.slice(start..end))
 }
 
-/// Run kernel `{dtype}_{name}` over `n` elements of rows of `cols`, inputs then output.
-fn run<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
-    dev: &candle_core::CudaDevice,
-    dtype: DType,
-    name: &str,
-    inputs: &[CudaView<'_, T>],
-    n: usize,
-    cols: usize,
-    aligned: bool,
-) -> candle_core::Result<CudaSlice<T>> {
-    // Four elements per thread when rows are a multiple of 4 (every ESM-2 width) and indices
-    // fit in 32 bits, and every input starts 8-byte aligned.
-    let vec4 = aligned && cols.is_multiple_of(4) && n / 4 < u32::MAX as usize;
-    let kernel = if vec4 {
-        format!("{}_{name}4", prefix(dtype)?)
-    } else {
-        format!("{}_{name}", prefix(dtype)?)
-    };
-    let func = dev.get_or_load_custom_func(&kernel, MODULE, ptx()?)?;
-    // SAFETY: every element is written by the kernel before it is read.
-    let out = unsafe { dev.alloc::<T>(n)? };
-    let mut builder = func.builder();
-    for input in inputs {
-        builder.arg(input);
-    }
-    builder.arg(&out);
-    let (n64, cols32) = (n as u64, cols as u32);
-    let (n4, cols4) = ((n / 4) as u32, (cols / 4) as u32);
-    if vec4 {
-        builder.arg(&n4);
-        builder.arg(&cols4);
-    } else {
-        builder.arg(&n64);
-        builder.arg(&cols32);
-    }
-    let threads = if vec4 { n / 4 } else { n };
-    let blocks = threads.div_ceil(256).min(65535 * 8) as u32;
-    let cfg = LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: the kernel takes (inputs..., out, n, cols) with 2-byte elements, as passed here.
-    unsafe { builder.launch(cfg) }.w()?;
-    Ok(out)
-}
-
-/// Launch on bf16 or f16 storages.
-fn launch(
-    name: &str,
-    storages: &[(&CudaStorage, &Layout)],
-    n: usize,
-    cols: usize,
-) -> candle_core::Result<CudaStorage> {
-    let dev = storages[0].0.device();
-    let dtype = storages[0].0.dtype();
-    let aligned = storages
-        .iter()
-        .all(|(_, l)| l.start_offset().is_multiple_of(4));
-    let slice = match dtype {
-        DType::BF16 => {
-            let views = storages
-                .iter()
-                .map(|(s, l)| view::<half::bf16>(s, l))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            CudaStorageSlice::BF16(run(dev, dtype, name, &views, n, cols, aligned)?)
-        }
-        DType::F16 => {
-            let views = storages
-                .iter()
-                .map(|(s, l)| view::<half::f16>(s, l))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            CudaStorageSlice::F16(run(dev, dtype, name, &views, n, cols, aligned)?)
-        }
-        other => candle_core::bail!("fused kernels take bf16/f16, not {other:?}"),
-    };
-    Ok(CudaStorage {
-        slice,
-        device: dev.clone(),
+/// `s` as a GEMM operand: the whole allocation and where the contiguous tensor starts.
+fn operand<'a, T: CudaDType>(
+    s: &'a CudaStorage,
+    l: &Layout,
+) -> candle_core::Result<Operand<'a, T>> {
+    let (start, _) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("fused kernels need contiguous inputs".into()))?;
+    Ok(Operand {
+        slice: s.as_cuda_slice::<T>()?,
+        offset: start,
     })
 }
 
-struct BiasOp(Kind);
-
-impl CustomOp2 for BiasOp {
-    fn name(&self) -> &'static str {
-        "esmbed-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("esmbed's fused kernels run on CUDA only")
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        b: &CudaStorage,
-        bl: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let cols = bl.shape().elem_count();
-        let n = xl.shape().elem_count();
-        let name = match self.0 {
-            Kind::Bias => "bias",
-            Kind::BiasGelu => "bias_gelu",
-        };
-        let out = launch(name, &[(x, xl), (b, bl)], n, cols)?;
-        Ok((out, xl.shape().clone()))
+/// The CUDA storage behind a read guard.
+fn cuda<'a>(storage: &'a StorageRef<'_>) -> candle_core::Result<&'a CudaStorage> {
+    match &**storage {
+        Storage::Cuda(s) => Ok(s),
+        _ => candle_core::bail!("esmbed's fused kernels run on CUDA only"),
     }
 }
 
-struct BiasResidualOp;
+/// A grid-stride launch of `threads` threads in blocks of 256.
+fn grid(threads: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (threads.div_ceil(256).clamp(1, 1 << 16) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
 
-impl CustomOp3 for BiasResidualOp {
+/// What runs on a Linear's output before anyone reads it.
+#[derive(Clone, Copy)]
+enum Post<'a> {
+    None,
+    /// Exact GELU in place.
+    Gelu,
+    /// Rotary on the first `heads2` heads of `2 * half` (queries then keys), f32 `cos`/`sin`
+    /// tables `[T, half]`.
+    Rotary {
+        cos: &'a Tensor,
+        sin: &'a Tensor,
+        heads2: usize,
+        half: usize,
+    },
+}
+
+/// `post(x · wᵀ + b (+ residual))` on cuBLASLt plus at most one in-place kernel.
+struct LinearOp<'a> {
+    w: &'a Tensor,
+    b: &'a Tensor,
+    residual: Option<&'a Tensor>,
+    post: Post<'a>,
+}
+
+impl LinearOp<'_> {
+    fn typed<T: CudaDType + DeviceRepr>(
+        &self,
+        dev: &CudaDevice,
+        dtype: DType,
+        x: &CudaStorage,
+        xl: &Layout,
+    ) -> candle_core::Result<CudaSlice<T>> {
+        let (tokens, k) = xl.shape().dims2()?;
+        let w_guard = self.w.storage_and_layout();
+        let b_guard = self.b.storage_and_layout();
+        let r_guard = self.residual.map(|r| r.storage_and_layout());
+        let (n, wk) = w_guard.1.shape().dims2()?;
+        if wk != k || b_guard.1.shape().elem_count() != n {
+            candle_core::bail!(
+                "linear: x [{tokens}, {k}], w {:?}, b {:?}",
+                w_guard.1.shape(),
+                b_guard.1.shape()
+            );
+        }
+        let residual = match &r_guard {
+            Some((storage, layout)) => {
+                if layout.shape().dims2()? != (tokens, n) {
+                    candle_core::bail!("linear: residual {:?} for [{tokens}, {n}]", layout.shape());
+                }
+                Some(operand::<T>(cuda(storage)?, layout)?)
+            }
+            None => None,
+        };
+        // SAFETY: every element is written by the GEMM before anything reads it.
+        let mut out = unsafe { dev.alloc::<T>(tokens * n)? };
+        gemm::linear(
+            dev,
+            dtype,
+            operand::<T>(x, xl)?,
+            operand::<T>(cuda(&w_guard.0)?, w_guard.1)?,
+            operand::<T>(cuda(&b_guard.0)?, b_guard.1)?,
+            residual,
+            &mut out,
+            (tokens, n, k),
+        )?;
+        match self.post {
+            Post::None => {}
+            Post::Gelu => {
+                let total = tokens * n;
+                let (name, threads) = if n.is_multiple_of(8) {
+                    ("gelu8", total / 8)
+                } else {
+                    ("gelu1", total)
+                };
+                let func = dev.get_or_load_custom_func(
+                    &format!("{}_{name}", prefix(dtype)?),
+                    MODULE,
+                    ptx()?,
+                )?;
+                let count = threads as u64;
+                let mut builder = func.builder();
+                builder.arg(&mut out);
+                builder.arg(&count);
+                // SAFETY: (x, n) with `n` vectors of the dtype, in place.
+                unsafe { builder.launch(grid(threads)) }.w()?;
+            }
+            Post::Rotary {
+                cos,
+                sin,
+                heads2,
+                half,
+            } => {
+                if !half.is_multiple_of(2) || heads2 * 2 * half > n {
+                    candle_core::bail!("rotary: {heads2} heads of {} in rows of {n}", 2 * half);
+                }
+                let cos_guard = cos.storage_and_layout();
+                let sin_guard = sin.storage_and_layout();
+                for l in [cos_guard.1, sin_guard.1] {
+                    if l.shape().dims2()? != (tokens, half) {
+                        candle_core::bail!("rotary tables {:?} for [{tokens}, {half}]", l.shape());
+                    }
+                }
+                let cos = view::<f32>(cuda(&cos_guard.0)?, cos_guard.1)?;
+                let sin = view::<f32>(cuda(&sin_guard.0)?, sin_guard.1)?;
+                let func = dev.get_or_load_custom_func(
+                    &format!("{}_rotary", prefix(dtype)?),
+                    MODULE,
+                    ptx()?,
+                )?;
+                let (t32, h32, half32, row32) =
+                    (tokens as u32, heads2 as u32, half as u32, n as u32);
+                let mut builder = func.builder();
+                builder.arg(&mut out);
+                builder.arg(&cos);
+                builder.arg(&sin);
+                builder.arg(&t32);
+                builder.arg(&h32);
+                builder.arg(&half32);
+                builder.arg(&row32);
+                // SAFETY: (qkv, cos, sin, tokens, heads2, half, row), shapes checked above.
+                unsafe { builder.launch(grid(tokens * heads2 * half / 2)) }.w()?;
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl CustomOp1 for LinearOp<'_> {
     fn name(&self) -> &'static str {
-        "esmbed-bias-residual"
+        "esmbed-linear"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         candle_core::bail!("esmbed's fused kernels run on CUDA only")
     }
 
-    fn cuda_fwd(
+    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = x.device();
+        let dtype = x.dtype();
+        let slice = match dtype {
+            DType::BF16 => CudaStorageSlice::BF16(self.typed::<half::bf16>(dev, dtype, x, xl)?),
+            DType::F16 => CudaStorageSlice::F16(self.typed::<half::f16>(dev, dtype, x, xl)?),
+            other => candle_core::bail!("fused kernels take bf16/f16, not {other:?}"),
+        };
+        let tokens = xl.shape().dims2()?.0;
+        let n = self.w.dim(0)?;
+        Ok((
+            CudaStorage {
+                slice,
+                device: dev.clone(),
+            },
+            Shape::from((tokens, n)),
+        ))
+    }
+}
+
+/// LayerNorm over the last dimension, one warp per row.
+struct LayerNormOp<'a> {
+    w: &'a Tensor,
+    b: &'a Tensor,
+    eps: f32,
+}
+
+impl LayerNormOp<'_> {
+    fn typed<T: CudaDType + DeviceRepr>(
         &self,
+        dev: &CudaDevice,
+        dtype: DType,
         x: &CudaStorage,
         xl: &Layout,
-        b: &CudaStorage,
-        bl: &Layout,
-        r: &CudaStorage,
-        rl: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let cols = bl.shape().elem_count();
-        let n = xl.shape().elem_count();
-        let out = launch("bias_residual", &[(x, xl), (b, bl), (r, rl)], n, cols)?;
-        Ok((out, xl.shape().clone()))
+    ) -> candle_core::Result<CudaSlice<T>> {
+        let (rows, cols) = xl.shape().dims2()?;
+        let w_guard = self.w.storage_and_layout();
+        let b_guard = self.b.storage_and_layout();
+        let w = view::<T>(cuda(&w_guard.0)?, w_guard.1)?;
+        let b = view::<T>(cuda(&b_guard.0)?, b_guard.1)?;
+        let x = view::<T>(x, xl)?;
+        // SAFETY: every element is written by the kernel before anything reads it.
+        let mut out = unsafe { dev.alloc::<T>(rows * cols)? };
+        let func =
+            dev.get_or_load_custom_func(&format!("{}_layer_norm", prefix(dtype)?), MODULE, ptx()?)?;
+        let (rows32, cols4) = (rows as u32, (cols / 4) as u32);
+        let mut builder = func.builder();
+        builder.arg(&x);
+        builder.arg(&w);
+        builder.arg(&b);
+        builder.arg(&mut out);
+        builder.arg(&rows32);
+        builder.arg(&cols4);
+        builder.arg(&self.eps);
+        // Eight rows (warps) per block of 256 threads.
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: (x, w, b, out, rows, cols / 4, eps); `layer_norm` checked the alignment.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok(out)
+    }
+}
+
+impl CustomOp1 for LayerNormOp<'_> {
+    fn name(&self) -> &'static str {
+        "esmbed-layer-norm"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("esmbed's fused kernels run on CUDA only")
+    }
+
+    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = x.device();
+        let dtype = x.dtype();
+        let slice = match dtype {
+            DType::BF16 => CudaStorageSlice::BF16(self.typed::<half::bf16>(dev, dtype, x, xl)?),
+            DType::F16 => CudaStorageSlice::F16(self.typed::<half::f16>(dev, dtype, x, xl)?),
+            other => candle_core::bail!("fused kernels take bf16/f16, not {other:?}"),
+        };
+        Ok((
+            CudaStorage {
+                slice,
+                device: dev.clone(),
+            },
+            xl.shape().clone(),
+        ))
     }
 }
 
@@ -393,20 +531,80 @@ pub fn applies(x: &Tensor) -> bool {
     x.device().is_cuda() && matches!(x.dtype(), DType::BF16 | DType::F16)
 }
 
-/// `x + bias` (bias broadcast over rows).
-pub fn bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    Ok(x.contiguous()?
-        .apply_op2_no_bwd(bias, &BiasOp(Kind::Bias))?)
+/// A contiguous `t` whose first element is 8-byte aligned (the kernels' vector accesses).
+fn aligned(t: &Tensor) -> Result<Tensor> {
+    let ok = t.is_contiguous() && t.layout().start_offset().is_multiple_of(4);
+    Ok(if ok { t.clone() } else { t.copy()? })
 }
 
-/// `gelu_erf(x + bias)`.
-pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    Ok(x.contiguous()?
-        .apply_op2_no_bwd(bias, &BiasOp(Kind::BiasGelu))?)
+/// `x · wᵀ + b`, `[T, K]` → `[T, N]`.
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let op = LinearOp {
+        w,
+        b,
+        residual: None,
+        post: Post::None,
+    };
+    Ok(x.contiguous()?.apply_op1_no_bwd(&op)?)
 }
 
-/// `residual + (x + bias)`.
-pub fn bias_residual(x: &Tensor, bias: &Tensor, residual: &Tensor) -> Result<Tensor> {
-    Ok(x.contiguous()?
-        .apply_op3_no_bwd(bias, &residual.contiguous()?, &BiasResidualOp)?)
+/// `residual + x · wᵀ + b`, one rounding.
+pub fn linear_residual(x: &Tensor, w: &Tensor, b: &Tensor, residual: &Tensor) -> Result<Tensor> {
+    let residual = residual.contiguous()?;
+    let op = LinearOp {
+        w,
+        b,
+        residual: Some(&residual),
+        post: Post::None,
+    };
+    Ok(x.contiguous()?.apply_op1_no_bwd(&op)?)
+}
+
+/// `gelu_erf(x · wᵀ + b)`: the GEMM's output is rounded, then the GELU (HF's order).
+pub fn linear_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let op = LinearOp {
+        w,
+        b,
+        residual: None,
+        post: Post::Gelu,
+    };
+    Ok(x.contiguous()?.apply_op1_no_bwd(&op)?)
+}
+
+/// The fused query/key/value projection `x · wᵀ + b`, `[T, 3H]`, with rotary applied to the
+/// `heads2 = 2 · heads` query and key heads (head dim `2 · half`, `half` even) from f32 tables
+/// `[T, half]`.
+pub fn linear_rotary(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    heads2: usize,
+    half: usize,
+) -> Result<Tensor> {
+    let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
+    let post = Post::Rotary {
+        cos: &cos,
+        sin: &sin,
+        heads2,
+        half,
+    };
+    let op = LinearOp {
+        w,
+        b,
+        residual: None,
+        post,
+    };
+    Ok(x.contiguous()?.apply_op1_no_bwd(&op)?)
+}
+
+/// LayerNorm of the rows of `x` (`[T, H]`, `H` a multiple of 4).
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let (w, b) = (aligned(w)?, aligned(b)?);
+    let op = LayerNormOp {
+        w: &w,
+        b: &b,
+        eps: eps as f32,
+    };
+    Ok(aligned(x)?.apply_op1_no_bwd(&op)?)
 }

@@ -7,6 +7,8 @@ pub mod config;
 pub mod esm2;
 #[cfg(feature = "cuda")]
 pub mod flash;
+#[cfg(feature = "cuda")]
+pub mod gemm;
 pub mod hub;
 #[cfg(feature = "cuda")]
 pub mod kernels;
