@@ -124,11 +124,11 @@ pub fn linear<T>(
         let desc = Desc::new()?;
         desc.set(
             sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
-            &(sys::cublasOperation_t::CUBLAS_OP_T as i32),
+            &1i32, // CUBLAS_OP_T: W is [N, K] row-major
         )?;
         desc.set(
             sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
-            &(sys::cublasOperation_t::CUBLAS_OP_N as i32),
+            &0i32, // CUBLAS_OP_N
         )?;
         desc.set(
             sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
