@@ -215,6 +215,38 @@ fn grid(threads: usize) -> LaunchConfig {
     }
 }
 
+/// An op whose output is computed the same way for bf16 and f16 storage (`T`).
+trait Typed {
+    fn typed<T: CudaDType + DeviceRepr>(
+        &self,
+        dev: &CudaDevice,
+        dtype: DType,
+        x: &CudaStorage,
+        xl: &Layout,
+    ) -> candle_core::Result<CudaSlice<T>>;
+}
+
+/// Run `op` on `x` in its dtype, as a storage of `shape`.
+fn run_typed(
+    op: &impl Typed,
+    x: &CudaStorage,
+    xl: &Layout,
+    shape: Shape,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let dev = x.device();
+    let dtype = x.dtype();
+    let slice = match dtype {
+        DType::BF16 => CudaStorageSlice::BF16(op.typed::<half::bf16>(dev, dtype, x, xl)?),
+        DType::F16 => CudaStorageSlice::F16(op.typed::<half::f16>(dev, dtype, x, xl)?),
+        other => candle_core::bail!("fused kernels take bf16/f16, not {other:?}"),
+    };
+    let storage = CudaStorage {
+        slice,
+        device: dev.clone(),
+    };
+    Ok((storage, shape))
+}
+
 /// What runs on a Linear's output before anyone reads it.
 #[derive(Clone, Copy)]
 enum Post<'a> {
@@ -239,7 +271,7 @@ struct LinearOp<'a> {
     post: Post<'a>,
 }
 
-impl LinearOp<'_> {
+impl Typed for LinearOp<'_> {
     fn typed<T: CudaDType + DeviceRepr>(
         &self,
         dev: &CudaDevice,
@@ -352,22 +384,8 @@ impl CustomOp1 for LinearOp<'_> {
     }
 
     fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        let dev = x.device();
-        let dtype = x.dtype();
-        let slice = match dtype {
-            DType::BF16 => CudaStorageSlice::BF16(self.typed::<half::bf16>(dev, dtype, x, xl)?),
-            DType::F16 => CudaStorageSlice::F16(self.typed::<half::f16>(dev, dtype, x, xl)?),
-            other => candle_core::bail!("fused kernels take bf16/f16, not {other:?}"),
-        };
-        let tokens = xl.shape().dims2()?.0;
-        let n = self.w.dim(0)?;
-        Ok((
-            CudaStorage {
-                slice,
-                device: dev.clone(),
-            },
-            Shape::from((tokens, n)),
-        ))
+        let shape = Shape::from((xl.shape().dims2()?.0, self.w.dim(0)?));
+        run_typed(self, x, xl, shape)
     }
 }
 
@@ -378,7 +396,7 @@ struct LayerNormOp<'a> {
     eps: f32,
 }
 
-impl LayerNormOp<'_> {
+impl Typed for LayerNormOp<'_> {
     fn typed<T: CudaDType + DeviceRepr>(
         &self,
         dev: &CudaDevice,
@@ -427,20 +445,7 @@ impl CustomOp1 for LayerNormOp<'_> {
     }
 
     fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        let dev = x.device();
-        let dtype = x.dtype();
-        let slice = match dtype {
-            DType::BF16 => CudaStorageSlice::BF16(self.typed::<half::bf16>(dev, dtype, x, xl)?),
-            DType::F16 => CudaStorageSlice::F16(self.typed::<half::f16>(dev, dtype, x, xl)?),
-            other => candle_core::bail!("fused kernels take bf16/f16, not {other:?}"),
-        };
-        Ok((
-            CudaStorage {
-                slice,
-                device: dev.clone(),
-            },
-            xl.shape().clone(),
-        ))
+        run_typed(self, x, xl, xl.shape().clone())
     }
 }
 
