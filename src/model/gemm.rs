@@ -198,8 +198,15 @@ pub fn linear<T>(
             stream.cu_stream() as sys::cudaStream_t,
         )
         .map_err(|e| {
+            // Spelled so that the pipeline's out-of-memory handling (split the pack and retry)
+            // recognizes it.
+            let oom = if e.0 == sys::cublasStatus_t::CUBLAS_STATUS_ALLOC_FAILED {
+                " (out of memory)"
+            } else {
+                ""
+            };
             candle_core::Error::Msg(format!(
-                "cuBLASLt GEMM {m}x{n_cols}x{kk} {dtype:?} failed: {e:?}"
+                "cuBLASLt GEMM {m}x{n_cols}x{kk} {dtype:?} failed: {e:?}{oom}"
             ))
         })?;
     }
