@@ -60,6 +60,12 @@ fn lt(dev: &CudaDevice) -> candle_core::Result<Arc<Lt>> {
     if let Some(lt) = handles.get(&dev.id()) {
         return Ok(lt.clone());
     }
+    // Created (and later used) with this device's context current: a cuBLASLt handle reads the
+    // device's properties from the calling thread's context.
+    dev.cuda_stream()
+        .context()
+        .bind_to_thread()
+        .map_err(candle_core::Error::wrap)?;
     let handle = result::create_handle().map_err(candle_core::Error::wrap)?;
     // SAFETY: scratch memory, only ever written by cuBLASLt.
     let workspace = unsafe { dev.alloc::<u8>(WORKSPACE_BYTES)? };
@@ -98,6 +104,10 @@ pub fn linear<T>(
     };
     let lt = lt(dev)?;
     let stream = dev.cuda_stream();
+    stream
+        .context()
+        .bind_to_thread()
+        .map_err(candle_core::Error::wrap)?;
     let (a_ptr, _a) = ptr(&w, &stream);
     let (b_ptr, _b) = ptr(&x, &stream);
     let (bias_ptr, _bias) = ptr(&bias, &stream);
