@@ -368,13 +368,12 @@ impl Esm2 {
             .collect())
     }
 
-    /// Whether this model runs on the fused CUDA kernels (bf16/f16 on a GPU, widths the vector
-    /// kernels take: hidden size and head dim multiples of 4, every ESM-2 size).
+    /// Whether this model runs on the fused CUDA kernels (bf16/f16 on a GPU, a head dim that is
+    /// a multiple of 4, as in every ESM-2 size; the hidden size, heads × head dim, then is too).
     fn fused(&self) -> bool {
         #[cfg(feature = "cuda")]
         if self.device.is_cuda()
             && matches!(self.dtype, DType::BF16 | DType::F16)
-            && self.config.hidden_size.is_multiple_of(4)
             && self.config.head_dim().is_multiple_of(4)
         {
             return true;
@@ -441,19 +440,12 @@ impl Esm2 {
         let heads = self.config.num_attention_heads;
         let d = self.config.head_dim();
         let dev = &self.device;
-        let weights = |l: &Linear| {
-            (
-                l.weight().clone(),
-                l.bias().expect("ESM-2 Linears have a bias").clone(),
-            )
-        };
 
         let normed = time(dev, "attn_layernorm", || {
             self.layer_norm(&block.attn_norm, x)
         })?;
-        let (w, b) = weights(&block.qkv);
         let qkv = time(dev, "qkv_rotary", || {
-            kernels::linear_rotary(&normed, &w, &b, (cos, sin), 2 * heads, d / 2)
+            kernels::linear_rotary(&normed, &block.qkv, (cos, sin), 2 * heads, d / 2)
         })?;
         // Strided views of the one projection: [T, 3·heads, d] → q, k, v.
         let qkv = qkv.reshape((total, 3 * heads, d))?;
@@ -463,18 +455,17 @@ impl Esm2 {
         let context = time(dev, "attention", || {
             Ok(attention::attend(&q, &k, &v, layout)?.reshape((total, h))?)
         })?;
-        let (w, b) = weights(&block.out);
         let x = time(dev, "out_proj_residual", || {
-            kernels::linear_residual(&context, &w, &b, x)
+            kernels::linear_residual(&context, &block.out, x)
         })?;
         let normed = time(dev, "ffn_layernorm", || {
             self.layer_norm(&block.ffn_norm, &x)
         })?;
-        let (w, b) = weights(&block.fc1);
-        let act = time(dev, "fc1_gelu", || kernels::linear_gelu(&normed, &w, &b))?;
-        let (w, b) = weights(&block.fc2);
+        let act = time(dev, "fc1_gelu", || {
+            kernels::linear_gelu(&normed, &block.fc1)
+        })?;
         time(dev, "fc2_residual", || {
-            kernels::linear_residual(&act, &w, &b, &x)
+            kernels::linear_residual(&act, &block.fc2, &x)
         })
     }
 

@@ -60,12 +60,6 @@ fn lt(dev: &CudaDevice) -> candle_core::Result<Arc<Lt>> {
     if let Some(lt) = handles.get(&dev.id()) {
         return Ok(lt.clone());
     }
-    // Created (and later used) with this device's context current: a cuBLASLt handle reads the
-    // device's properties from the calling thread's context.
-    dev.cuda_stream()
-        .context()
-        .bind_to_thread()
-        .map_err(candle_core::Error::wrap)?;
     let handle = result::create_handle().map_err(candle_core::Error::wrap)?;
     // SAFETY: scratch memory, only ever written by cuBLASLt.
     let workspace = unsafe { dev.alloc::<u8>(WORKSPACE_BYTES)? };
@@ -102,12 +96,14 @@ pub fn linear<T>(
         DType::F16 => sys::cudaDataType_t::CUDA_R_16F,
         other => candle_core::bail!("cuBLASLt path takes bf16/f16, not {other:?}"),
     };
-    let lt = lt(dev)?;
     let stream = dev.cuda_stream();
+    // This device's context current, for creating its handle and for the GEMM: cuBLASLt reads
+    // the device's properties from the calling thread's context.
     stream
         .context()
         .bind_to_thread()
         .map_err(candle_core::Error::wrap)?;
+    let lt = lt(dev)?;
     let (a_ptr, _a) = ptr(&w, &stream);
     let (b_ptr, _b) = ptr(&x, &stream);
     let (bias_ptr, _bias) = ptr(&bias, &stream);

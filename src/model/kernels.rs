@@ -20,6 +20,8 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, StorageRef, Tensor,
 };
 
+use candle_nn::Linear;
+
 use super::gemm::{self, Operand};
 use crate::error::Result;
 
@@ -176,11 +178,15 @@ fn prefix(dtype: DType) -> candle_core::Result<&'static str> {
     }
 }
 
+/// Where a contiguous tensor lies in its storage (the kernels take no strided inputs).
+fn offsets(l: &Layout) -> candle_core::Result<(usize, usize)> {
+    l.contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("fused kernels need contiguous inputs".into()))
+}
+
 /// A contiguous view of `s` as `T` (bf16, f16, f32 or u32).
 fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> candle_core::Result<CudaView<'a, T>> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("fused kernels need contiguous inputs".into()))?;
+    let (start, end) = offsets(l)?;
     Ok(s.as_cuda_slice::<T>()?.slice(start..end))
 }
 
@@ -189,9 +195,7 @@ fn operand<'a, T: CudaDType>(
     s: &'a CudaStorage,
     l: &Layout,
 ) -> candle_core::Result<Operand<'a, T>> {
-    let (start, _) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("fused kernels need contiguous inputs".into()))?;
+    let (start, _) = offsets(l)?;
     Ok(Operand {
         slice: s.as_cuda_slice::<T>()?,
         offset: start,
@@ -542,38 +546,28 @@ fn aligned(t: &Tensor) -> Result<Tensor> {
     Ok(if ok { t.clone() } else { t.copy()? })
 }
 
-/// `x · wᵀ + b`, `[T, K]` → `[T, N]`.
-pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+/// `post(x · wᵀ + b (+ residual))` for an ESM-2 Linear (they all have a bias).
+fn apply(x: &Tensor, layer: &Linear, residual: Option<&Tensor>, post: Post<'_>) -> Result<Tensor> {
+    let b = layer
+        .bias()
+        .ok_or_else(|| candle_core::Error::Msg("fused Linear without a bias".into()))?;
     let op = LinearOp {
-        w,
+        w: layer.weight(),
         b,
-        residual: None,
-        post: Post::None,
+        residual,
+        post,
     };
     Ok(x.contiguous()?.apply_op1_no_bwd(&op)?)
 }
 
 /// `residual + x · wᵀ + b`, one rounding.
-pub fn linear_residual(x: &Tensor, w: &Tensor, b: &Tensor, residual: &Tensor) -> Result<Tensor> {
-    let residual = residual.contiguous()?;
-    let op = LinearOp {
-        w,
-        b,
-        residual: Some(&residual),
-        post: Post::None,
-    };
-    Ok(x.contiguous()?.apply_op1_no_bwd(&op)?)
+pub fn linear_residual(x: &Tensor, layer: &Linear, residual: &Tensor) -> Result<Tensor> {
+    apply(x, layer, Some(&residual.contiguous()?), Post::None)
 }
 
 /// `gelu_erf(x · wᵀ + b)`: the GEMM's output is rounded, then the GELU (HF's order).
-pub fn linear_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let op = LinearOp {
-        w,
-        b,
-        residual: None,
-        post: Post::Gelu,
-    };
-    Ok(x.contiguous()?.apply_op1_no_bwd(&op)?)
+pub fn linear_gelu(x: &Tensor, layer: &Linear) -> Result<Tensor> {
+    apply(x, layer, None, Post::Gelu)
 }
 
 /// The fused query/key/value projection `x · wᵀ + b`, `[T, 3H]`, with rotary applied to the
@@ -581,8 +575,7 @@ pub fn linear_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// `[T, half]`.
 pub fn linear_rotary(
     x: &Tensor,
-    w: &Tensor,
-    b: &Tensor,
+    layer: &Linear,
     (cos, sin): (&Tensor, &Tensor),
     heads2: usize,
     half: usize,
@@ -594,13 +587,7 @@ pub fn linear_rotary(
         heads2,
         half,
     };
-    let op = LinearOp {
-        w,
-        b,
-        residual: None,
-        post,
-    };
-    Ok(x.contiguous()?.apply_op1_no_bwd(&op)?)
+    apply(x, layer, None, post)
 }
 
 /// LayerNorm of the rows of `x` (`[T, H]`, `H` a multiple of 4).
