@@ -25,6 +25,17 @@ use candle_core::DType;
 /// Workspace for cuBLASLt's split-K and stream-K kernels (NVIDIA's recommendation for Hopper).
 const WORKSPACE_BYTES: usize = 32 << 20;
 
+/// Developer knobs for measuring the heuristic's choices (`ESMBED_LT_WORKSPACE_MIB`,
+/// `ESMBED_LT_ALGO`: take the heuristic's n-th candidate instead of its first).
+fn knob(name: &str) -> Option<usize> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+fn workspace_bytes() -> usize {
+    static BYTES: OnceLock<usize> = OnceLock::new();
+    *BYTES.get_or_init(|| knob("ESMBED_LT_WORKSPACE_MIB").map_or(WORKSPACE_BYTES, |m| m << 20))
+}
+
 /// Distinct problem shapes remembered per device before the cache starts over (token counts vary
 /// per pack; a long job sees a few thousand).
 const MAX_CACHED_ALGOS: usize = 4096;
@@ -62,7 +73,7 @@ fn lt(dev: &CudaDevice) -> candle_core::Result<Arc<Lt>> {
     }
     let handle = result::create_handle().map_err(candle_core::Error::wrap)?;
     // SAFETY: scratch memory, only ever written by cuBLASLt.
-    let workspace = unsafe { dev.alloc::<u8>(WORKSPACE_BYTES)? };
+    let workspace = unsafe { dev.alloc::<u8>(workspace_bytes().max(1))? };
     let lt = Arc::new(Lt {
         handle,
         workspace,
@@ -152,7 +163,7 @@ pub fn linear<T>(
                 let pref = Pref::new()?;
                 pref.set(
                     sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                    &(WORKSPACE_BYTES as u64),
+                    &(workspace_bytes() as u64),
                 )?;
                 for (attr, a) in [
                     sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
@@ -165,14 +176,52 @@ pub fn linear<T>(
                 {
                     pref.set(attr, &a)?;
                 }
-                let heuristic = result::get_matmul_algo_heuristic(
-                    lt.handle, desc.0, a_layout.0, b_layout.0, d_layout.0, d_layout.0, pref.0,
-                )
-                .map_err(|e| {
-                    candle_core::Error::Msg(format!(
-                        "cuBLASLt has no algorithm for a {m}x{n_cols}x{kk} {dtype:?} GEMM: {e:?}"
-                    ))
-                })?;
+                let mut found = [std::mem::zeroed::<sys::cublasLtMatmulHeuristicResult_t>(); 8];
+                let mut count = 0i32;
+                let status = sys::cublasLtMatmulAlgoGetHeuristic(
+                    lt.handle,
+                    desc.0,
+                    a_layout.0,
+                    b_layout.0,
+                    d_layout.0,
+                    d_layout.0,
+                    pref.0,
+                    found.len() as i32,
+                    found.as_mut_ptr(),
+                    &mut count,
+                );
+                if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS || count < 1 {
+                    candle_core::bail!(
+                        "cuBLASLt has no algorithm for a {m}x{n_cols}x{kk} {dtype:?} GEMM: {status:?}"
+                    );
+                }
+                let pick = knob("ESMBED_LT_ALGO").unwrap_or(0).min(count as usize - 1);
+                let heuristic = found[pick];
+                if super::profile::enabled() {
+                    let get = |attr| {
+                        let mut v = 0u32;
+                        let mut written = 0usize;
+                        sys::cublasLtMatmulAlgoConfigGetAttribute(
+                            &heuristic.algo,
+                            attr,
+                            &mut v as *mut u32 as *mut c_void,
+                            size_of::<u32>(),
+                            &mut written,
+                        );
+                        v
+                    };
+                    use sys::cublasLtMatmulAlgoConfigAttributes_t as A;
+                    eprintln!(
+                        "gemm m={m} n={n_cols} k={kk} residual={} pick={pick}/{count} id={} tile={} splitk={} stages={} waves={:.2} ws={}",
+                        residual.is_some(),
+                        get(A::CUBLASLT_ALGO_CONFIG_ID),
+                        get(A::CUBLASLT_ALGO_CONFIG_TILE_ID),
+                        get(A::CUBLASLT_ALGO_CONFIG_SPLITK_NUM),
+                        get(A::CUBLASLT_ALGO_CONFIG_STAGES_ID),
+                        heuristic.wavesCount,
+                        heuristic.workspaceSize,
+                    );
+                }
                 let mut algos = lt.algos.lock().expect("algorithm cache");
                 if algos.len() >= MAX_CACHED_ALGOS {
                     algos.clear();
@@ -200,7 +249,7 @@ pub fn linear<T>(
             d_layout.0,
             &algo,
             ws_ptr as *mut c_void,
-            WORKSPACE_BYTES,
+            workspace_bytes(),
             stream.cu_stream() as sys::cudaStream_t,
         )
         .map_err(|e| {

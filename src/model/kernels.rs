@@ -27,6 +27,9 @@ use crate::error::Result;
 
 const MODULE: &str = "esmbed_fused";
 
+/// `LN_V` in the source: 16-byte vectors per lane that `layer_norm_reg` keeps in registers.
+const LN_REGISTER_VECTORS: usize = 12;
+
 const SOURCE: &str = r#"
 __device__ __forceinline__ float load_bf16(unsigned short h) { return __uint_as_float(((unsigned int)h) << 16); }
 __device__ __forceinline__ unsigned short store_bf16(float f) {
@@ -48,7 +51,16 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 #define LO(v, LOAD) LOAD((unsigned short)((v) & 0xffff))
 #define HI(v, LOAD) LOAD((unsigned short)((v) >> 16))
-#define PACK(f0, f1, STORE) ((unsigned int)STORE(f0) | ((unsigned int)STORE(f1) << 16))
+/* Two values rounded (to nearest even, as the scalar stores) and packed, low half first, in one
+   instruction (sm_80+, which FlashAttention needs anyway): the element-wise kernels were
+   issue-bound on the scalar rounding. */
+__device__ __forceinline__ unsigned int store_bf16x2(float lo, float hi) {
+    unsigned int d; asm("{ cvt.rn.bf16x2.f32 %0, %1, %2; }" : "=r"(d) : "f"(hi), "f"(lo)); return d;
+}
+__device__ __forceinline__ unsigned int store_f16x2(float lo, float hi) {
+    unsigned int d; asm("{ cvt.rn.f16x2.f32 %0, %1, %2; }" : "=r"(d) : "f"(hi), "f"(lo)); return d;
+}
+#define PACK(f0, f1, STORE) STORE##x2(f0, f1)
 
 /* Exact (erf) GELU in place, eight elements per thread (16-byte accesses). */
 #define GELU(NAME, LOAD, STORE)                                                                   \
@@ -108,6 +120,49 @@ extern "C" __global__ void NAME##_layer_norm(const uint2* x, const uint2* w, con
 LAYER_NORM(bf16, load_bf16, store_bf16)
 LAYER_NORM(f16, load_f16, store_f16)
 
+/* The same LayerNorm for rows of up to 32 * 8 * LN_V elements (8 | cols): the row is read once,
+   with 16-byte loads all in flight together, and kept in registers for both statistics passes
+   and the output (the kernel above reads it three times, one dependent 8-byte load at a time). */
+#define LN_V 12
+#define SUM8(v, LOAD) (((LO(v.x, LOAD) + HI(v.x, LOAD)) + (LO(v.y, LOAD) + HI(v.y, LOAD))) +      \
+                       ((LO(v.z, LOAD) + HI(v.z, LOAD)) + (LO(v.w, LOAD) + HI(v.w, LOAD))))
+#define SQ2(u, LOAD) ((LO(u, LOAD) - mean) * (LO(u, LOAD) - mean) + (HI(u, LOAD) - mean) * (HI(u, LOAD) - mean))
+#define NORM2(u, g, s, LOAD, STORE) PACK((LO(u, LOAD) - mean) * rstd * LO(g, LOAD) + LO(s, LOAD),   \
+                                         (HI(u, LOAD) - mean) * rstd * HI(g, LOAD) + HI(s, LOAD), STORE)
+#define LAYER_NORM_REG(NAME, LOAD, STORE)                                                         \
+extern "C" __global__ void NAME##_layer_norm_reg(const uint4* x, const uint4* w, const uint4* b,  \
+        uint4* out, unsigned int rows, unsigned int cols8, float eps) {                           \
+    unsigned int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;                              \
+    unsigned int lane = threadIdx.x & 31;                                                         \
+    if (row >= rows) return;                                                                      \
+    const uint4* in = x + (unsigned long long)row * cols8;                                        \
+    uint4* o = out + (unsigned long long)row * cols8;                                             \
+    uint4 v[LN_V];                                                                                \
+    float sum = 0.0f;                                                                             \
+    _Pragma("unroll") for (int i = 0; i < LN_V; i++) {                                            \
+        unsigned int c = lane + 32u * i;                                                          \
+        if (c < cols8) { v[i] = in[c]; sum += SUM8(v[i], LOAD); }                                 \
+    }                                                                                             \
+    float n = (float)(cols8 * 8);                                                                 \
+    float mean = warp_sum(sum) / n;                                                               \
+    float sq = 0.0f;                                                                              \
+    _Pragma("unroll") for (int i = 0; i < LN_V; i++) {                                            \
+        if (lane + 32u * i < cols8)                                                               \
+            sq += (SQ2(v[i].x, LOAD) + SQ2(v[i].y, LOAD)) + (SQ2(v[i].z, LOAD) + SQ2(v[i].w, LOAD)); \
+    }                                                                                             \
+    float rstd = rsqrtf(warp_sum(sq) / n + eps);                                                  \
+    _Pragma("unroll") for (int i = 0; i < LN_V; i++) {                                            \
+        unsigned int c = lane + 32u * i;                                                          \
+        if (c < cols8) {                                                                          \
+            uint4 g = w[c], s = b[c];                                                             \
+            o[c] = make_uint4(NORM2(v[i].x, g.x, s.x, LOAD, STORE), NORM2(v[i].y, g.y, s.y, LOAD, STORE), \
+                              NORM2(v[i].z, g.z, s.z, LOAD, STORE), NORM2(v[i].w, g.w, s.w, LOAD, STORE)); \
+        }                                                                                         \
+    }                                                                                             \
+}
+LAYER_NORM_REG(bf16, load_bf16, store_bf16)
+LAYER_NORM_REG(f16, load_f16, store_f16)
+
 /* Rotate-half (NeoX) rotary in place on the query and key heads of a fused projection output
    (rows of `row` elements: heads2 = 2 * heads heads of 2 * half, then the values, untouched).
    cos/sin: f32 [tokens, half], positions already per sequence. In f32 as HF does it
@@ -138,6 +193,36 @@ extern "C" __global__ void NAME##_rotary(unsigned short* qkv, const float* cos, 
 ROTARY(bf16, load_bf16, store_bf16)
 ROTARY(f16, load_f16, store_f16)
 
+/* The same rotary, one block per token and four pairs per thread: 8-byte accesses to the heads,
+   16-byte reads of the tables, and no 64-bit division per element (which made the one-pair
+   kernel above issue-bound, at a fraction of the memory bandwidth). Needs half % 4 == 0. */
+#define ROTARY4(NAME, LOAD, STORE)                                                                \
+extern "C" __global__ void NAME##_rotary4(unsigned short* qkv, const float4* cos,                 \
+        const float4* sin, unsigned int tokens, unsigned int heads2, unsigned int half,           \
+        unsigned int row) {                                                                       \
+    unsigned int q4 = half >> 2, per_token = heads2 * q4;                                         \
+    for (unsigned int t = blockIdx.x; t < tokens; t += gridDim.x) {                               \
+        const float4* ct = cos + (unsigned long long)t * q4;                                      \
+        const float4* st = sin + (unsigned long long)t * q4;                                      \
+        unsigned short* r = qkv + (unsigned long long)t * row;                                    \
+        for (unsigned int i = threadIdx.x; i < per_token; i += blockDim.x) {                      \
+            unsigned int h = i / q4, g = i - h * q4;                                              \
+            uint2* p1 = (uint2*)(r + h * 2 * half + g * 4);                                       \
+            uint2* p2 = (uint2*)(r + h * 2 * half + half + g * 4);                                \
+            uint2 a = *p1, b = *p2;                                                               \
+            float4 c = ct[g], s = st[g];                                                          \
+            float a0 = LO(a.x, LOAD), a1 = HI(a.x, LOAD), a2 = LO(a.y, LOAD), a3 = HI(a.y, LOAD); \
+            float b0 = LO(b.x, LOAD), b1 = HI(b.x, LOAD), b2 = LO(b.y, LOAD), b3 = HI(b.y, LOAD); \
+            *p1 = make_uint2(PACK(a0 * c.x + (-b0) * s.x, a1 * c.y + (-b1) * s.y, STORE),         \
+                             PACK(a2 * c.z + (-b2) * s.z, a3 * c.w + (-b3) * s.w, STORE));        \
+            *p2 = make_uint2(PACK(b0 * c.x + a0 * s.x, b1 * c.y + a1 * s.y, STORE),               \
+                             PACK(b2 * c.z + a2 * s.z, b3 * c.w + a3 * s.w, STORE));              \
+        }                                                                                         \
+    }                                                                                             \
+}
+ROTARY4(bf16, load_bf16, store_bf16)
+ROTARY4(f16, load_f16, store_f16)
+
 /* Mean over the residue rows of each sequence of a pack: grid (sequences, column blocks). */
 #define SEGMENT_MEAN(NAME, LOAD)                                                                  \
 extern "C" __global__ void NAME##_segment_mean(const unsigned short* hidden,                      \
@@ -159,9 +244,12 @@ fn ptx() -> candle_core::Result<&'static str> {
     static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
         std::sync::OnceLock::new();
     PTX.get_or_init(|| {
-        // No `arch`: NVRTC's default virtual architecture, which the driver JIT-compiles for
-        // whatever GPU is present (the kernels use nothing architecture-specific).
-        let options = candle_core::cuda_backend::cudarc::nvrtc::CompileOptions::default();
+        // The virtual architecture of Ampere, the oldest GPU FlashAttention runs on (the packed
+        // two-value conversions need it); the driver JIT-compiles the PTX for the GPU present.
+        let options = candle_core::cuda_backend::cudarc::nvrtc::CompileOptions {
+            arch: Some("compute_80"),
+            ..Default::default()
+        };
         candle_core::cuda_backend::cudarc::nvrtc::compile_ptx_with_opts(SOURCE, options)
             .map(|p| p.to_src())
             .map_err(|e| format!("{e:?}"))
@@ -316,6 +404,14 @@ impl Typed for LinearOp<'_> {
             &mut out,
             (tokens, n, k),
         )?;
+        // With ESMBED_PROFILE, the pass after the GEMM is timed on its own too.
+        let profiling = super::profile::enabled() && !matches!(self.post, Post::None);
+        let started = if profiling {
+            dev.cuda_stream().synchronize().w()?;
+            Some(std::time::Instant::now())
+        } else {
+            None
+        };
         match self.post {
             Post::None => {}
             Post::Gelu => {
@@ -355,8 +451,11 @@ impl Typed for LinearOp<'_> {
                 }
                 let cos = view::<f32>(cuda(&cos_guard.0)?, cos_guard.1)?;
                 let sin = view::<f32>(cuda(&sin_guard.0)?, sin_guard.1)?;
+                // The four-pairs-per-thread kernel wherever its 8/16-byte accesses line up.
+                let wide = half.is_multiple_of(4) && n.is_multiple_of(4);
+                let name = if wide { "rotary4" } else { "rotary" };
                 let func = dev.get_or_load_custom_func(
-                    &format!("{}_rotary", prefix(dtype)?),
+                    &format!("{}_{name}", prefix(dtype)?),
                     MODULE,
                     ptx()?,
                 )?;
@@ -370,9 +469,29 @@ impl Typed for LinearOp<'_> {
                 builder.arg(&h32);
                 builder.arg(&half32);
                 builder.arg(&row32);
-                // SAFETY: (qkv, cos, sin, tokens, heads2, half, row), shapes checked above.
-                unsafe { builder.launch(grid(tokens * heads2 * half / 2)) }.w()?;
+                let cfg = if wide {
+                    let per_token = (heads2 * half / 4).next_multiple_of(32).min(512);
+                    LaunchConfig {
+                        grid_dim: (tokens.clamp(1, 1 << 20) as u32, 1, 1),
+                        block_dim: (per_token as u32, 1, 1),
+                        shared_mem_bytes: 0,
+                    }
+                } else {
+                    grid(tokens * heads2 * half / 2)
+                };
+                // SAFETY: (qkv, cos, sin, tokens, heads2, half, row), shapes checked above; the
+                // wide kernel's vector accesses are aligned because half and the row length are
+                // multiples of 4 and the tensors start at allocations.
+                unsafe { builder.launch(cfg) }.w()?;
             }
+        }
+        if let Some(started) = started {
+            dev.cuda_stream().synchronize().w()?;
+            let part = match self.post {
+                Post::Gelu => "fc1_gelu/gelu",
+                _ => "qkv_rotary/rotary",
+            };
+            super::profile::record_part(part, started.elapsed().as_secs_f64());
         }
         Ok(out)
     }
@@ -416,9 +535,12 @@ impl Typed for LayerNormOp<'_> {
         let x = view::<T>(x, xl)?;
         // SAFETY: every element is written by the kernel before anything reads it.
         let mut out = unsafe { dev.alloc::<T>(rows * cols)? };
+        // Rows that fit the registers of a warp take the one-read kernel (ESM-2 up to 3B).
+        let reg = cols.is_multiple_of(8) && cols <= 32 * 8 * LN_REGISTER_VECTORS;
+        let name = if reg { "layer_norm_reg" } else { "layer_norm" };
         let func =
-            dev.get_or_load_custom_func(&format!("{}_layer_norm", prefix(dtype)?), MODULE, ptx()?)?;
-        let (rows32, cols4) = (rows as u32, (cols / 4) as u32);
+            dev.get_or_load_custom_func(&format!("{}_{name}", prefix(dtype)?), MODULE, ptx()?)?;
+        let (rows32, cols4) = (rows as u32, (cols / if reg { 8 } else { 4 }) as u32);
         let mut builder = func.builder();
         builder.arg(&x);
         builder.arg(&w);
@@ -433,7 +555,8 @@ impl Typed for LayerNormOp<'_> {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: (x, w, b, out, rows, cols / 4, eps); `layer_norm` checked the alignment.
+        // SAFETY: (x, w, b, out, rows, cols / vector width, eps); `layer_norm` made every operand
+        // start 16-byte aligned.
         unsafe { builder.launch(cfg) }.w()?;
         Ok(out)
     }
@@ -540,9 +663,9 @@ pub fn applies(x: &Tensor) -> bool {
     x.device().is_cuda() && matches!(x.dtype(), DType::BF16 | DType::F16)
 }
 
-/// A contiguous `t` whose first element is 8-byte aligned (the kernels' vector accesses).
+/// A contiguous `t` whose first element is 16-byte aligned (the kernels' vector accesses).
 fn aligned(t: &Tensor) -> Result<Tensor> {
-    let ok = t.is_contiguous() && t.layout().start_offset().is_multiple_of(4);
+    let ok = t.is_contiguous() && t.layout().start_offset().is_multiple_of(8);
     Ok(if ok { t.clone() } else { t.copy()? })
 }
 

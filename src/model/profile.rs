@@ -45,10 +45,24 @@ pub fn time<T>(device: &Device, name: &'static str, f: impl FnOnce() -> Result<T
     Ok(out)
 }
 
+/// Add `seconds` under `name` for a part of an enclosing timed region (the caller synchronized
+/// around it). Parts are named `"<region>/<part>"` and are left out of the shares' total, which
+/// the enclosing region already counts.
+pub fn record_part(name: &'static str, seconds: f64) {
+    let mut times = TIMES.lock().unwrap();
+    let entry = times.entry(name).or_insert((0.0, 0));
+    entry.0 += seconds;
+    entry.1 += 1;
+}
+
 /// The table so far (name, seconds, calls, share), largest first; then cleared.
 pub fn take_report() -> Vec<(&'static str, f64, u64, f64)> {
     let mut times = TIMES.lock().unwrap();
-    let total: f64 = times.values().map(|v| v.0).sum();
+    let total: f64 = times
+        .iter()
+        .filter(|(k, _)| !k.contains('/'))
+        .map(|(_, v)| v.0)
+        .sum();
     let mut rows: Vec<_> = times
         .iter()
         .map(|(k, v)| (*k, v.0, v.1, v.0 / total.max(1e-12)))
