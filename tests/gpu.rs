@@ -48,3 +48,109 @@ fn cuda_matches_cpu_f32_on_every_fixture() {
         }
     }
 }
+
+/// Largest absolute difference between a device result and an f32 reference on the CPU, and the
+/// reference's largest magnitude.
+fn worst(got: &candle_core::Tensor, want: &candle_core::Tensor) -> (f32, f32) {
+    let got = got
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap();
+    let max = |t: candle_core::Tensor| -> f32 {
+        t.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    (max((got - want).unwrap()), max(want.clone()))
+}
+
+/// Each fused kernel against f32 arithmetic on the CPU, at ESM-2's real widths (the fixtures'
+/// hidden sizes of 16 and 64 leave most of each kernel's vector lanes and loops idle). Inputs are
+/// rounded to the dtype first, so the differences are the kernels' own roundings (and, after a
+/// GEMM, cuBLAS's summation order): a few ulps of the output's scale at most.
+#[test]
+fn fused_kernels_match_f32_at_esm2_widths() {
+    use candle_core::{Module, Tensor};
+    use candle_nn::{LayerNorm, Linear};
+    use esmbed::model::kernels;
+
+    let gpu = Device::new_cuda(0).expect("a CUDA GPU");
+    let cpu = Device::Cpu;
+    let randn = |std: f64, shape: &[usize]| Tensor::randn(0f32, std as f32, shape, &cpu).unwrap();
+    // (hidden, heads): 8M, 650M, 3B, 15B (whose LayerNorm rows no longer fit the registers).
+    for (hidden, heads) in [(320, 20), (1280, 20), (2560, 40), (5120, 40)] {
+        for dtype in [DType::BF16, DType::F16] {
+            let ulp = if dtype == DType::BF16 {
+                2f32.powi(-8)
+            } else {
+                2f32.powi(-11)
+            };
+            let rounded = |t: Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+            let on_gpu = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&gpu).unwrap();
+            let check = |what: &str, got: &Tensor, want: &Tensor| {
+                let (worst, scale) = worst(got, want);
+                assert!(
+                    worst <= 4.0 * ulp * scale,
+                    "{what} {hidden} {dtype:?}: off by {worst} at scale {scale}"
+                );
+            };
+            let tokens = 37;
+            let x = rounded(randn(1.0, &[tokens, hidden]));
+            let linear = |out: usize| {
+                let w = rounded((randn(1.0, &[out, hidden]) / (hidden as f64).sqrt()).unwrap());
+                let b = rounded(randn(0.1, &[out]));
+                let gpu_layer = Linear::new(on_gpu(&w), Some(on_gpu(&b)));
+                (Linear::new(w, Some(b)), gpu_layer)
+            };
+
+            // LayerNorm.
+            let w = rounded((randn(0.2, &[hidden]) + 1.0).unwrap());
+            let b = rounded(randn(0.2, &[hidden]));
+            let want = LayerNorm::new(w.clone(), b.clone(), 1e-5)
+                .forward(&x)
+                .unwrap();
+            let got = kernels::layer_norm(&on_gpu(&x), &on_gpu(&w), &on_gpu(&b), 1e-5).unwrap();
+            check("layer_norm", &got, &want);
+
+            // FC1 with bias, then the exact GELU on its rounded output (HF's order).
+            let (cpu_fc1, gpu_fc1) = linear(4 * hidden);
+            let want = rounded(cpu_fc1.forward(&x).unwrap()).gelu_erf().unwrap();
+            let got = kernels::linear_gelu(&on_gpu(&x), &gpu_fc1).unwrap();
+            check("linear_gelu", &got, &want);
+
+            // Q/K/V with rotary on the query and key heads, f32 tables at arbitrary angles.
+            let d = hidden / heads;
+            let half = d / 2;
+            let (cpu_qkv, gpu_qkv) = linear(3 * hidden);
+            let qkv = rounded(cpu_qkv.forward(&x).unwrap());
+            let angles = randn(3.0, &[tokens, half]);
+            let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+            let qk = qkv
+                .narrow(1, 0, 2 * hidden)
+                .unwrap()
+                .reshape((tokens, 2 * heads, d))
+                .unwrap();
+            let x1 = qk.narrow(2, 0, half).unwrap();
+            let x2 = qk.narrow(2, half, half).unwrap();
+            let (c, s) = (cos.unsqueeze(1).unwrap(), sin.unsqueeze(1).unwrap());
+            let r1 = (x1.broadcast_mul(&c).unwrap() - x2.broadcast_mul(&s).unwrap()).unwrap();
+            let r2 = (x2.broadcast_mul(&c).unwrap() + x1.broadcast_mul(&s).unwrap()).unwrap();
+            let rotated = Tensor::cat(&[r1, r2], 2)
+                .unwrap()
+                .reshape((tokens, 2 * hidden))
+                .unwrap();
+            let v = qkv.narrow(1, 2 * hidden, hidden).unwrap();
+            let want = Tensor::cat(&[rotated, v], 1).unwrap();
+            let (cos, sin) = (cos.to_device(&gpu).unwrap(), sin.to_device(&gpu).unwrap());
+            let got = kernels::linear_rotary(&on_gpu(&x), &gpu_qkv, (&cos, &sin), 2 * heads, half)
+                .unwrap();
+            check("linear_rotary", &got, &want);
+        }
+    }
+}
