@@ -34,6 +34,7 @@ pub mod output;
 pub mod pack;
 pub mod pipeline;
 pub mod pool;
+pub mod retry;
 pub mod sql;
 pub mod storage;
 pub mod tokenize;

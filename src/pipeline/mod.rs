@@ -40,6 +40,7 @@ use crate::output::remote::RemoteOutput;
 use crate::output::{self, combine, Manifest, OutputKind, OutputLayout};
 use crate::pack::{packing_efficiency, PackedBatch};
 use crate::pool::PooledLayer;
+pub use crate::retry::is_out_of_memory;
 use crate::tokenize::Tokenizer;
 
 /// The model stage's contract: embed one pack. Implemented by [`Embedder`]; tests wrap it to
@@ -62,12 +63,6 @@ impl PackEmbedder for Embedder {
     fn label(&self) -> String {
         self.device_label()
     }
-}
-
-/// Whether an error is the device running out of memory (then the pack is split and retried).
-pub fn is_out_of_memory(error: &Error) -> bool {
-    let text = error.to_string().to_ascii_lowercase();
-    text.contains("out of memory") || text.contains("out_of_memory")
 }
 
 /// Options of a job beyond the model's.
@@ -849,48 +844,40 @@ pub enum Piece {
 }
 
 /// Embed a pack; if the device runs out of memory, split it in halves and retry each, down to
-/// one sequence, which then fails alone. Other errors are returned (the device failed).
+/// one sequence, which then fails alone ([`crate::retry::run_halving`]). Other errors are
+/// returned (the device failed).
 pub fn embed_splitting(
     embedder: &dyn PackEmbedder,
     segments: &[Segment],
     batch: &PackedBatch,
     residues: bool,
 ) -> Result<Vec<Piece>> {
-    match embedder.embed(batch, residues) {
-        Ok(pooled) => Ok(vec![Piece::Done(segments.to_vec(), batch.clone(), pooled)]),
-        Err(e) if is_out_of_memory(&e) => {
-            if segments.len() == 1 {
-                return Ok(vec![Piece::Failed(
-                    segments[0],
-                    batch.clone(),
-                    format!(
-                        "out of memory embedding this sequence alone ({} tokens): lower --max-length, \
-                         use --long window, or run on a device with more memory",
-                        batch.total_tokens()
-                    ),
-                )]);
-            }
+    let outcomes = crate::retry::run_halving(
+        batch,
+        &mut |b| embedder.embed(b, residues),
+        &mut |b| {
             tracing::warn!(
                 "{}: out of memory on a pack of {} sequences ({} tokens): splitting it and retrying",
                 embedder.label(),
-                segments.len(),
-                batch.total_tokens()
-            );
-            let half = segments.len() / 2;
-            let left = PackedBatch::from_sequences((0..half).map(|i| batch.tokens(i)));
-            let right =
-                PackedBatch::from_sequences((half..segments.len()).map(|i| batch.tokens(i)));
-            let mut pieces = embed_splitting(embedder, &segments[..half], &left, residues)?;
-            pieces.extend(embed_splitting(
-                embedder,
-                &segments[half..],
-                &right,
-                residues,
-            )?);
-            Ok(pieces)
-        }
-        Err(e) => Err(e),
-    }
+                b.len(),
+                b.total_tokens()
+            )
+        },
+    )?;
+    Ok(outcomes
+        .into_iter()
+        .map(|o| match o.result {
+            Ok(pooled) => Piece::Done(segments[o.range].to_vec(), o.batch, pooled),
+            Err(_) => {
+                let reason = format!(
+                    "out of memory embedding this sequence alone ({} tokens): lower --max-length, \
+                     use --long window, or run on a device with more memory",
+                    o.batch.total_tokens()
+                );
+                Piece::Failed(segments[o.range.start], o.batch, reason)
+            }
+        })
+        .collect())
 }
 
 /// The writer stage: assemble parts as results arrive, commit each when complete.

@@ -17,7 +17,8 @@ use crate::error::{Error, Result};
 use crate::model::EsmConfig;
 use crate::pack::{first_fit_decreasing, PackedBatch};
 use crate::pipeline::schedule::{Next, WorkQueue};
-use crate::pipeline::{is_out_of_memory, DeviceSummary};
+use crate::pipeline::DeviceSummary;
+use crate::retry::{run_halving, Outcome};
 use crate::tokenize::{TokenizeError, Tokenizer};
 
 /// How `esm_embed` treats rows it cannot embed.
@@ -251,7 +252,17 @@ fn worker(
         let request = &task.item;
         let started = Instant::now();
         match embed_splitting(embedder, &request.batch, request.layer) {
-            Ok(means) => {
+            Ok(Err(too_long)) => {
+                // The device is fine, but a sequence does not fit it even alone: another device
+                // (with more memory) may take the pack; when none is left, the query fails.
+                let reply = request.reply.clone();
+                let pack = request.index;
+                if let Some(_back) = queue.refuse(index, task) {
+                    let _ = reply.send((pack, Err(too_long)));
+                }
+                queue.finish();
+            }
+            Ok(Ok(means)) => {
                 {
                     let mut stats = stats.lock().unwrap();
                     let s = &mut stats[index];
@@ -280,22 +291,80 @@ fn worker(
     }
 }
 
-/// Embed a pack; on out of memory, halves down to single sequences. A single sequence that does
-/// not fit is an error naming its length (lower --max-length or --tokens-per-batch).
-fn embed_splitting(embedder: &Embedder, batch: &PackedBatch, layer: usize) -> Result<Vec<f32>> {
-    match embedder.embed_packed_mean(batch, layer) {
-        Err(e) if is_out_of_memory(&e) && batch.len() > 1 => {
-            let half = batch.len() / 2;
-            let left = PackedBatch::from_sequences((0..half).map(|i| batch.tokens(i)));
-            let right = PackedBatch::from_sequences((half..batch.len()).map(|i| batch.tokens(i)));
-            let mut means = embed_splitting(embedder, &left, layer)?;
-            means.extend(embed_splitting(embedder, &right, layer)?);
-            Ok(means)
+/// Embed a pack; on out of memory, halve it down to single sequences
+/// ([`crate::retry::run_halving`]). The outer error is the device's (it leaves the session); the
+/// inner one is the query's: a single sequence that does not fit even alone.
+fn embed_splitting(
+    embedder: &Embedder,
+    batch: &PackedBatch,
+    layer: usize,
+) -> Result<Result<Vec<f32>>> {
+    let outcomes = run_halving(
+        batch,
+        &mut |b| embedder.embed_packed_mean(b, layer),
+        &mut |b| {
+            tracing::warn!(
+                "{}: out of memory on a pack of {} sequences ({} tokens): splitting it and retrying",
+                embedder.device_label(),
+                b.len(),
+                b.total_tokens()
+            )
+        },
+    )?;
+    Ok(concat_means(outcomes))
+}
+
+/// The pack's means in order, or the query's error for a sequence that did not fit alone.
+fn concat_means(outcomes: Vec<Outcome<Vec<f32>>>) -> Result<Vec<f32>> {
+    let mut means = Vec::new();
+    for o in outcomes {
+        match o.result {
+            Ok(m) => means.extend(m),
+            Err(_) => {
+                return Err(Error::InvalidOption(format!(
+                    "esm_embed: out of memory on a single sequence of {} tokens, even alone: \
+                     lower --max-length or --tokens-per-batch, or use a device with more memory",
+                    o.batch.total_tokens()
+                )))
+            }
         }
-        Err(e) if is_out_of_memory(&e) => Err(Error::InvalidOption(format!(
-            "esm_embed: out of memory on a single sequence of {} tokens: lower --max-length",
-            batch.total_tokens()
-        ))),
-        other => other,
+    }
+    Ok(means)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(start: usize, lengths: &[usize], result: Result<Vec<f32>>) -> Outcome<Vec<f32>> {
+        let seqs: Vec<Vec<u32>> = lengths.iter().map(|&n| vec![5; n]).collect();
+        Outcome {
+            range: start..start + lengths.len(),
+            batch: PackedBatch::from_sequences(seqs.iter().map(|s| s.as_slice())),
+            result,
+        }
+    }
+
+    #[test]
+    fn split_packs_give_their_means_in_order() {
+        let means = concat_means(vec![
+            outcome(0, &[4, 5], Ok(vec![1.0, 2.0])),
+            outcome(2, &[6], Ok(vec![3.0])),
+        ])
+        .unwrap();
+        assert_eq!(means, vec![1.0, 2.0, 3.0]);
+    }
+
+    #[test]
+    fn a_sequence_too_long_even_alone_fails_the_query_with_the_fix() {
+        let oom = Error::InvalidOption("CUDA_ERROR_OUT_OF_MEMORY".into());
+        let err = concat_means(vec![
+            outcome(0, &[4], Ok(vec![1.0])),
+            outcome(1, &[900], Err(oom)),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("900 tokens"), "{err}");
+        assert!(err.contains("--max-length"), "{err}");
     }
 }
