@@ -83,7 +83,7 @@ fn fused_kernels_match_f32_at_esm2_widths() {
     let gpu = Device::new_cuda(0).expect("a CUDA GPU");
     let cpu = Device::Cpu;
     let randn = |std: f64, shape: &[usize]| Tensor::randn(0f32, std as f32, shape, &cpu).unwrap();
-    // (hidden, heads): 8M, 650M, 3B, 15B (whose LayerNorm rows no longer fit the registers).
+    // (hidden, heads): 8M, 650M, 3B, 15B (the widest LayerNorm row the kernel takes).
     for (hidden, heads) in [(320, 20), (1280, 20), (2560, 40), (5120, 40)] {
         for dtype in [DType::BF16, DType::F16] {
             let ulp = if dtype == DType::BF16 {

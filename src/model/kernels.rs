@@ -27,8 +27,11 @@ use crate::error::Result;
 
 const MODULE: &str = "esmbed_fused";
 
-/// `LN_V` in the source: 16-byte vectors per lane that `layer_norm_reg` keeps in registers.
-const LN_REGISTER_VECTORS: usize = 12;
+/// The LayerNorm kernel's variants: 16-byte vectors per lane kept in registers (`V` in the source).
+const LAYER_NORM_VECTORS: [usize; 3] = [8, 12, 20];
+
+/// The widest LayerNorm row the kernels take (a multiple of 8): 5120, ESM-2 15B's hidden size.
+pub const MAX_LAYER_NORM_WIDTH: usize = 32 * 8 * 20;
 
 const SOURCE: &str = r#"
 __device__ __forceinline__ float load_bf16(unsigned short h) { return __uint_as_float(((unsigned int)h) << 16); }
@@ -83,75 +86,40 @@ extern "C" __global__ void NAME##_gelu1(unsigned short* x, unsigned long long n)
 GELU(bf16, load_bf16, store_bf16)
 GELU(f16, load_f16, store_f16)
 
-/* LayerNorm over rows of 4*cols4 elements: one warp per row, statistics in f32 (mean, then the
-   mean squared deviation: PyTorch's biased variance), y = (x - mean) * rstd * w + b rounded once. */
-#define LAYER_NORM(NAME, LOAD, STORE)                                                             \
-extern "C" __global__ void NAME##_layer_norm(const uint2* x, const uint2* w, const uint2* b,      \
-        uint2* out, unsigned int rows, unsigned int cols4, float eps) {                           \
-    unsigned int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;                              \
-    unsigned int lane = threadIdx.x & 31;                                                         \
-    if (row >= rows) return;                                                                      \
-    const uint2* in = x + (unsigned long long)row * cols4;                                        \
-    uint2* o = out + (unsigned long long)row * cols4;                                             \
-    float sum = 0.0f;                                                                             \
-    for (unsigned int c = lane; c < cols4; c += 32) {                                             \
-        uint2 v = in[c];                                                                          \
-        sum += (LO(v.x, LOAD) + HI(v.x, LOAD)) + (LO(v.y, LOAD) + HI(v.y, LOAD));                 \
-    }                                                                                             \
-    float n = (float)(cols4 * 4);                                                                 \
-    float mean = warp_sum(sum) / n;                                                               \
-    float sq = 0.0f;                                                                              \
-    for (unsigned int c = lane; c < cols4; c += 32) {                                             \
-        uint2 v = in[c];                                                                          \
-        float d0 = LO(v.x, LOAD) - mean, d1 = HI(v.x, LOAD) - mean;                               \
-        float d2 = LO(v.y, LOAD) - mean, d3 = HI(v.y, LOAD) - mean;                               \
-        sq += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);                                          \
-    }                                                                                             \
-    float rstd = rsqrtf(warp_sum(sq) / n + eps);                                                  \
-    for (unsigned int c = lane; c < cols4; c += 32) {                                             \
-        uint2 v = in[c], g = w[c], s = b[c];                                                      \
-        float y0 = (LO(v.x, LOAD) - mean) * rstd * LO(g.x, LOAD) + LO(s.x, LOAD);                 \
-        float y1 = (HI(v.x, LOAD) - mean) * rstd * HI(g.x, LOAD) + HI(s.x, LOAD);                 \
-        float y2 = (LO(v.y, LOAD) - mean) * rstd * LO(g.y, LOAD) + LO(s.y, LOAD);                 \
-        float y3 = (HI(v.y, LOAD) - mean) * rstd * HI(g.y, LOAD) + HI(s.y, LOAD);                 \
-        o[c] = make_uint2(PACK(y0, y1, STORE), PACK(y2, y3, STORE));                              \
-    }                                                                                             \
-}
-LAYER_NORM(bf16, load_bf16, store_bf16)
-LAYER_NORM(f16, load_f16, store_f16)
-
-/* The same LayerNorm for rows of up to 32 * 8 * LN_V elements (8 | cols): the row is read once,
-   with 16-byte loads all in flight together, and kept in registers for both statistics passes
-   and the output (the kernel above reads it three times, one dependent 8-byte load at a time). */
-#define LN_V 12
+/* LayerNorm over rows of 8 * cols8 <= 32 * 8 * V elements, one warp per row: the row is read
+   once, with 16-byte loads all in flight together, and kept in registers for the statistics (f32:
+   the mean, then the mean squared deviation, PyTorch's biased variance) and the output,
+   y = (x - mean) * rstd * w + b rounded once. Instantiated for V = 8, 12 and 20 (rows up to 2048,
+   3072 and 5120: every ESM-2 up to 15B); the smallest that fits is used, since the registers a
+   thread holds (4 * V for the row) decide how many warps an SM keeps in flight. */
 #define SUM8(v, LOAD) (((LO(v.x, LOAD) + HI(v.x, LOAD)) + (LO(v.y, LOAD) + HI(v.y, LOAD))) +      \
                        ((LO(v.z, LOAD) + HI(v.z, LOAD)) + (LO(v.w, LOAD) + HI(v.w, LOAD))))
 #define SQ2(u, LOAD) ((LO(u, LOAD) - mean) * (LO(u, LOAD) - mean) + (HI(u, LOAD) - mean) * (HI(u, LOAD) - mean))
 #define NORM2(u, g, s, LOAD, STORE) PACK((LO(u, LOAD) - mean) * rstd * LO(g, LOAD) + LO(s, LOAD),   \
                                          (HI(u, LOAD) - mean) * rstd * HI(g, LOAD) + HI(s, LOAD), STORE)
-#define LAYER_NORM_REG(NAME, LOAD, STORE)                                                         \
-extern "C" __global__ void NAME##_layer_norm_reg(const uint4* x, const uint4* w, const uint4* b,  \
+#define LAYER_NORM(NAME, LOAD, STORE, V)                                                         \
+extern "C" __global__ void NAME##_layer_norm##V(const uint4* x, const uint4* w, const uint4* b,  \
         uint4* out, unsigned int rows, unsigned int cols8, float eps) {                           \
     unsigned int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;                              \
     unsigned int lane = threadIdx.x & 31;                                                         \
     if (row >= rows) return;                                                                      \
     const uint4* in = x + (unsigned long long)row * cols8;                                        \
     uint4* o = out + (unsigned long long)row * cols8;                                             \
-    uint4 v[LN_V];                                                                                \
+    uint4 v[V];                                                                                \
     float sum = 0.0f;                                                                             \
-    _Pragma("unroll") for (int i = 0; i < LN_V; i++) {                                            \
+    _Pragma("unroll") for (int i = 0; i < V; i++) {                                            \
         unsigned int c = lane + 32u * i;                                                          \
         if (c < cols8) { v[i] = in[c]; sum += SUM8(v[i], LOAD); }                                 \
     }                                                                                             \
     float n = (float)(cols8 * 8);                                                                 \
     float mean = warp_sum(sum) / n;                                                               \
     float sq = 0.0f;                                                                              \
-    _Pragma("unroll") for (int i = 0; i < LN_V; i++) {                                            \
+    _Pragma("unroll") for (int i = 0; i < V; i++) {                                            \
         if (lane + 32u * i < cols8)                                                               \
             sq += (SQ2(v[i].x, LOAD) + SQ2(v[i].y, LOAD)) + (SQ2(v[i].z, LOAD) + SQ2(v[i].w, LOAD)); \
     }                                                                                             \
     float rstd = rsqrtf(warp_sum(sq) / n + eps);                                                  \
-    _Pragma("unroll") for (int i = 0; i < LN_V; i++) {                                            \
+    _Pragma("unroll") for (int i = 0; i < V; i++) {                                            \
         unsigned int c = lane + 32u * i;                                                          \
         if (c < cols8) {                                                                          \
             uint4 g = w[c], s = b[c];                                                             \
@@ -160,8 +128,12 @@ extern "C" __global__ void NAME##_layer_norm_reg(const uint4* x, const uint4* w,
         }                                                                                         \
     }                                                                                             \
 }
-LAYER_NORM_REG(bf16, load_bf16, store_bf16)
-LAYER_NORM_REG(f16, load_f16, store_f16)
+LAYER_NORM(bf16, load_bf16, store_bf16, 8)
+LAYER_NORM(bf16, load_bf16, store_bf16, 12)
+LAYER_NORM(bf16, load_bf16, store_bf16, 20)
+LAYER_NORM(f16, load_f16, store_f16, 8)
+LAYER_NORM(f16, load_f16, store_f16, 12)
+LAYER_NORM(f16, load_f16, store_f16, 20)
 
 /* Rotate-half (NeoX) rotary in place on the query and key heads of a fused projection output
    (rows of `row` elements: heads2 = 2 * heads heads of 2 * half, then the values, untouched).
@@ -535,19 +507,28 @@ impl Typed for LayerNormOp<'_> {
         let x = view::<T>(x, xl)?;
         // SAFETY: every element is written by the kernel before anything reads it.
         let mut out = unsafe { dev.alloc::<T>(rows * cols)? };
-        // Rows that fit the registers of a warp take the one-read kernel (ESM-2 up to 3B).
-        let reg = cols.is_multiple_of(8) && cols <= 32 * 8 * LN_REGISTER_VECTORS;
-        let name = if reg { "layer_norm_reg" } else { "layer_norm" };
-        let func =
-            dev.get_or_load_custom_func(&format!("{}_{name}", prefix(dtype)?), MODULE, ptx()?)?;
-        let (rows32, cols4) = (rows as u32, (cols / if reg { 8 } else { 4 }) as u32);
+        if !cols.is_multiple_of(8) || cols > MAX_LAYER_NORM_WIDTH {
+            candle_core::bail!(
+                "layer_norm: rows of {cols}, not a multiple of 8 up to {MAX_LAYER_NORM_WIDTH}"
+            );
+        }
+        let vectors = LAYER_NORM_VECTORS
+            .into_iter()
+            .find(|v| cols <= 32 * 8 * v)
+            .expect("checked against the widest");
+        let func = dev.get_or_load_custom_func(
+            &format!("{}_layer_norm{vectors}", prefix(dtype)?),
+            MODULE,
+            ptx()?,
+        )?;
+        let (rows32, cols8) = (rows as u32, (cols / 8) as u32);
         let mut builder = func.builder();
         builder.arg(&x);
         builder.arg(&w);
         builder.arg(&b);
         builder.arg(&mut out);
         builder.arg(&rows32);
-        builder.arg(&cols4);
+        builder.arg(&cols8);
         builder.arg(&self.eps);
         // Eight rows (warps) per block of 256 threads.
         let cfg = LaunchConfig {
@@ -555,8 +536,8 @@ impl Typed for LayerNormOp<'_> {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: (x, w, b, out, rows, cols / vector width, eps); `layer_norm` made every operand
-        // start 16-byte aligned.
+        // SAFETY: (x, w, b, out, rows, cols / 8, eps); `layer_norm` made every operand start
+        // 16-byte aligned.
         unsafe { builder.launch(cfg) }.w()?;
         Ok(out)
     }
@@ -713,7 +694,7 @@ pub fn linear_rotary(
     apply(x, layer, None, post)
 }
 
-/// LayerNorm of the rows of `x` (`[T, H]`, `H` a multiple of 4).
+/// LayerNorm of the rows of `x` (`[T, H]`, `H` a multiple of 8, at most [`MAX_LAYER_NORM_WIDTH`]).
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     let (w, b) = (aligned(w)?, aligned(b)?);
     let op = LayerNormOp {
