@@ -594,6 +594,33 @@ fn bench_runs_on_the_cpu_and_reports_json() {
 }
 
 #[test]
+fn bench_no_pack_measures_padded_batches_only() {
+    let (code, stdout, stderr) = esmbed([
+        "bench",
+        "--shape",
+        "8M",
+        "--device",
+        "cpu",
+        "-n",
+        "4",
+        "--warmup",
+        "0",
+        "--no-pack",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let rows: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["method"], "padded");
+    let (code, _, stderr) = esmbed(["bench", "--no-pack", "--method", "packed"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("cannot be used with"), "{stderr}");
+}
+
+#[test]
 fn random_models_run_whole_jobs() {
     let dir = scratch("random-model");
     let input = dir.join("in.fa");

@@ -49,6 +49,10 @@ pub struct BenchArgs {
     )]
     pub method: Vec<Method>,
 
+    /// Only the no-packing comparison (length-sorted padded batches): `--method padded`.
+    #[arg(long, conflicts_with = "method")]
+    pub no_pack: bool,
+
     /// Untimed warm-up batches.
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
@@ -114,7 +118,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             .into_iter()
             .map(|m| Embedder::new(m, &EmbedOptions::default()))
             .collect::<esmbed::Result<Vec<_>>>()?;
-        for &method in &args.method {
+        let methods = if args.no_pack {
+            vec![Method::Padded]
+        } else {
+            args.method.clone()
+        };
+        for &method in &methods {
             let r = bench::measure_devices(
                 &embedders,
                 shape,
