@@ -8,6 +8,9 @@
 //! residual in the epilogue → LayerNorm → FC1 GEMM with bias, exact GELU in place → FC2 GEMM
 //! with bias and residual. Every kernel computes in f32 and rounds once on store.
 //!
+//! The element-wise kernels run near the memory bandwidth (650M on an H200: GELU 8 %, rotary 4 %,
+//! the LayerNorms 4 % of GPU time); the rest is cuBLAS and FlashAttention (README, "Performance").
+//!
 //! bf16/f16 conversions are written out (bit operations and PTX `cvt`) so that the source needs
 //! no CUDA headers at run time.
 
