@@ -241,8 +241,8 @@ pub fn measure_devices(
         Ok(())
     })?;
     tracing::info!("warm-up done on {} device(s)", embedders.len());
-    // The profile covers the timed batches only (the warm-up also compiles and loads kernels).
-    let _ = crate::model::profile::take_report();
+    // The profile covers the timed batches only.
+    crate::model::profile::reset();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let started = Instant::now();
     let per_device: Vec<(usize, usize, f64)> = std::thread::scope(|scope| {

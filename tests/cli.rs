@@ -563,6 +563,14 @@ fn missing_inputs_and_models_are_named() {
     assert!(stderr.contains("HF_HUB_OFFLINE"), "{stderr}");
 }
 
+/// `--json` output: one JSON value per line.
+fn json_lines(stdout: &str) -> Vec<serde_json::Value> {
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 #[test]
 fn bench_runs_on_the_cpu_and_reports_json() {
     let (code, stdout, stderr) = esmbed([
@@ -580,10 +588,7 @@ fn bench_runs_on_the_cpu_and_reports_json() {
         "--json",
     ]);
     assert_eq!(code, 0, "{stderr}");
-    let rows: Vec<serde_json::Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = json_lines(&stdout);
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0]["method"], "packed");
     assert_eq!(rows[1]["method"], "padded");
@@ -609,10 +614,7 @@ fn bench_no_pack_measures_padded_batches_only() {
         "--json",
     ]);
     assert_eq!(code, 0, "{stderr}");
-    let rows: Vec<serde_json::Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = json_lines(&stdout);
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0]["method"], "padded");
     let (code, _, stderr) = esmbed(["bench", "--no-pack", "--method", "packed"]);

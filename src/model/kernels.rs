@@ -34,7 +34,7 @@ const MODULE: &str = "esmbed_fused";
 const LAYER_NORM_VECTORS: [usize; 3] = [8, 12, 20];
 
 /// The widest LayerNorm row the kernels take (a multiple of 8): 5120, ESM-2 15B's hidden size.
-pub const MAX_LAYER_NORM_WIDTH: usize = 32 * 8 * 20;
+pub const MAX_LAYER_NORM_WIDTH: usize = 32 * 8 * LAYER_NORM_VECTORS[LAYER_NORM_VECTORS.len() - 1];
 
 const SOURCE: &str = r#"
 __device__ __forceinline__ float load_bf16(unsigned short h) { return __uint_as_float(((unsigned int)h) << 16); }
@@ -503,6 +503,11 @@ impl Typed for LayerNormOp<'_> {
         xl: &Layout,
     ) -> candle_core::Result<CudaSlice<T>> {
         let (rows, cols) = xl.shape().dims2()?;
+        if !cols.is_multiple_of(8) || cols > MAX_LAYER_NORM_WIDTH {
+            candle_core::bail!(
+                "layer_norm: rows of {cols}, not a multiple of 8 up to {MAX_LAYER_NORM_WIDTH}"
+            );
+        }
         let w_guard = self.w.storage_and_layout();
         let b_guard = self.b.storage_and_layout();
         let w = view::<T>(cuda(&w_guard.0)?, w_guard.1)?;
@@ -510,11 +515,6 @@ impl Typed for LayerNormOp<'_> {
         let x = view::<T>(x, xl)?;
         // SAFETY: every element is written by the kernel before anything reads it.
         let mut out = unsafe { dev.alloc::<T>(rows * cols)? };
-        if !cols.is_multiple_of(8) || cols > MAX_LAYER_NORM_WIDTH {
-            candle_core::bail!(
-                "layer_norm: rows of {cols}, not a multiple of 8 up to {MAX_LAYER_NORM_WIDTH}"
-            );
-        }
         let vectors = LAYER_NORM_VECTORS
             .into_iter()
             .find(|v| cols <= 32 * 8 * v)

@@ -38,21 +38,27 @@ pub fn time<T>(device: &Device, name: &'static str, f: impl FnOnce() -> Result<T
     let started = Instant::now();
     let out = f()?;
     device.synchronize()?;
+    add(name, started.elapsed().as_secs_f64());
+    Ok(out)
+}
+
+fn add(name: &'static str, seconds: f64) {
     let mut times = TIMES.lock().unwrap();
     let entry = times.entry(name).or_insert((0.0, 0));
-    entry.0 += started.elapsed().as_secs_f64();
+    entry.0 += seconds;
     entry.1 += 1;
-    Ok(out)
 }
 
 /// Add `seconds` under `name` for a part of an enclosing timed region (the caller synchronized
 /// around it). Parts are named `"<region>/<part>"` and are left out of the shares' total, which
 /// the enclosing region already counts.
 pub fn record_part(name: &'static str, seconds: f64) {
-    let mut times = TIMES.lock().unwrap();
-    let entry = times.entry(name).or_insert((0.0, 0));
-    entry.0 += seconds;
-    entry.1 += 1;
+    add(name, seconds);
+}
+
+/// Forget what was timed so far (the warm-up, which also compiles and loads kernels).
+pub fn reset() {
+    TIMES.lock().unwrap().clear();
 }
 
 /// The table so far (name, seconds, calls, share), largest first; then cleared.
