@@ -260,7 +260,7 @@ pub fn warm_up(embedder: &Embedder, tokens_per_batch: usize, max_length: usize) 
     let batch = PackedBatch::from_sequences(std::iter::repeat_n(&sequence[..], count));
     match embedder.embed_packed(&batch) {
         Ok(_) => Ok(()),
-        Err(e) if crate::pipeline::is_out_of_memory(&e) => Err(Error::InvalidOption(format!(
+        Err(e) if crate::retry::is_out_of_memory(&e) => Err(Error::InvalidOption(format!(
             "--tokens-per-batch {tokens_per_batch} does not fit in device memory (a warm-up pack ran out \
              of memory: {e}); lower --tokens-per-batch"
         ))),

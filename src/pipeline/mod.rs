@@ -40,7 +40,6 @@ use crate::output::remote::RemoteOutput;
 use crate::output::{self, combine, Manifest, OutputKind, OutputLayout};
 use crate::pack::{packing_efficiency, PackedBatch};
 use crate::pool::PooledLayer;
-pub use crate::retry::is_out_of_memory;
 use crate::tokenize::Tokenizer;
 
 /// The model stage's contract: embed one pack. Implemented by [`Embedder`]; tests wrap it to
