@@ -11,13 +11,17 @@
 //! fair-esm's `extract.py` does). `padded` reproduces the *cost* of padding (pad tokens go
 //! through every matmul and attention); its vectors are not meaningful and are discarded.
 
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde::Serialize;
 
 use crate::embed::Embedder;
-use crate::error::Result;
-use crate::pack::{first_fit_decreasing, packing_efficiency, PackedBatch};
+use crate::engine::pool::Reply;
+use crate::engine::{DevicePool, PackEmbedder, PackOutcome, PoolOptions, Request, Submission};
+use crate::error::{Error, Result};
+use crate::pack::{pack, packing_efficiency, PackedBatch};
 use crate::tokenize::{CLS, EOS, PAD};
 
 /// Peak dense bf16 throughput of an H100 SXM, the reference for MFU.
@@ -73,7 +77,8 @@ pub fn random_sequences(lengths: &[usize], seed: u64) -> Vec<Vec<u32>> {
 }
 
 /// How sequences are batched.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
     /// Packed, no padding (esmbed).
@@ -133,13 +138,10 @@ pub struct DeviceBench {
 /// Batches for `method`: token-id sequences laid out as the model will see them.
 pub fn batches(sequences: &[Vec<u32>], budget: usize, method: Method) -> Vec<PackedBatch> {
     match method {
-        Method::Packed => {
-            let lengths: Vec<usize> = sequences.iter().map(Vec::len).collect();
-            first_fit_decreasing(&lengths, budget)
-                .into_iter()
-                .map(|group| PackedBatch::from_sequences(group.iter().map(|&i| &sequences[i][..])))
-                .collect()
-        }
+        Method::Packed => pack(sequences, budget)
+            .into_iter()
+            .map(|group| group.batch)
+            .collect(),
         Method::Padded => {
             // fair-esm style: sorted by length, batches while (count × max length) fits.
             let mut order: Vec<usize> = (0..sequences.len()).collect();
@@ -177,33 +179,12 @@ fn padded(sequences: &[Vec<u32>], group: &[usize], longest: usize) -> PackedBatc
     PackedBatch::from_sequences(rows.iter().map(Vec::as_slice))
 }
 
-/// Run `batches` through the embedder (forward + mean pooling to the host, as a job does), after
-/// `warmup` untimed batches.
-pub fn measure(
-    embedder: &Embedder,
-    model_name: &str,
-    method: Method,
-    sequences: &[Vec<u32>],
-    budget: usize,
-    warmup: usize,
-    peak_tflops: f64,
-) -> Result<BenchResult> {
-    measure_devices(
-        std::slice::from_ref(embedder),
-        model_name,
-        method,
-        sequences,
-        budget,
-        warmup,
-        peak_tflops,
-    )
-}
-
-/// [`measure`] on several devices at once (replicas of one model): one thread per device takes
-/// the next batch from a shared counter, as a job's workers take packs from its queue. MFU is
-/// per device (throughput / devices / peak).
+/// Run `batches` through the embedders (replicas of one model on several devices) as a job
+/// does: through the engine's device pool, one worker per device taking the next pack from the
+/// shared queue, forward + mean pooling to the host. Each device first runs `warmup` untimed
+/// batches. MFU is per device (throughput / devices / peak).
 pub fn measure_devices(
-    embedders: &[Embedder],
+    embedders: &[Arc<Embedder>],
     model_name: &str,
     method: Method,
     sequences: &[Vec<u32>],
@@ -212,66 +193,58 @@ pub fn measure_devices(
     peak_tflops: f64,
 ) -> Result<BenchResult> {
     let batches = batches(sequences, budget, method);
-    // Real tokens of each batch (padding excluded), for per-device throughput.
-    let real: Vec<usize> = batches
+    let devices: Vec<Arc<dyn PackEmbedder>> = embedders
         .iter()
-        .map(|b| {
-            (0..b.len())
-                .map(|i| b.tokens(i).iter().filter(|&&t| t != PAD).count())
-                .sum()
-        })
+        .map(|e| e.clone() as Arc<dyn PackEmbedder>)
         .collect();
-    std::thread::scope(|scope| -> Result<()> {
-        let handles: Vec<_> = embedders
-            .iter()
-            .map(|e| {
-                let batches = &batches;
-                scope.spawn(move || -> Result<()> {
-                    for batch in batches.iter().take(warmup) {
-                        e.embed_packed(batch)?;
-                    }
-                    e.model().device().synchronize()?;
-                    Ok(())
-                })
-            })
-            .collect();
-        for h in handles {
-            h.join().expect("warm-up does not panic")?;
-        }
-        Ok(())
-    })?;
+    let options = PoolOptions {
+        capacity: None,
+        warm_up: batches.iter().take(warmup).cloned().collect(),
+    };
+    let pool = DevicePool::<()>::start(devices, options, Arc::new(AtomicBool::new(false)))?;
     tracing::info!("warm-up done on {} device(s)", embedders.len());
     // The profile covers the timed batches only.
     crate::model::profile::reset();
-    let next = std::sync::atomic::AtomicUsize::new(0);
+    // Real tokens (padding excluded) per device, and whether a sequence did not fit.
+    let real = Arc::new(Mutex::new((vec![0usize; embedders.len()], false)));
+    let reply: Reply<()> = {
+        let real = real.clone();
+        Arc::new(move |outcome| {
+            let mut real = real.lock().unwrap();
+            match outcome {
+                PackOutcome::Done { batch, device, .. } => {
+                    real.0[device] += (0..batch.len())
+                        .map(|i| batch.tokens(i).iter().filter(|&&t| t != PAD).count())
+                        .sum::<usize>();
+                }
+                PackOutcome::Failed { .. } => real.1 = true,
+            }
+            true
+        })
+    };
     let started = Instant::now();
-    let per_device: Vec<(usize, usize, f64)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = embedders
-            .iter()
-            .map(|e| {
-                let (batches, real, next) = (&batches, &real, &next);
-                scope.spawn(move || -> Result<(usize, usize, f64)> {
-                    let (mut count, mut tokens, mut busy) = (0, 0, 0.0);
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(batch) = batches.get(i) else { break };
-                        let t = Instant::now();
-                        e.embed_packed(batch)?;
-                        busy += t.elapsed().as_secs_f64();
-                        count += 1;
-                        tokens += real[i];
-                    }
-                    e.model().device().synchronize()?;
-                    Ok((count, tokens, busy))
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("bench workers do not panic"))
-            .collect::<Result<Vec<_>>>()
-    })?;
+    for batch in &batches {
+        let submission = Submission {
+            batch: batch.clone(),
+            request: Request::Configured { residues: false },
+            context: Arc::new(()),
+            reply: reply.clone(),
+        };
+        if !pool.submit(submission) {
+            break;
+        }
+    }
+    pool.close();
+    let stats = pool.join()?;
     let seconds = started.elapsed().as_secs_f64();
+    let (real, failed) = real.lock().unwrap().clone();
+    if failed {
+        return Err(Error::OutOfMemory {
+            detail: format!(
+                "a benchmark sequence does not fit even alone: lower --tokens-per-batch ({budget})"
+            ),
+        });
+    }
     let tokens: usize = sequences.iter().map(Vec::len).sum();
     let computed: usize = batches.iter().map(PackedBatch::total_tokens).sum();
     let avg = tokens as f64 / sequences.len().max(1) as f64;
@@ -280,15 +253,15 @@ pub fn measure_devices(
         .config()
         .flops_per_token(avg.round() as usize)
         * tokens as f64;
-    let devices: Vec<DeviceBench> = embedders
+    let devices: Vec<DeviceBench> = stats
         .iter()
-        .zip(&per_device)
-        .map(|(e, &(count, tokens, busy))| DeviceBench {
-            device: e.device_label(),
-            batches: count,
+        .zip(&real)
+        .map(|(s, &tokens)| DeviceBench {
+            device: s.device.clone(),
+            batches: s.packs as usize,
             tokens,
             tokens_per_s: tokens as f64 / seconds,
-            busy: busy / seconds,
+            busy: s.busy_seconds / seconds,
         })
         .collect();
     let n = embedders.len().max(1) as f64;

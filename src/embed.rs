@@ -7,6 +7,7 @@
 
 use candle_core::{DType, Device};
 
+use crate::engine::Request;
 use crate::error::{Error, Result};
 use crate::model::{Checkpoint, Esm2, ModelSource};
 use crate::pack::PackedBatch;
@@ -162,17 +163,22 @@ impl Embedder {
         })
     }
 
-    /// Mean embeddings (`[B, H]`) of one layer (resolved number), whatever layers the embedder
-    /// was built for: the SQL front picks the layer per call.
-    pub fn embed_packed_mean(&self, batch: &PackedBatch, layer: usize) -> Result<Vec<f32>> {
-        let hidden = self.model.forward(batch, &[layer])?;
-        let pooling = Pooling {
-            mean: true,
-            bos: false,
-            per_residue: false,
-        };
-        let pooled = pool(&hidden[0], batch, layer, pooling)?;
-        Ok(pooled.mean.expect("mean requested"))
+    /// Embed one pack as `request` asks: the configured layers and pooling, or the mean (and
+    /// per-residue outputs) of one layer, whatever the embedder was built for (SQL picks the
+    /// layer per call).
+    pub fn embed_request(&self, batch: &PackedBatch, request: Request) -> Result<Vec<PooledLayer>> {
+        match request {
+            Request::Configured { residues } => self.embed_packed_with(batch, residues),
+            Request::Layer { layer, residues } => {
+                let hidden = self.model.forward(batch, &[layer])?;
+                let pooling = Pooling {
+                    mean: true,
+                    bos: false,
+                    per_residue: residues,
+                };
+                Ok(vec![pool(&hidden[0], batch, layer, pooling)?])
+            }
+        }
     }
 
     /// Embed sequences given as text, returning results in input order. Fails on the first
@@ -201,12 +207,14 @@ impl Embedder {
         tokens: &[Vec<u32>],
         budget: usize,
     ) -> Result<Vec<SequenceEmbedding>> {
-        let lengths: Vec<usize> = tokens.iter().map(Vec::len).collect();
         let mut results: Vec<Option<SequenceEmbedding>> = vec![None; tokens.len()];
-        for group in crate::pack::first_fit_decreasing(&lengths, budget.max(1)) {
-            let batch = PackedBatch::from_sequences(group.iter().map(|&i| &tokens[i][..]));
-            let pooled = self.embed_packed(&batch)?;
-            for (slot, split) in group.iter().zip(split_pooled(&pooled, &batch)) {
+        for group in crate::pack::pack(tokens, budget) {
+            let pooled = self.embed_packed(&group.batch)?;
+            for (slot, split) in group
+                .members
+                .iter()
+                .zip(split_pooled(&pooled, &group.batch))
+            {
                 results[*slot] = Some(split);
             }
         }
@@ -248,43 +256,17 @@ pub fn split_pooled(pooled: &[PooledLayer], batch: &PackedBatch) -> Vec<Sequence
         .collect()
 }
 
-/// Run one pack of `tokens_per_batch` tokens of the longest allowed sequences, so that a budget
-/// that does not fit in device memory fails at start-up with the fix, not an hour into a job.
-pub fn warm_up(embedder: &Embedder, tokens_per_batch: usize, max_length: usize) -> Result<()> {
+/// A pack of `tokens_per_batch` tokens of the longest allowed sequences: run first on every
+/// device ([`crate::engine::PoolOptions::warm_up`]), so that a budget that does not fit in device
+/// memory fails at start-up with the fix, not an hour into a job.
+pub fn warm_up_pack(tokens_per_batch: usize, max_length: usize) -> PackedBatch {
     let per_sequence = (max_length + 2).min(tokens_per_batch.max(3));
     let count = (tokens_per_batch / per_sequence).max(1);
     let sequence: Vec<u32> = std::iter::once(crate::tokenize::CLS)
         .chain(std::iter::repeat_n(5, per_sequence - 2))
         .chain(std::iter::once(crate::tokenize::EOS))
         .collect();
-    let batch = PackedBatch::from_sequences(std::iter::repeat_n(&sequence[..], count));
-    match embedder.embed_packed(&batch) {
-        Ok(_) => Ok(()),
-        Err(e) if crate::retry::is_out_of_memory(&e) => Err(Error::InvalidOption(format!(
-            "--tokens-per-batch {tokens_per_batch} does not fit in device memory (a warm-up pack ran out \
-             of memory: {e}); lower --tokens-per-batch"
-        ))),
-        Err(e) => Err(e),
-    }
-}
-
-/// [`warm_up`] on every device at once (one thread each); the first failure is returned.
-pub fn warm_up_all(
-    embedders: &[Embedder],
-    tokens_per_batch: usize,
-    max_length: usize,
-) -> Result<()> {
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = embedders
-            .iter()
-            .map(|e| scope.spawn(move || warm_up(e, tokens_per_batch, max_length)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("warm-up does not panic"))
-            .collect::<Result<Vec<()>>>()
-    })?;
-    Ok(())
+    PackedBatch::from_sequences(std::iter::repeat_n(&sequence[..], count))
 }
 
 /// Free memory of `device` in bytes; `None` on the CPU.

@@ -1,11 +1,30 @@
 //! One error type for the library. What a user reads when something goes wrong is decided here:
 //! every variant names the thing at fault (file, tensor, record, character) and, where there is
-//! one, the fix.
+//! one, the fix. Variants are what code must tell apart (an out-of-memory pack is split and
+//! retried, a missing object is not retried, a failed device leaves the pool); [`Error::kind`]
+//! groups them for exit codes. No code decides on message text.
 
 use std::path::PathBuf;
 
 /// The library's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What kind of failure an [`Error`] is: the CLI's exit codes come from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The input is at fault: unreadable records, bad sequences, duplicate ids.
+    BadInput,
+    /// Reading or writing files or objects failed.
+    Io,
+    /// The model could not be loaded or run (device failures and out of memory included).
+    Model,
+    /// Options contradict each other, or an output is in the way.
+    Usage,
+    /// The job was stopped by a signal; finished work is kept.
+    Interrupted,
+    /// A bug in esmbed.
+    Internal,
+}
 
 /// Everything that can go wrong in esmbed's library.
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +40,40 @@ pub enum Error {
         index: usize,
         /// What was wrong.
         source: crate::tokenize::TokenizeError,
+    },
+
+    /// An input's content is not what its format requires (or there is none).
+    #[error("{input}: {reason}")]
+    BadInput {
+        /// The input file or object.
+        input: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+
+    /// `--strict`: a bad record stops the job.
+    #[error("{input} record {record}{}: {reason} (--strict stops at the first bad record; without it, bad records go to the errors file)", id.as_ref().map(|i| format!(" (id {i})")).unwrap_or_default())]
+    Strict {
+        /// The input file.
+        input: String,
+        /// 1-based record number.
+        record: u64,
+        /// The record's id.
+        id: Option<String>,
+        /// What was wrong.
+        reason: String,
+    },
+
+    /// The same id twice: results could not be joined back unambiguously.
+    #[error("duplicate id {id:?}: {first} and {second}. Ids must be unique to join embeddings back to \
+             the input: fix the input, or pass --dedupe to keep the first and list the others in the errors file")]
+    DuplicateId {
+        /// The id.
+        id: String,
+        /// Where it first appears.
+        first: String,
+        /// Where it appears again.
+        second: String,
     },
 
     /// The model directory or checkpoint could not be read as an ESM-2 model.
@@ -63,57 +116,25 @@ pub enum Error {
         reason: String,
     },
 
+    /// The device ran out of memory. A pack that does is split and retried; this reaches the
+    /// user only for what does not fit even alone.
+    #[error("out of memory: {detail}")]
+    OutOfMemory {
+        /// What was being computed, and the fix where the caller knows it.
+        detail: String,
+    },
+
+    /// A tensor operation failed on the device (a driver error, or a bug).
+    #[error("tensor operation failed: {0}")]
+    Device(candle_core::Error),
+
+    /// No device is left to run the work (each one failed; see the log).
+    #[error("{0}")]
+    NoDevice(String),
+
     /// Options that contradict each other or the model.
     #[error("invalid option: {0}")]
     InvalidOption(String),
-
-    /// Reading or writing a file failed.
-    #[error("{}: {source}", path.display())]
-    Io {
-        /// The file at fault.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
-
-    /// An object-store request failed (after retries, for transient errors).
-    #[error("{url}: {reason}")]
-    Remote {
-        /// The object or prefix.
-        url: String,
-        /// What went wrong and what to do.
-        reason: String,
-    },
-
-    /// An input could not be read.
-    #[error(transparent)]
-    Input(#[from] crate::input::InputError),
-
-    /// `--strict`: a bad record stops the job.
-    #[error("{input} record {record}{}: {reason} (--strict stops at the first bad record; without it, bad records go to the errors file)", id.as_ref().map(|i| format!(" (id {i})")).unwrap_or_default())]
-    Strict {
-        /// The input file.
-        input: String,
-        /// 1-based record number.
-        record: u64,
-        /// The record's id.
-        id: Option<String>,
-        /// What was wrong.
-        reason: String,
-    },
-
-    /// The same id twice: results could not be joined back unambiguously.
-    #[error("duplicate id {id:?}: {first} and {second}. Ids must be unique to join embeddings back to \
-             the input: fix the input, or pass --dedupe to keep the first and list the others in the errors file")]
-    DuplicateId {
-        /// The id.
-        id: String,
-        /// Where it first appears.
-        first: String,
-        /// Where it appears again.
-        second: String,
-    },
 
     /// The output (or an unfinished job's progress) is already there.
     #[error("{path} already exists: {hint}")]
@@ -122,6 +143,52 @@ pub enum Error {
         path: String,
         /// What to do.
         hint: String,
+    },
+
+    /// `--resume` with another command than the interrupted job's.
+    #[error("--resume: this command differs from the interrupted job (differs in: {differences}); rerun it \
+             with the same inputs, model and output options, or pass --overwrite to start over")]
+    ResumeMismatch {
+        /// The settings that differ, comma-separated.
+        differences: String,
+    },
+
+    /// Reading or writing a file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file at fault (or the input's name).
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// An object or prefix that must exist does not.
+    #[error("{url}: {hint}")]
+    NotFound {
+        /// The object, prefix or bucket.
+        url: String,
+        /// What to do.
+        hint: String,
+    },
+
+    /// An object-store request failed (after object_store's retries, for transient errors).
+    #[error("{url}: {reason}")]
+    Remote {
+        /// The object or prefix.
+        url: String,
+        /// What went wrong and what to do.
+        reason: String,
+    },
+
+    /// A Parquet file could not be read or written.
+    #[error("{path}: {source}")]
+    Parquet {
+        /// The file or object.
+        path: String,
+        /// The underlying error.
+        #[source]
+        source: parquet::errors::ParquetError,
     },
 
     /// SIGINT/SIGTERM: the job stopped cleanly with finished parts recorded.
@@ -133,9 +200,9 @@ pub enum Error {
         total: usize,
     },
 
-    /// A tensor operation failed (out of memory, device error, or a bug).
-    #[error("tensor operation failed: {0}")]
-    Candle(#[from] candle_core::Error),
+    /// A bug: an invariant esmbed relies on did not hold.
+    #[error("internal error (please report it): {0}")]
+    Internal(String),
 }
 
 impl Error {
@@ -153,5 +220,105 @@ impl Error {
             source_name: source_name.into(),
             reason: reason.into(),
         }
+    }
+
+    /// An input whose content is wrong.
+    pub(crate) fn bad_input(input: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::BadInput {
+            input: input.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// A broken invariant, e.g. an Arrow operation on arrays esmbed built itself.
+    pub(crate) fn internal(what: impl std::fmt::Display) -> Self {
+        Error::Internal(what.to_string())
+    }
+
+    /// Whether this is the device running out of memory (the pack can be split and retried).
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, Error::OutOfMemory { .. })
+    }
+
+    /// The kind of failure, for exit codes.
+    pub fn kind(&self) -> ErrorKind {
+        use Error::*;
+        match self {
+            Tokenize(_) | InvalidSequence { .. } | BadInput { .. } | Strict { .. } => {
+                ErrorKind::BadInput
+            }
+            DuplicateId { .. } => ErrorKind::BadInput,
+            Model { .. } | MissingTensor { .. } | TensorShape { .. } | Hub { .. } => {
+                ErrorKind::Model
+            }
+            OutOfMemory { .. } | Device(_) | NoDevice(_) => ErrorKind::Model,
+            InvalidOption(_) | OutputExists { .. } | ResumeMismatch { .. } => ErrorKind::Usage,
+            Io { .. } | NotFound { .. } | Remote { .. } | Parquet { .. } => ErrorKind::Io,
+            Interrupted { .. } => ErrorKind::Interrupted,
+            Internal(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+/// Candle errors are sorted once, here: the device running out of memory (the CUDA driver's
+/// `CUDA_ERROR_OUT_OF_MEMORY`, cuBLAS's `ALLOC_FAILED`) becomes [`Error::OutOfMemory`], found by
+/// the error's type and code, never its text; everything else is a [`Error::Device`] failure.
+impl From<candle_core::Error> for Error {
+    fn from(error: candle_core::Error) -> Self {
+        if device_out_of_memory(&error) {
+            Error::OutOfMemory {
+                detail: error.to_string(),
+            }
+        } else {
+            Error::Device(error)
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn device_out_of_memory(error: &candle_core::Error) -> bool {
+    use candle_core::cuda_backend::cudarc::cublas::sys::cublasStatus_t;
+    use candle_core::cuda_backend::cudarc::driver::sys::CUresult;
+    use candle_core::cuda_backend::CudaError;
+    match error {
+        candle_core::Error::WithBacktrace { inner, .. }
+        | candle_core::Error::Context { inner, .. } => device_out_of_memory(inner),
+        candle_core::Error::Cuda(inner) => match inner.downcast_ref::<CudaError>() {
+            Some(CudaError::Cuda(e)) => e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY,
+            Some(CudaError::Cublas(e)) => e.0 == cublasStatus_t::CUBLAS_STATUS_ALLOC_FAILED,
+            _ => inner
+                .downcast_ref::<crate::model::DeviceOutOfMemory>()
+                .is_some(),
+        },
+        _ => false,
+    }
+}
+
+/// On the CPU an allocation failure aborts the process: there is no out-of-memory error to sort.
+#[cfg(not(feature = "cuda"))]
+fn device_out_of_memory(_: &candle_core::Error) -> bool {
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_follow_the_variant() {
+        let oom = Error::OutOfMemory {
+            detail: "a pack".into(),
+        };
+        assert!(oom.is_out_of_memory());
+        assert_eq!(oom.kind(), ErrorKind::Model);
+        assert_eq!(
+            Error::bad_input("a.fasta", "empty").kind(),
+            ErrorKind::BadInput
+        );
+        assert_eq!(Error::internal("x").kind(), ErrorKind::Internal);
+        // Text that mentions memory is not a typed out-of-memory error.
+        let text = Error::from(candle_core::Error::Msg("CUDA_ERROR_OUT_OF_MEMORY".into()));
+        assert!(!text.is_out_of_memory());
+        assert_eq!(text.kind(), ErrorKind::Model);
     }
 }

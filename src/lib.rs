@@ -10,10 +10,14 @@
 //! - [`model`]: ESM-2 loaded from HF directories, fair-esm `.pt` files or the hub, with one packed
 //!   forward (exact per-segment attention on CPU, FlashAttention varlen on CUDA);
 //! - [`pool`]: mean / BOS / per-residue outputs for a whole pack at once;
+//! - [`prepare`]: the input policy (unknown letters, `--max-length`, `--long`), one for every front;
 //! - [`embed`]: [`Embedder`], the API that ties them together;
 //! - [`devices`]: `--device` lists, one model replica per GPU;
-//! - [`sql`]: DataFusion with `esm_embed(sequence)` and FASTA tables;
-//! - [`pipeline`]: the job (read → plan → embed on every device → write), resumable.
+//! - [`engine`]: the device pool every front runs on (shared pack queue, one worker per device,
+//!   out-of-memory splitting, failover);
+//! - [`pipeline`]: the job (read → plan → device pool → write), resumable;
+//! - [`sql`]: DataFusion with `esm_embed(sequence)` and FASTA tables, a thin front over the pool;
+//! - [`bench`]: throughput on the reference benchmark's workload, through the same pool.
 //!
 //! ```no_run
 //! use esmbed::{Embedder, EmbedOptions};
@@ -27,6 +31,7 @@
 pub mod bench;
 pub mod devices;
 pub mod embed;
+pub mod engine;
 pub mod error;
 pub mod input;
 pub mod model;
@@ -34,7 +39,7 @@ pub mod output;
 pub mod pack;
 pub mod pipeline;
 pub mod pool;
-pub mod retry;
+pub mod prepare;
 pub mod sql;
 pub mod storage;
 pub mod tokenize;
@@ -42,7 +47,7 @@ pub mod verify;
 
 pub use candle_core::{DType, Device};
 pub use embed::{EmbedOptions, Embedder, LayerEmbedding, SequenceEmbedding};
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
 pub use model::{Checkpoint, Esm2, EsmConfig, ModelSource};
 pub use pack::PackedBatch;
 pub use pool::{PooledLayer, Pooling};

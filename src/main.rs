@@ -6,7 +6,7 @@ mod cli;
 use std::process::ExitCode;
 
 use clap::Parser;
-use esmbed::Error;
+use esmbed::{Error, ErrorKind};
 
 use cli::{Cli, Command};
 
@@ -16,12 +16,14 @@ mod exit {
     pub const BAD_INPUT: u8 = 3;
     /// Reading or writing files failed.
     pub const IO: u8 = 4;
-    /// The model could not be loaded or run.
+    /// The model could not be loaded or run (out of memory and device failures included).
     pub const MODEL: u8 = 5;
     /// Invalid options, or an output in the way.
     pub const USAGE: u8 = 2;
     /// Interrupted (SIGINT/SIGTERM); rerun with --resume.
     pub const INTERRUPTED: u8 = 130;
+    /// A bug in esmbed (EX_SOFTWARE); please report it.
+    pub const INTERNAL: u8 = 70;
 }
 
 fn main() -> ExitCode {
@@ -56,31 +58,18 @@ fn main() -> ExitCode {
     }
 }
 
+/// The exit code of a failure, from its kind (the README's table). Errors that are not the
+/// library's come from argument checks in `cli/`: usage.
 fn exit_code(error: &anyhow::Error) -> u8 {
-    if let Some(input) = error.downcast_ref::<esmbed::input::InputError>() {
-        return match input {
-            esmbed::input::InputError::Format { .. } => exit::BAD_INPUT,
-            esmbed::input::InputError::Io { .. } => exit::IO,
-        };
-    }
     let Some(error) = error.downcast_ref::<Error>() else {
         return exit::USAGE;
     };
-    match error {
-        Error::Tokenize(_)
-        | Error::InvalidSequence { .. }
-        | Error::Strict { .. }
-        | Error::DuplicateId { .. }
-        | Error::Input(esmbed::input::InputError::Format { .. }) => exit::BAD_INPUT,
-        Error::Io { .. }
-        | Error::Remote { .. }
-        | Error::Input(esmbed::input::InputError::Io { .. }) => exit::IO,
-        Error::Model { .. }
-        | Error::MissingTensor { .. }
-        | Error::TensorShape { .. }
-        | Error::Hub { .. }
-        | Error::Candle(_) => exit::MODEL,
-        Error::InvalidOption(_) | Error::OutputExists { .. } => exit::USAGE,
-        Error::Interrupted { .. } => exit::INTERRUPTED,
+    match error.kind() {
+        ErrorKind::BadInput => exit::BAD_INPUT,
+        ErrorKind::Io => exit::IO,
+        ErrorKind::Model => exit::MODEL,
+        ErrorKind::Usage => exit::USAGE,
+        ErrorKind::Interrupted => exit::INTERRUPTED,
+        ErrorKind::Internal => exit::INTERNAL,
     }
 }

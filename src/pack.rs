@@ -109,6 +109,28 @@ pub fn first_fit_decreasing(lengths: &[usize], budget: usize) -> Vec<Vec<usize>>
     packs
 }
 
+/// One pack of [`pack`]: which sequences, and their tokens laid end to end.
+#[derive(Debug, Clone)]
+pub struct Group {
+    /// Indices of the packed sequences, in pack order.
+    pub members: Vec<usize>,
+    /// Their tokens.
+    pub batch: PackedBatch,
+}
+
+/// Token lists → packs of at most `budget` tokens ([`first_fit_decreasing`]). The one way every
+/// front (job, SQL, bench, the library's `embed`) turns sequences into packs.
+pub fn pack<T: AsRef<[u32]>>(sequences: &[T], budget: usize) -> Vec<Group> {
+    let lengths: Vec<usize> = sequences.iter().map(|s| s.as_ref().len()).collect();
+    first_fit_decreasing(&lengths, budget.max(1))
+        .into_iter()
+        .map(|members| Group {
+            batch: PackedBatch::from_sequences(members.iter().map(|&i| sequences[i].as_ref())),
+            members,
+        })
+        .collect()
+}
+
 /// Real tokens over budgeted tokens (`packs × budget`): how much of the compute a fixed budget
 /// pays for goes to real tokens.
 pub fn packing_efficiency(total_tokens: usize, packs: usize, budget: usize) -> f64 {

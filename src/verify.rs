@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::embed::{EmbedOptions, Embedder};
 use crate::error::Result;
 use crate::model::{Checkpoint, Esm2};
-use crate::pack::{first_fit_decreasing, PackedBatch};
+use crate::pack::pack;
 
 /// Agreement of one device/dtype with the CPU f32 reference.
 #[derive(Debug, Clone, Serialize)]
@@ -72,10 +72,9 @@ pub fn compare(
         a.mean_max_rel_error = a.mean_max_rel_error.max(err / max_abs(e));
     }
     // Per-token states of the last layer, pack by pack.
-    let lengths: Vec<usize> = sequences.iter().map(Vec::len).collect();
     let last = checkpoint.config.num_hidden_layers;
-    for group in first_fit_decreasing(&lengths, budget) {
-        let batch = PackedBatch::from_sequences(group.iter().map(|&i| &sequences[i][..]));
+    for group in pack(&sequences, budget) {
+        let batch = group.batch;
         let r = reference.model().forward(&batch, &[last])?.remove(0);
         let s = subject
             .model()

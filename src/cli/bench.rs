@@ -116,7 +116,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let embedders = model
             .replicate_to(&devices)?
             .into_iter()
-            .map(|m| Embedder::new(m, &EmbedOptions::default()))
+            .map(|m| Embedder::new(m, &EmbedOptions::default()).map(std::sync::Arc::new))
             .collect::<esmbed::Result<Vec<_>>>()?;
         let methods = if args.no_pack {
             vec![Method::Padded]

@@ -164,16 +164,6 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<JobSummary> {
         loading.elapsed().as_secs_f64()
     );
 
-    if !device.is_cpu() {
-        let started = Instant::now();
-        esmbed::embed::warm_up_all(&embedders, tokens_per_batch, args.columns.max_length)?;
-        tracing::info!(
-            "warm-up pack of {tokens_per_batch} tokens fits on {} ({:.1}s)",
-            labels.join(", "),
-            started.elapsed().as_secs_f64()
-        );
-    }
-
     let mut spec = JobSpec::new(
         inputs,
         std::path::Path::new(&args.output),
@@ -194,12 +184,13 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<JobSummary> {
             output_dtype: args.columns.output_dtype,
             resume: args.resume,
             overwrite: args.overwrite,
-            progress: !args.no_progress,
+            warm_up: !device.is_cpu(),
         },
     );
     if let Some(remote) = remote {
         spec = spec.with_remote_output(remote);
     }
+    spec = spec.with_progress(super::progress::bar(!args.no_progress));
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -211,7 +202,7 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<JobSummary> {
         let watcher = tokio::spawn(watch_signals(cancel.clone()));
         let workers = embedders
             .into_iter()
-            .map(|e| Arc::new(e) as Arc<dyn pipeline::PackEmbedder>)
+            .map(|e| Arc::new(e) as Arc<dyn esmbed::engine::PackEmbedder>)
             .collect();
         let result = pipeline::run(spec, workers, cancel.clone()).await;
         watcher.abort();

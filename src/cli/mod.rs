@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod embed;
 pub mod inspect;
+pub mod progress;
 pub mod sql;
 pub mod verify;
 
@@ -10,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 
 use esmbed::input::InputFormat;
 use esmbed::output::columns::OutputDType;
-use esmbed::pipeline::plan::LongPolicy;
+use esmbed::prepare::LongPolicy;
 
 /// ESM-2 protein embeddings at the speed of the GPU, as Parquet.
 ///

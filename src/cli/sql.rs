@@ -46,9 +46,15 @@ pub struct SqlArgs {
     #[arg(long, value_enum, default_value = "error")]
     pub unknown: UnknownArg,
 
-    /// Sequences longer than this many residues keep their first --max-length residues.
+    /// Sequences longer than this many residues follow --long (ESM-2 was trained on 1022).
     #[arg(long, default_value_t = 1022)]
     pub max_length: usize,
+
+    /// Long sequences, as for `esmbed embed`: truncate (first --max-length residues), error (the
+    /// query fails naming the row, or NULL with --lenient), or window (overlapping windows
+    /// averaged per residue, then the mean: a heuristic).
+    #[arg(long, value_enum, default_value = "truncate")]
+    pub long: esmbed::prepare::LongPolicy,
 
     /// Tokens per pack. Default: 4096 on the CPU; on a GPU, what fits in its free memory.
     #[arg(long)]
@@ -155,9 +161,6 @@ fn start_service(args: &SqlArgs) -> anyhow::Result<EmbedService> {
         .into_iter()
         .map(|m| Embedder::new(m, &options))
         .collect::<esmbed::Result<Vec<_>>>()?;
-    if !devices[0].is_cpu() {
-        esmbed::embed::warm_up_all(&embedders, tokens_per_batch, args.max_length)?;
-    }
     let labels: Vec<String> = embedders.iter().map(Embedder::device_label).collect();
     tracing::info!(
         "esm_embed: {} on {} as {:?}, {} tokens per pack (loaded in {:.1}s)",
@@ -172,11 +175,13 @@ fn start_service(args: &SqlArgs) -> anyhow::Result<EmbedService> {
         ServiceOptions {
             tokens_per_batch,
             max_length: args.max_length,
+            long: args.long,
             bad_rows: if args.lenient {
                 BadRows::Null
             } else {
                 BadRows::Error
             },
+            warm_up: !devices[0].is_cpu(),
         },
     )?)
 }

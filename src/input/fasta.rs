@@ -12,7 +12,7 @@ use arrow::array::{ArrayRef, RecordBatch, StringBuilder};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use noodles_fasta::record::Definition;
 
-use super::{InputError, SourceBatch};
+use super::SourceBatch;
 
 /// The schema of a FASTA source.
 pub fn schema() -> SchemaRef {
@@ -55,8 +55,8 @@ impl<'a> FastaBatches<'a> {
         reader: impl Read + Send + 'a,
         name: &str,
         batch_rows: usize,
-    ) -> Result<Self, InputError> {
-        let reader = maybe_gunzip(reader).map_err(|e| InputError::io(name, e))?;
+    ) -> crate::Result<Self> {
+        let reader = maybe_gunzip(reader).map_err(|e| crate::Error::io(&name, e))?;
         Ok(Self {
             reader: noodles_fasta::io::Reader::new(reader),
             name: name.to_string(),
@@ -68,12 +68,12 @@ impl<'a> FastaBatches<'a> {
     }
 
     /// Check that the input starts (after blank lines) with `>`.
-    fn check_start(&mut self) -> Result<bool, InputError> {
+    fn check_start(&mut self) -> crate::Result<bool> {
         let inner = self.reader.get_mut();
         loop {
             let buf = inner
                 .fill_buf()
-                .map_err(|e| InputError::io(&self.name, e))?;
+                .map_err(|e| crate::Error::io(&self.name, e))?;
             let Some(&first) = buf.first() else {
                 return Ok(false); // empty input
             };
@@ -89,7 +89,7 @@ impl<'a> FastaBatches<'a> {
             } else {
                 format!("byte 0x{first:02x}")
             };
-            return Err(InputError::Format {
+            return Err(crate::Error::BadInput {
                 input: self.name.clone(),
                 reason: format!(
                     "not a FASTA file: it starts with {what}, a FASTA file starts with '>' (a header line). \
@@ -99,7 +99,7 @@ impl<'a> FastaBatches<'a> {
         }
     }
 
-    fn next_batch(&mut self) -> Result<Option<SourceBatch>, InputError> {
+    fn next_batch(&mut self) -> crate::Result<Option<SourceBatch>> {
         if !self.started {
             self.started = true;
             if !self.check_start()? {
@@ -130,12 +130,12 @@ impl<'a> FastaBatches<'a> {
                 Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Some(format!(
                     "invalid header ({e}): a header is '>' followed by an id; give this record an id"
                 )),
-                Err(e) => return Err(InputError::io(&self.name, e)),
+                Err(e) => return Err(crate::Error::io(&self.name, e)),
             };
             sequence.clear();
             self.reader
                 .read_sequence(&mut sequence)
-                .map_err(|e| InputError::io(&self.name, e))?;
+                .map_err(|e| crate::Error::io(&self.name, e))?;
             self.record += 1;
             match header_problem {
                 None => {
@@ -174,7 +174,7 @@ impl<'a> FastaBatches<'a> {
 }
 
 impl Iterator for FastaBatches<'_> {
-    type Item = Result<SourceBatch, InputError>;
+    type Item = crate::Result<SourceBatch>;
 
     fn next(&mut self) -> Option<Self::Item> {
         match self.next_batch() {
@@ -193,7 +193,7 @@ mod tests {
     use super::*;
     use arrow::array::{Array, AsArray};
 
-    fn read(data: &[u8]) -> Result<Vec<SourceBatch>, InputError> {
+    fn read(data: &[u8]) -> crate::Result<Vec<SourceBatch>> {
         FastaBatches::new(data, "test.fa", 2)?.collect()
     }
 

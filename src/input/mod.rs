@@ -24,15 +24,15 @@ fn list_objects(
     location: &str,
     options: &InputOptions,
     store: &StoreOptions,
-) -> Result<Vec<InputFile>, InputError> {
-    let remote = |e: crate::Error| InputError::Format {
+) -> crate::Result<Vec<InputFile>> {
+    let remote = |e: crate::Error| crate::Error::BadInput {
         input: location.to_string(),
         reason: match e {
             crate::Error::Remote { reason, .. } => reason,
             other => other.to_string(),
         },
     };
-    let file = |object: ObjectUrl, size: u64| -> Result<InputFile, InputError> {
+    let file = |object: ObjectUrl, size: u64| -> crate::Result<InputFile> {
         let format = match options.format {
             Some(f) => f,
             None => detect_object_format(&object, size)?,
@@ -75,7 +75,7 @@ fn list_objects(
         }
     }
     if files.is_empty() {
-        return Err(InputError::Format {
+        return Err(crate::Error::BadInput {
             input: location.to_string(),
             reason: "no FASTA or Parquet objects match (a prefix lists *.fasta[.gz], *.fa[.gz], \
                      *.parquet …; a glob such as s3://bucket/in/*.fa.gz takes any name)"
@@ -83,37 +83,6 @@ fn list_objects(
         });
     }
     Ok(files)
-}
-
-/// An input could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum InputError {
-    /// The content is not what the format requires.
-    #[error("{input}: {reason}")]
-    Format {
-        /// The input file.
-        input: String,
-        /// What is wrong and what to do.
-        reason: String,
-    },
-    /// Reading failed.
-    #[error("{input}: {source}")]
-    Io {
-        /// The input file.
-        input: String,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-impl InputError {
-    pub(crate) fn io(input: &str, source: std::io::Error) -> Self {
-        InputError::Io {
-            input: input.to_string(),
-            source,
-        }
-    }
 }
 
 /// A batch from one source, with per-record problems the reader found (row in batch, reason).
@@ -126,7 +95,8 @@ pub struct SourceBatch {
 }
 
 /// File formats esmbed reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum InputFormat {
     /// FASTA, plain or gzip-compressed.
     Fasta,
@@ -187,24 +157,24 @@ impl InputFile {
     }
 
     /// A reader from the start.
-    fn open(&self) -> Result<Box<dyn std::io::Read + Send>, InputError> {
+    fn open(&self) -> crate::Result<Box<dyn std::io::Read + Send>> {
         Ok(match &self.object {
             Some((o, size)) => Box::new(o.reader(*size)),
             None => Box::new(
-                std::fs::File::open(&self.path).map_err(|e| InputError::io(&self.name(), e))?,
+                std::fs::File::open(&self.path).map_err(|e| crate::Error::io(self.name(), e))?,
             ),
         })
     }
 }
 
 /// The format of an object: by name, then by its first bytes.
-fn detect_object_format(object: &ObjectUrl, size: u64) -> Result<InputFormat, InputError> {
+fn detect_object_format(object: &ObjectUrl, size: u64) -> crate::Result<InputFormat> {
     if let Some(format) = format_from_name(object.key()) {
         return Ok(format);
     }
     let head = object
         .get_range(0..size.min(4))
-        .map_err(|e| InputError::io(&object.url(), std::io::Error::other(e)))?;
+        .map_err(|e| crate::Error::io(object.url(), std::io::Error::other(e)))?;
     Ok(if head.as_ref() == b"PAR1" {
         InputFormat::Parquet
     } else {
@@ -264,15 +234,17 @@ impl Shard {
 }
 
 /// Guess the format of `path`: by extension, then by content (`PAR1` magic).
-pub fn detect_format(path: &Path) -> Result<InputFormat, InputError> {
+pub fn detect_format(path: &Path) -> crate::Result<InputFormat> {
     let name = path.to_string_lossy().to_ascii_lowercase();
     if let Some(format) = format_from_name(&name) {
         return Ok(format);
     }
     use std::io::Read;
     let mut head = [0u8; 4];
-    let mut file = std::fs::File::open(path).map_err(|e| InputError::io(&name, e))?;
-    let n = file.read(&mut head).map_err(|e| InputError::io(&name, e))?;
+    let mut file = std::fs::File::open(path).map_err(|e| crate::Error::io(&name, e))?;
+    let n = file
+        .read(&mut head)
+        .map_err(|e| crate::Error::io(&name, e))?;
     Ok(if n == 4 && &head == b"PAR1" {
         InputFormat::Parquet
     } else {
@@ -293,7 +265,7 @@ pub struct Inputs {
 
 impl Inputs {
     /// Resolve and check the given local paths; see [`Inputs::open_locations`].
-    pub fn open(paths: &[PathBuf], options: InputOptions) -> Result<Self, InputError> {
+    pub fn open(paths: &[PathBuf], options: InputOptions) -> crate::Result<Self> {
         let locations: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
         Self::open_locations(&locations, options, &StoreOptions::default(), None)
     }
@@ -308,7 +280,7 @@ impl Inputs {
         options: InputOptions,
         store: &StoreOptions,
         shard: Option<Shard>,
-    ) -> Result<Self, InputError> {
+    ) -> crate::Result<Self> {
         let mut files = Vec::new();
         let mut paths = Vec::new();
         for location in locations {
@@ -321,7 +293,7 @@ impl Inputs {
             let path = &path;
             if path.is_dir() {
                 let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
-                    .map_err(|e| InputError::io(&path.display().to_string(), e))?
+                    .map_err(|e| crate::Error::io(path.display().to_string(), e))?
                     .filter_map(|e| e.ok().map(|e| e.path()))
                     .filter(|p| p.is_file() && !is_hidden(p))
                     .collect();
@@ -339,7 +311,7 @@ impl Inputs {
                 }
             } else {
                 if !path.exists() {
-                    return Err(InputError::Format {
+                    return Err(crate::Error::BadInput {
                         input: path.display().to_string(),
                         reason: "no such file".into(),
                     });
@@ -364,7 +336,7 @@ impl Inputs {
                 .collect();
         }
         if files.is_empty() {
-            return Err(InputError::Format {
+            return Err(crate::Error::BadInput {
                 input: locations.join(", "),
                 reason: match shard {
                     Some(s) => format!("no input files for --shard {}/{}", s.index, s.count),
@@ -386,7 +358,7 @@ impl Inputs {
             match &schema {
                 None => schema = Some((this, file.name())),
                 Some((first, first_name)) if first != &this => {
-                    return Err(InputError::Format {
+                    return Err(crate::Error::BadInput {
                         input: file.name(),
                         reason: format!(
                             "its columns differ from those of {first_name}; inputs of one job must share one schema \
@@ -398,12 +370,13 @@ impl Inputs {
             }
         }
         let (schema, _) = schema.expect("at least one file");
-        let seq = schema
-            .field_with_name(&options.seq_column)
-            .map_err(|_| InputError::Format {
-                input: files[0].name(),
-                reason: format!("no column `{}`", options.seq_column),
-            })?;
+        let seq =
+            schema
+                .field_with_name(&options.seq_column)
+                .map_err(|_| crate::Error::BadInput {
+                    input: files[0].name(),
+                    reason: format!("no column `{}`", options.seq_column),
+                })?;
         debug_assert!(matches!(
             seq.data_type(),
             DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
@@ -436,7 +409,7 @@ impl Inputs {
     pub fn read(
         &self,
         index: usize,
-    ) -> Result<Box<dyn Iterator<Item = Result<SourceBatch, InputError>> + Send>, InputError> {
+    ) -> crate::Result<Box<dyn Iterator<Item = crate::Result<SourceBatch>> + Send>> {
         let file = &self.files[index];
         let name = file.name();
         Ok(match file.format {

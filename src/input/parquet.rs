@@ -12,21 +12,18 @@ use crate::storage::ObjectChunks;
 use arrow::datatypes::{DataType, SchemaRef};
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 
-use super::{InputError, SourceBatch};
+use super::SourceBatch;
 
 /// Open an input file (local or in an object store, read by ranges) and return its schema and a
 /// batch iterator.
-pub fn open(
-    input: &InputFile,
-    batch_rows: usize,
-) -> Result<(SchemaRef, ParquetBatches), InputError> {
+pub fn open(input: &InputFile, batch_rows: usize) -> crate::Result<(SchemaRef, ParquetBatches)> {
     let name = input.name();
     match &input.object {
         Some((object, size)) => {
             open_reader(ObjectChunks::new(object.clone(), *size), &name, batch_rows)
         }
         None => {
-            let file = File::open(&input.path).map_err(|e| InputError::io(&name, e))?;
+            let file = File::open(&input.path).map_err(|e| crate::Error::io(&name, e))?;
             open_reader(file, &name, batch_rows)
         }
     }
@@ -36,8 +33,8 @@ fn open_reader<R: ChunkReader + 'static>(
     reader: R,
     name: &str,
     batch_rows: usize,
-) -> Result<(SchemaRef, ParquetBatches), InputError> {
-    let builder = ParquetRecordBatchReaderBuilder::try_new(reader).map_err(|e| InputError::Format {
+) -> crate::Result<(SchemaRef, ParquetBatches)> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(reader).map_err(|e| crate::Error::BadInput {
         input: name.to_string(),
         reason: format!(
             "not a readable Parquet file ({e}); a file cut short by a crashed writer has no footer: \
@@ -48,7 +45,7 @@ fn open_reader<R: ChunkReader + 'static>(
     let reader = builder
         .with_batch_size(batch_rows.max(1))
         .build()
-        .map_err(|e| InputError::Format {
+        .map_err(|e| crate::Error::BadInput {
             input: name.to_string(),
             reason: e.to_string(),
         })?;
@@ -62,14 +59,10 @@ fn open_reader<R: ChunkReader + 'static>(
 }
 
 /// Check that `column` exists and holds strings.
-pub fn check_sequence_column(
-    schema: &SchemaRef,
-    column: &str,
-    name: &str,
-) -> Result<(), InputError> {
+pub fn check_sequence_column(schema: &SchemaRef, column: &str, name: &str) -> crate::Result<()> {
     let field = schema
         .field_with_name(column)
-        .map_err(|_| InputError::Format {
+        .map_err(|_| crate::Error::BadInput {
             input: name.to_string(),
             reason: format!(
                 "no column `{column}` (columns: {}); name the sequence column with --seq-column",
@@ -83,7 +76,7 @@ pub fn check_sequence_column(
         })?;
     match field.data_type() {
         DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => Ok(()),
-        other => Err(InputError::Format {
+        other => Err(crate::Error::BadInput {
             input: name.to_string(),
             reason: format!(
                 "column `{column}` has type {other}, sequences must be strings (Utf8, LargeUtf8 or Utf8View)"
@@ -99,7 +92,7 @@ pub struct ParquetBatches {
 }
 
 impl Iterator for ParquetBatches {
-    type Item = Result<SourceBatch, InputError>;
+    type Item = crate::Result<SourceBatch>;
 
     fn next(&mut self) -> Option<Self::Item> {
         let batch = self.reader.next()?;
@@ -109,7 +102,7 @@ impl Iterator for ParquetBatches {
                     batch,
                     problems: Vec::new(),
                 })
-                .map_err(|e| InputError::Format {
+                .map_err(|e| crate::Error::BadInput {
                     input: self.name.clone(),
                     reason: format!("corrupt data: {e}"),
                 }),

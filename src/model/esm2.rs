@@ -306,12 +306,12 @@ impl Esm2 {
     pub fn forward(&self, batch: &PackedBatch, layers: &[usize]) -> Result<Vec<Tensor>> {
         let n = self.config.num_hidden_layers;
         if let Some(&bad) = layers.iter().find(|&&l| l > n) {
-            return Err(Error::InvalidOption(format!(
-                "layer {bad} does not exist (model has {n})"
+            return Err(Error::internal(format!(
+                "layer {bad} does not exist (model has {n}); layers are resolved before a forward"
             )));
         }
         if batch.is_empty() {
-            return Err(Error::InvalidOption("empty batch".into()));
+            return Err(Error::internal("a forward of an empty pack"));
         }
         let deepest = layers.iter().copied().max().unwrap_or(n);
         let total = batch.total_tokens();

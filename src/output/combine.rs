@@ -16,7 +16,10 @@ use super::{errors_schema, write_atomic, writer_properties};
 use crate::error::{Error, Result};
 
 fn parquet_error(path: &Path, e: parquet::errors::ParquetError) -> Error {
-    Error::io(path, std::io::Error::other(e))
+    Error::Parquet {
+        path: path.display().to_string(),
+        source: e,
+    }
 }
 
 /// Write the row groups of `parts` (in order) as one file at `target`, atomically. The parts must
@@ -31,7 +34,7 @@ pub fn concat_parts(parts: &[std::path::PathBuf], target: &Path) -> Result<()> {
         inputs.push((path, file, metadata));
     }
     let Some((_, _, first)) = inputs.first() else {
-        return Err(Error::InvalidOption("no parts to combine".into()));
+        return Err(Error::internal("no parts to combine"));
     };
     let schema = first.file_metadata().schema_descr().root_schema_ptr();
     let props = Arc::new(

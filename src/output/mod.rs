@@ -16,6 +16,7 @@
 
 pub mod columns;
 pub mod combine;
+pub mod metadata;
 pub mod remote;
 
 use std::collections::BTreeMap;
@@ -33,6 +34,7 @@ use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use metadata::JobIdentity;
 
 /// Key of esmbed's metadata in the Parquet footer and the Arrow schema.
 pub const METADATA_KEY: &str = "esmbed";
@@ -216,7 +218,7 @@ pub struct Manifest {
     /// esmbed version that wrote it.
     pub esmbed_version: String,
     /// What the job is (inputs, model, options that shape the result); resume requires equality.
-    pub job: serde_json::Value,
+    pub job: JobIdentity,
     /// Finished parts by index.
     pub parts: BTreeMap<usize, PartRecord>,
     /// Total number of parts, once the input is exhausted.
@@ -227,7 +229,7 @@ pub struct Manifest {
 
 impl Manifest {
     /// A new, empty manifest.
-    pub fn new(job: serde_json::Value) -> Self {
+    pub fn new(job: JobIdentity) -> Self {
         Self {
             esmbed_version: env!("CARGO_PKG_VERSION").to_string(),
             job,
@@ -241,10 +243,13 @@ impl Manifest {
     pub fn load(path: &Path) -> Result<Option<Self>> {
         match fs::read_to_string(path) {
             Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| {
-                Error::InvalidOption(format!(
-                    "{} is not a valid esmbed manifest ({e}); remove it or pass --overwrite",
-                    path.display()
-                ))
+                Error::io(
+                    path,
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("not a valid esmbed manifest ({e}); remove it or pass --overwrite"),
+                    ),
+                )
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::io(path, e)),
@@ -255,6 +260,40 @@ impl Manifest {
     pub fn save(&self, path: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self).expect("manifest serializes");
         write_atomic(path, |f| f.write_all(text.as_bytes()))
+    }
+}
+
+/// The one rule for what is already at an output, for local and object-store outputs alike: a
+/// finished output is never replaced without `--overwrite` (and there is nothing to resume), and
+/// an interrupted job's progress (at `progress`) is continued only with `--resume`. Call it
+/// after `--overwrite` has cleared the output.
+pub fn check_existing(
+    target: &str,
+    finished: bool,
+    progress: Option<&Path>,
+    resume: bool,
+) -> Result<()> {
+    let exists = |hint: String| {
+        Err(Error::OutputExists {
+            path: target.to_string(),
+            hint,
+        })
+    };
+    if finished && resume {
+        return exists(
+            "the job it belongs to is complete: nothing to resume (pass --overwrite to redo it)"
+                .into(),
+        );
+    }
+    if finished {
+        return exists("pass --overwrite to replace it, or choose another -o".into());
+    }
+    match progress {
+        Some(staging) if !resume => exists(format!(
+            "an interrupted job left progress in {}; continue it with --resume, or start over with --overwrite",
+            staging.display()
+        )),
+        _ => Ok(()),
     }
 }
 

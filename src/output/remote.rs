@@ -126,16 +126,8 @@ impl RemoteOutput {
         if overwrite {
             return self.delete_all();
         }
-        if self.finished()? {
-            return Err(Error::OutputExists {
-                path: self.url.clone(),
-                hint: if resume {
-                    "the job it belongs to is complete: nothing to resume (pass --overwrite to redo it)".into()
-                } else {
-                    "pass --overwrite to replace it, or choose another -o".into()
-                },
-            });
-        }
+        // The progress left in the store is checked by the job, on the manifest fetched below.
+        super::check_existing(&self.url, self.finished()?, None, resume)?;
         if let Some(manifest) = self.remote_manifest()? {
             let path = self.local.manifest_path();
             std::fs::create_dir_all(path.parent().expect("in a directory"))

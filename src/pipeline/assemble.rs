@@ -13,11 +13,11 @@ use crate::output::columns::EmbeddingColumns;
 use crate::output::{ErrorRow, PartRecord};
 use crate::pack::PackedBatch;
 use crate::pool::PooledLayer;
+use crate::prepare::WindowSums;
 
-/// Per-residue sums of the windows of one long row, per layer.
-struct WindowSums {
-    sums: Vec<Vec<f32>>,
-    counts: Vec<u32>,
+/// The windows of one long row: per layer, their per-residue sums and the first window's BOS.
+struct Windows {
+    sums: Vec<WindowSums>,
     bos: Vec<Option<Vec<f32>>>,
 }
 
@@ -31,7 +31,7 @@ pub struct PartAssembly {
     bos: Vec<Vec<f32>>,
     /// Per layer, per row: residue vectors.
     residues: Vec<Vec<Option<Vec<f32>>>>,
-    windows: HashMap<u32, WindowSums>,
+    windows: HashMap<u32, Windows>,
     failed: HashMap<u32, String>,
 }
 
@@ -109,26 +109,12 @@ impl PartAssembly {
                         RowPlan::Error => 0,
                     };
                     let layers = pooled.len();
-                    let entry = self
-                        .windows
-                        .entry(segment.row)
-                        .or_insert_with(|| WindowSums {
-                            sums: vec![vec![0.0; length * h]; layers],
-                            counts: vec![0; length],
-                            bos: vec![None; layers],
-                        });
+                    let entry = self.windows.entry(segment.row).or_insert_with(|| Windows {
+                        sums: vec![WindowSums::new(length, h); layers],
+                        bos: vec![None; layers],
+                    });
                     let residues = residues.expect("windowed packs carry residues");
-                    let start = segment.offset as usize * h;
-                    for (s, r) in entry.sums[l][start..start + n * h].iter_mut().zip(residues) {
-                        *s += r;
-                    }
-                    if l == 0 {
-                        for c in
-                            &mut entry.counts[segment.offset as usize..segment.offset as usize + n]
-                        {
-                            *c += 1;
-                        }
-                    }
+                    entry.sums[l].add(segment.offset as usize, residues);
                     if segment.window == 0 {
                         entry.bos[l] = bos.map(<[f32]>::to_vec);
                     }
@@ -161,22 +147,9 @@ impl PartAssembly {
         for (row, w) in std::mem::take(&mut self.windows) {
             let row = row as usize;
             for (l, sums) in w.sums.into_iter().enumerate() {
-                let mut averaged = sums;
-                for (r, &count) in w.counts.iter().enumerate() {
-                    let inv = 1.0 / count.max(1) as f32;
-                    averaged[r * h..(r + 1) * h]
-                        .iter_mut()
-                        .for_each(|x| *x *= inv);
-                }
+                let (averaged, mean) = sums.finish();
                 if self.columns.pooling.mean {
-                    let length = w.counts.len().max(1) as f32;
-                    let mean = &mut self.mean[l][row * h..(row + 1) * h];
-                    for r in 0..w.counts.len() {
-                        for (m, x) in mean.iter_mut().zip(&averaged[r * h..(r + 1) * h]) {
-                            *m += x;
-                        }
-                    }
-                    mean.iter_mut().for_each(|m| *m /= length);
+                    self.mean[l][row * h..(row + 1) * h].copy_from_slice(&mean);
                 }
                 if let (true, Some(bos)) = (self.columns.pooling.bos, &w.bos[l]) {
                     self.bos[l][row * h..(row + 1) * h].copy_from_slice(bos);
@@ -288,5 +261,5 @@ impl PartAssembly {
 }
 
 fn arrow_error(e: arrow::error::ArrowError) -> Error {
-    Error::InvalidOption(format!("internal: assembling output rows failed: {e}"))
+    Error::internal(format!("assembling output rows failed: {e}"))
 }

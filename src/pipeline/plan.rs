@@ -12,32 +12,9 @@ use std::sync::Arc;
 use arrow::array::RecordBatch;
 
 use crate::output::ErrorRow;
-use crate::pack::{first_fit_decreasing, PackedBatch};
-use crate::tokenize::{Tokenizer, CLS, EOS};
-
-/// What to do with sequences longer than `--max-length` residues.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Default,
-    clap::ValueEnum,
-    serde::Serialize,
-    serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum LongPolicy {
-    /// Keep the first `max_length` residues (and `<eos>`), mark the row `truncated` (fair-esm).
-    #[default]
-    Truncate,
-    /// Put the row in the errors output.
-    Error,
-    /// Embed overlapping windows of `max_length` residues (stride half a window) and average each
-    /// residue over the windows that cover it. A heuristic: ESM-2 never saw such sequences whole.
-    Window,
-}
+use crate::pack::{pack, PackedBatch};
+use crate::prepare::InputPolicy;
+pub use crate::prepare::LongPolicy;
 
 /// How rows become packs.
 #[derive(Debug, Clone)]
@@ -48,6 +25,17 @@ pub struct PlanOptions {
     pub max_length: usize,
     /// Policy beyond `max_length`.
     pub long: LongPolicy,
+}
+
+impl PlanOptions {
+    /// The input policy these options and `tokenizer` make.
+    pub fn policy(&self, tokenizer: crate::Tokenizer) -> InputPolicy {
+        InputPolicy {
+            tokenizer,
+            max_length: self.max_length,
+            long: self.long,
+        }
+    }
 }
 
 /// One model input: a sequence, or one window of a long one.
@@ -181,8 +169,7 @@ impl PartBuilder {
         sequence: Option<&str>,
         origin: Origin,
         problem: Option<String>,
-        tokenizer: &Tokenizer,
-        options: &PlanOptions,
+        policy: &InputPolicy,
     ) {
         if let Some(reason) = problem {
             return self.add_error(origin, reason);
@@ -190,74 +177,25 @@ impl PartBuilder {
         let Some(sequence) = sequence else {
             return self.add_error(origin, "sequence is null".into());
         };
-        let mut tokens = match tokenizer.encode(sequence) {
-            Ok(t) => t,
-            Err(e) => return self.add_error(origin, e.to_string()),
+        let prepared = match policy.prepare(sequence) {
+            Ok(p) => p,
+            Err(reason) => return self.add_error(origin, reason),
         };
         let row = self.rows.len() as u32;
-        let length = tokens.len() - 2;
-        let max = options.max_length;
-        let whole = |tokens| {
-            (
-                Segment {
-                    row,
-                    window: 0,
-                    offset: 0,
-                },
-                tokens,
-            )
+        let plan = RowPlan::Embed {
+            length: prepared.length,
+            embedded: prepared.embedded,
+            truncated: prepared.truncated,
+            windows: prepared.segments.len(),
         };
-        let plan = if length <= max {
-            self.segments.push(whole(tokens));
-            RowPlan::Embed {
-                length,
-                embedded: length,
-                truncated: false,
-                windows: 1,
-            }
-        } else {
-            match options.long {
-                LongPolicy::Truncate => {
-                    Tokenizer::truncate(&mut tokens, max);
-                    self.segments.push(whole(tokens));
-                    RowPlan::Embed {
-                        length,
-                        embedded: max,
-                        truncated: true,
-                        windows: 1,
-                    }
-                }
-                LongPolicy::Error => {
-                    let reason = format!(
-                        "sequence has {length} residues, more than --max-length {max}; use --long \
-                         truncate (first {max} residues) or --long window, or raise --max-length"
-                    );
-                    return self.add_error(origin, reason);
-                }
-                LongPolicy::Window => {
-                    let residues = &tokens[1..=length];
-                    let starts = window_starts(length, max);
-                    for (w, &start) in starts.iter().enumerate() {
-                        let mut window = Vec::with_capacity(max + 2);
-                        window.push(CLS);
-                        window.extend_from_slice(&residues[start..start + max]);
-                        window.push(EOS);
-                        let segment = Segment {
-                            row,
-                            window: w as u32,
-                            offset: start as u32,
-                        };
-                        self.segments.push((segment, window));
-                    }
-                    RowPlan::Embed {
-                        length,
-                        embedded: length,
-                        truncated: false,
-                        windows: starts.len(),
-                    }
-                }
-            }
-        };
+        for (w, (offset, tokens)) in prepared.segments.into_iter().enumerate() {
+            let segment = Segment {
+                row,
+                window: w as u32,
+                offset: offset as u32,
+            };
+            self.segments.push((segment, tokens));
+        }
         self.origins.push(origin);
         self.rows.push(plan);
     }
@@ -290,20 +228,18 @@ impl PartBuilder {
 
     /// Close the part: sort its segments by length and pack them.
     pub fn finish(self, options: &PlanOptions) -> (PartPlan, Vec<Pack>) {
-        let lengths: Vec<usize> = self.segments.iter().map(|(_, t)| t.len()).collect();
-        let groups = first_fit_decreasing(&lengths, options.tokens_per_batch);
-        let packs = groups
+        let tokens: Vec<&[u32]> = self.segments.iter().map(|(_, t)| &t[..]).collect();
+        let packs = pack(&tokens, options.tokens_per_batch)
             .into_iter()
             .map(|group| {
                 let needs_residues = group
+                    .members
                     .iter()
                     .any(|&g| self.windows_of(self.segments[g].0.row) > 1);
                 Pack {
                     part: self.index,
-                    segments: group.iter().map(|&g| self.segments[g].0).collect(),
-                    batch: PackedBatch::from_sequences(
-                        group.iter().map(|&g| &self.segments[g].1[..]),
-                    ),
+                    segments: group.members.iter().map(|&g| self.segments[g].0).collect(),
+                    batch: group.batch,
                     needs_residues,
                 }
             })
@@ -328,26 +264,13 @@ impl PartBuilder {
     }
 }
 
-/// Window starts covering `length` residues with windows of `window` residues, stride half a
-/// window; the last window ends at the last residue.
-pub fn window_starts(length: usize, window: usize) -> Vec<usize> {
-    let stride = (window / 2).max(1);
-    let mut starts = Vec::new();
-    let mut start = 0;
-    while start + window < length {
-        starts.push(start);
-        start += stride;
-    }
-    starts.push(length.saturating_sub(window));
-    starts
-}
-
 /// Ids seen more than once: `position → first position` of each later duplicate.
 pub type Duplicates = HashMap<u64, u64>;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tokenize::EOS;
 
     fn make_plan(seqs: &[Option<&str>], long: LongPolicy) -> (PartPlan, Vec<Pack>) {
         let options = PlanOptions {
@@ -363,7 +286,7 @@ mod tests {
                 input: input.clone(),
                 record: i as u64 + 1,
             };
-            part.add_row(*seq, origin, None, &Tokenizer::default(), &options);
+            part.add_row(*seq, origin, None, &options.policy(Default::default()));
         }
         part.finish(&options)
     }
@@ -418,20 +341,5 @@ mod tests {
             .collect();
         offsets.sort();
         assert_eq!(offsets, [0, 3, 4]);
-    }
-
-    #[test]
-    fn window_starts_cover_the_sequence() {
-        assert_eq!(window_starts(10, 6), [0, 3, 4]);
-        assert_eq!(window_starts(12, 6), [0, 3, 6]);
-        assert_eq!(window_starts(7, 6), [0, 1]);
-        for length in 7..60 {
-            let starts = window_starts(length, 6);
-            let mut covered = vec![false; length];
-            for s in &starts {
-                covered[*s..s + 6].iter_mut().for_each(|c| *c = true);
-            }
-            assert!(covered.iter().all(|&c| c), "{length}");
-        }
     }
 }

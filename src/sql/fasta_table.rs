@@ -231,7 +231,7 @@ impl FileOpener for FastaOpener {
                         buffer: bytes::Bytes::new(),
                     }),
                 };
-                let error = |e: crate::input::InputError| DataFusionError::External(Box::new(e));
+                let error = |e: crate::Error| DataFusionError::External(Box::new(e));
                 match FastaBatches::new(reader, &name, batch_size) {
                     Err(e) => {
                         let _ = tx.blocking_send(Err(error(e)));

@@ -30,7 +30,7 @@ use datafusion::logical_expr::{
     Volatility,
 };
 
-use super::service::{BadRows, EmbedService};
+use super::service::EmbedService;
 
 fn external(e: crate::Error) -> DataFusionError {
     DataFusionError::External(Box::new(e))
@@ -200,10 +200,9 @@ impl ScalarUDFImpl for EsmTokens {
             .enumerate()
             .map(|(row, s)| match s {
                 None => Ok(None),
-                Some(s) => match self.service.tokenize(s) {
-                    Ok(tokens) => Ok(Some(tokens.len() as i64)),
-                    Err(_) if self.service.options().bad_rows == BadRows::Null => Ok(None),
-                    Err(e) => Err(external(self.service.row_error(row, s, &e))),
+                Some(s) => match self.service.tokens(row, s) {
+                    Ok(tokens) => Ok(tokens.map(|t| t as i64)),
+                    Err(e) => Err(external(e)),
                 },
             })
             .collect::<Result<Int64Array>>()?;

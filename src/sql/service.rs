@@ -1,25 +1,25 @@
-//! The model behind `esm_embed`: one worker thread per device, fed by every SQL partition.
+//! The model behind `esm_embed`: a thin front over the engine's [`DevicePool`], shared by every
+//! SQL partition.
 //!
-//! A UDF call (a batch of rows of one partition) is tokenized, sorted by length and packed under
-//! the token budget exactly as `esmbed embed` does; its packs go to the shared
-//! [`WorkQueue`](crate::pipeline::schedule::WorkQueue), where the device workers take them
-//! alongside the packs of other partitions, so every GPU stays busy while DataFusion reads and
-//! writes. Results come back to the caller, which restores row order.
+//! A UDF call (a batch of rows of one partition) is prepared with the same [`InputPolicy`] as
+//! `esmbed embed` (`--unknown`, `--max-length`, `--long truncate|error|window`), packed with the
+//! same [`pack`] helper, and submitted to the pool, where the device workers take its packs
+//! alongside those of other partitions, so every GPU stays busy while DataFusion reads and
+//! writes. Results come back to the caller, which restores row order (and averages the windows
+//! of long sequences, as the job's writer does).
 
+use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::Instant;
+use std::sync::{mpsc, Arc};
 
 use crate::embed::Embedder;
+use crate::engine::{DevicePool, DeviceSummary, PackEmbedder, PackOutcome, PoolOptions};
+use crate::engine::{Request, Submission};
 use crate::error::{Error, Result};
 use crate::model::EsmConfig;
-use crate::pack::{first_fit_decreasing, PackedBatch};
-use crate::pipeline::schedule::{Next, WorkQueue};
-use crate::pipeline::DeviceSummary;
-use crate::retry::{run_halving, Outcome};
-use crate::tokenize::{TokenizeError, Tokenizer};
+use crate::pack::{pack, Group};
+use crate::prepare::{InputPolicy, LongPolicy, WindowSums};
+use crate::tokenize::Tokenizer;
 
 /// How `esm_embed` treats rows it cannot embed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -36,10 +36,16 @@ pub enum BadRows {
 pub struct ServiceOptions {
     /// Token budget of a pack.
     pub tokens_per_batch: usize,
-    /// Longer sequences keep their first `max_length` residues, as `esmbed embed` does by default.
+    /// Longest sequence embedded whole, in residues.
     pub max_length: usize,
+    /// Beyond `max_length`: keep the first residues (default, as `esmbed embed`), fail the row,
+    /// or average windows.
+    pub long: LongPolicy,
     /// What invalid sequences become.
     pub bad_rows: BadRows,
+    /// Run a full pack on every device at start (GPU sessions), so a budget that does not fit
+    /// fails at once.
+    pub warm_up: bool,
 }
 
 impl Default for ServiceOptions {
@@ -47,26 +53,20 @@ impl Default for ServiceOptions {
         Self {
             tokens_per_batch: 4096,
             max_length: 1022,
+            long: LongPolicy::Truncate,
             bad_rows: BadRows::Error,
+            warm_up: false,
         }
     }
 }
 
-struct Request {
-    batch: PackedBatch,
-    layer: usize,
-    /// Index of the pack within its call, and where its result goes.
-    index: usize,
-    reply: mpsc::Sender<(usize, Result<Vec<f32>>)>,
-}
+/// Which pack of a call a result belongs to.
+type CallPack = usize;
 
-/// One model replica per device behind a shared queue; see the module docs.
+/// One model replica per device behind the engine's pool; see the module docs.
 pub struct EmbedService {
-    queue: Arc<WorkQueue<Request>>,
-    workers: Vec<JoinHandle<()>>,
-    stop: Arc<AtomicBool>,
-    stats: Arc<Mutex<Vec<DeviceSummary>>>,
-    tokenizer: Tokenizer,
+    pool: DevicePool<CallPack>,
+    policy: InputPolicy,
     options: ServiceOptions,
     /// The model's hyper-parameters (width, layers).
     config: EsmConfig,
@@ -75,49 +75,64 @@ pub struct EmbedService {
 impl std::fmt::Debug for EmbedService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EmbedService")
-            .field("devices", &self.workers.len())
+            .field("devices", &self.pool.devices())
             .field("hidden", &self.config.hidden_size)
             .finish()
     }
+}
+
+/// One model input of a call: its row, and where its window starts.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    row: usize,
+    offset: usize,
 }
 
 impl EmbedService {
     /// Start one worker per embedder (replicas of one model, e.g. from
     /// [`crate::Esm2::replicate_to`]).
     pub fn start(embedders: Vec<Embedder>, options: ServiceOptions) -> Result<Self> {
-        let first = embedders.first().ok_or_else(|| {
-            Error::InvalidOption("the SQL service needs at least one device".into())
-        })?;
-        let config = first.model().config().clone();
-        let tokenizer = *first.tokenizer();
-        let queue = Arc::new(WorkQueue::new(embedders.len(), 4 * embedders.len() + 4));
-        let stop = Arc::new(AtomicBool::new(false));
-        let stats = Arc::new(Mutex::new(
-            embedders
-                .iter()
-                .map(|e| DeviceSummary {
-                    device: e.device_label(),
-                    ..DeviceSummary::default()
-                })
-                .collect(),
-        ));
-        let workers = embedders
+        let first = embedders
+            .first()
+            .ok_or_else(|| Error::NoDevice("the SQL service needs at least one device".into()))?;
+        let (config, tokenizer) = (first.model().config().clone(), *first.tokenizer());
+        let devices = embedders
             .into_iter()
-            .enumerate()
-            .map(|(index, embedder)| {
-                let (queue, stop, stats) = (queue.clone(), stop.clone(), stats.clone());
-                std::thread::Builder::new()
-                    .name(format!("esmbed-{}", embedder.device_label()))
-                    .spawn(move || worker(index, &embedder, &queue, &stop, &stats))
-                    .map_err(|e| Error::InvalidOption(format!("cannot start a model thread: {e}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            queue,
-            workers,
-            stop,
-            stats,
+            .map(|e| Arc::new(e) as Arc<dyn PackEmbedder>)
+            .collect();
+        Self::start_devices(devices, config, tokenizer, options)
+    }
+
+    /// [`EmbedService::start`] on any [`PackEmbedder`]s (tests wrap the model to inject
+    /// failures) of a model with `config`.
+    pub fn start_devices(
+        devices: Vec<Arc<dyn PackEmbedder>>,
+        config: EsmConfig,
+        tokenizer: Tokenizer,
+        options: ServiceOptions,
+    ) -> Result<Self> {
+        let warm_up = if options.warm_up {
+            vec![crate::embed::warm_up_pack(
+                options.tokens_per_batch,
+                options.max_length,
+            )]
+        } else {
+            Vec::new()
+        };
+        let n = devices.len();
+        let pool_options = PoolOptions {
+            capacity: Some(4 * n + 4),
+            warm_up,
+        };
+        let pool = DevicePool::start(devices, pool_options, Arc::new(AtomicBool::new(false)))?;
+        let policy = InputPolicy {
             tokenizer,
+            max_length: options.max_length,
+            long: options.long,
+        };
+        Ok(Self {
+            pool,
+            policy,
             options,
             config,
         })
@@ -140,7 +155,7 @@ impl EmbedService {
 
     /// Per-device work so far.
     pub fn device_stats(&self) -> Vec<DeviceSummary> {
-        self.stats.lock().unwrap().clone()
+        self.pool.device_stats()
     }
 
     /// Resolve a fair-esm layer number (negative from the end).
@@ -148,223 +163,163 @@ impl EmbedService {
         self.config.resolve_layer(layer)
     }
 
-    /// The tokens a sequence becomes (`<cls>`, residues cut at `max_length`, `<eos>`).
-    pub fn tokenize(&self, sequence: &str) -> std::result::Result<Vec<u32>, TokenizeError> {
-        let mut tokens = self.tokenizer.encode(sequence)?;
-        Tokenizer::truncate(&mut tokens, self.options.max_length);
-        Ok(tokens)
-    }
-
-    /// Why a row cannot be embedded, naming its value (cut to 60 characters).
-    pub fn row_error(&self, row: usize, sequence: &str, error: &TokenizeError) -> Error {
-        let shown: String = sequence.chars().take(60).collect();
-        let more = if sequence.chars().count() > 60 {
-            "…"
-        } else {
-            ""
-        };
-        Error::InvalidOption(format!(
-            "esm_embed: row {row} ('{shown}{more}'): {error}. Fix or filter the row, or start esmbed sql \
-             with --lenient to get NULL for such rows"
-        ))
+    /// The tokens the model sees for a sequence (all its windows, for a long one under `--long
+    /// window`), or why the row cannot be embedded.
+    pub fn tokens(&self, row: usize, sequence: &str) -> Result<Option<usize>> {
+        match self.policy.prepare(sequence) {
+            Ok(p) => Ok(Some(p.segments.iter().map(|(_, t)| t.len()).sum())),
+            Err(_) if self.options.bad_rows == BadRows::Null => Ok(None),
+            Err(reason) => Err(row_error(row, sequence, &reason)),
+        }
     }
 
     /// Mean embeddings of `layer` for `sequences` (`None` = null row), `[n × H]` row-major with
     /// zeros where the result is null, and the validity of each row. Blocks until the devices are
     /// done: call it from a blocking thread.
     pub fn embed(&self, sequences: &[Option<&str>], layer: usize) -> Result<(Vec<f32>, Vec<bool>)> {
+        let (segments, tokens, windows) = self.prepare(sequences)?;
+        let groups = pack(&tokens, self.options.tokens_per_batch);
+        let results = self.run(&groups, layer, &windows)?;
         let h = self.config.hidden_size;
+        let mut out = vec![0f32; sequences.len() * h];
         let mut valid = vec![false; sequences.len()];
-        let mut rows = Vec::with_capacity(sequences.len());
-        let mut tokens = Vec::with_capacity(sequences.len());
-        for (row, sequence) in sequences.iter().enumerate() {
-            let Some(sequence) = sequence else { continue };
-            match self.tokenize(sequence) {
-                Ok(t) => {
-                    rows.push(row);
-                    tokens.push(t);
+        let mut sums: HashMap<usize, WindowSums> = HashMap::new();
+        for (group, outcome) in results {
+            let PackOutcome::Done {
+                range,
+                batch,
+                layers,
+                ..
+            } = outcome
+            else {
+                unreachable!("failed packs end the call in run()")
+            };
+            let pooled = &layers[0];
+            let mean = pooled.mean.as_ref().expect("means are always computed");
+            let mut residue = 0;
+            for (k, member) in groups[group].members[range].iter().enumerate() {
+                let Segment { row, offset } = segments[*member];
+                let n = batch.range(k).len() - 2;
+                valid[row] = true;
+                if let Some(&length) = windows.get(&row) {
+                    let residues = pooled.residues.as_ref().expect("windows carry residues");
+                    sums.entry(row)
+                        .or_insert_with(|| WindowSums::new(length, h))
+                        .add(offset, &residues[residue * h..(residue + n) * h]);
+                } else {
+                    out[row * h..(row + 1) * h].copy_from_slice(&mean[k * h..(k + 1) * h]);
                 }
-                Err(e) if self.options.bad_rows == BadRows::Error => {
-                    return Err(self.row_error(row, sequence, &e))
-                }
-                Err(_) => {}
+                residue += n;
             }
         }
-        let mut out = vec![0f32; sequences.len() * h];
-        let lengths: Vec<usize> = tokens.iter().map(Vec::len).collect();
-        let packs = first_fit_decreasing(&lengths, self.options.tokens_per_batch.max(1));
-        let (reply, results) = mpsc::channel();
-        for (index, group) in packs.iter().enumerate() {
-            let batch = PackedBatch::from_sequences(group.iter().map(|&i| &tokens[i][..]));
-            let request = Request {
-                batch,
-                layer,
-                index,
+        for (row, sums) in sums {
+            out[row * h..(row + 1) * h].copy_from_slice(&sums.finish().1);
+        }
+        Ok((out, valid))
+    }
+
+    /// The model inputs of a call: each segment's row and offset, its tokens, and the length of
+    /// each row embedded in windows.
+    #[allow(clippy::type_complexity)]
+    fn prepare(
+        &self,
+        sequences: &[Option<&str>],
+    ) -> Result<(Vec<Segment>, Vec<Vec<u32>>, HashMap<usize, usize>)> {
+        let mut segments = Vec::with_capacity(sequences.len());
+        let mut tokens = Vec::with_capacity(sequences.len());
+        let mut windows = HashMap::new();
+        for (row, sequence) in sequences.iter().enumerate() {
+            let Some(sequence) = sequence else { continue };
+            let prepared = match self.policy.prepare(sequence) {
+                Ok(p) => p,
+                Err(_) if self.options.bad_rows == BadRows::Null => continue,
+                Err(reason) => return Err(row_error(row, sequence, &reason)),
+            };
+            if prepared.segments.len() > 1 {
+                windows.insert(row, prepared.length);
+            }
+            for (offset, t) in prepared.segments {
+                segments.push(Segment { row, offset });
+                tokens.push(t);
+            }
+        }
+        Ok((segments, tokens, windows))
+    }
+
+    /// Submit the packs and collect every result; a sequence that does not fit even alone fails
+    /// the call.
+    fn run(
+        &self,
+        groups: &[Group],
+        layer: usize,
+        windows: &HashMap<usize, usize>,
+    ) -> Result<Vec<(CallPack, PackOutcome<CallPack>)>> {
+        let (tx, rx) = mpsc::channel();
+        let reply: crate::engine::pool::Reply<CallPack> = Arc::new(move |outcome| {
+            let _ = tx.send(outcome); // a dropped receiver is a cancelled query, not a stop
+            true
+        });
+        let residues = !windows.is_empty();
+        for (index, group) in groups.iter().enumerate() {
+            let submission = Submission {
+                batch: group.batch.clone(),
+                request: Request::Layer { layer, residues },
+                context: Arc::new(index),
                 reply: reply.clone(),
             };
-            if !self.queue.push(request, &self.stop) {
+            if !self.pool.submit(submission) {
                 return Err(no_device_left());
             }
         }
         drop(reply);
-        for _ in 0..packs.len() {
-            let (index, result) = results.recv().map_err(|_| no_device_left())?;
-            let means = result?;
-            for (k, &i) in packs[index].iter().enumerate() {
-                let row = rows[i];
-                out[row * h..(row + 1) * h].copy_from_slice(&means[k * h..(k + 1) * h]);
-                valid[row] = true;
+        let expected: usize = groups.iter().map(|g| g.members.len()).sum();
+        let mut received = 0;
+        let mut results = Vec::with_capacity(groups.len());
+        while received < expected {
+            let outcome = rx.recv().map_err(|_| no_device_left())?;
+            match outcome {
+                PackOutcome::Done {
+                    ref context,
+                    ref range,
+                    ..
+                } => {
+                    received += range.len();
+                    results.push((**context, outcome));
+                }
+                PackOutcome::Failed { batch, .. } => {
+                    return Err(Error::OutOfMemory {
+                        detail: format!(
+                            "esm_embed: a single sequence of {} tokens does not fit even alone: \
+                             lower --max-length or --tokens-per-batch, or use a device with more memory",
+                            batch.total_tokens()
+                        ),
+                    })
+                }
             }
         }
-        Ok((out, valid))
+        Ok(results)
     }
 }
 
-impl Drop for EmbedService {
-    fn drop(&mut self) {
-        self.queue.close();
-        for w in self.workers.drain(..) {
-            let _ = w.join();
-        }
+/// Why a row cannot be embedded, naming its value (cut to 60 characters).
+fn row_error(row: usize, sequence: &str, reason: &str) -> Error {
+    let shown: String = sequence.chars().take(60).collect();
+    let more = if sequence.chars().count() > 60 {
+        "…"
+    } else {
+        ""
+    };
+    Error::BadInput {
+        input: format!("esm_embed: row {row} ('{shown}{more}')"),
+        reason: format!(
+            "{reason}. Fix or filter the row, or start esmbed sql with --lenient to get NULL for such rows"
+        ),
     }
 }
 
 fn no_device_left() -> Error {
-    Error::InvalidOption(
+    Error::NoDevice(
         "esm_embed: every device failed (see the log); restart esmbed sql, or use --device cpu"
             .into(),
     )
-}
-
-/// A device worker: take packs, embed them (splitting on out-of-memory), reply.
-fn worker(
-    index: usize,
-    embedder: &Embedder,
-    queue: &WorkQueue<Request>,
-    stop: &AtomicBool,
-    stats: &Mutex<Vec<DeviceSummary>>,
-) {
-    loop {
-        let task = match queue.next(index, stop) {
-            Next::Exit => return,
-            Next::Work(task) | Next::Orphan(task) => task,
-        };
-        let request = &task.item;
-        let started = Instant::now();
-        match embed_splitting(embedder, &request.batch, request.layer) {
-            Ok(Err(too_long)) => {
-                // The device is fine, but a sequence does not fit it even alone: another device
-                // (with more memory) may take the pack; when none is left, the query fails.
-                let reply = request.reply.clone();
-                let pack = request.index;
-                if let Some(_back) = queue.refuse(index, task) {
-                    let _ = reply.send((pack, Err(too_long)));
-                }
-                queue.finish();
-            }
-            Ok(Ok(means)) => {
-                {
-                    let mut stats = stats.lock().unwrap();
-                    let s = &mut stats[index];
-                    s.tokens += request.batch.total_tokens() as u64;
-                    s.packs += 1;
-                    s.busy_seconds += started.elapsed().as_secs_f64();
-                    s.tokens_per_second = s.tokens as f64 / s.busy_seconds.max(1e-9);
-                }
-                let _ = request.reply.send((request.index, Ok(means)));
-                queue.finish();
-            }
-            Err(e) => {
-                tracing::error!(
-                    "{} failed and leaves the SQL session; its packs go to the other devices: {e}",
-                    embedder.device_label()
-                );
-                stats.lock().unwrap()[index].failed = Some(e.to_string());
-                let reply = request.reply.clone();
-                let pack = request.index;
-                if !queue.fail_worker(index, task) {
-                    let _ = reply.send((pack, Err(e)));
-                }
-                return;
-            }
-        }
-    }
-}
-
-/// Embed a pack; on out of memory, halve it down to single sequences
-/// ([`crate::retry::run_halving`]). The outer error is the device's (it leaves the session); the
-/// inner one is the query's: a single sequence that does not fit even alone.
-fn embed_splitting(
-    embedder: &Embedder,
-    batch: &PackedBatch,
-    layer: usize,
-) -> Result<Result<Vec<f32>>> {
-    let outcomes = run_halving(
-        batch,
-        &mut |b| embedder.embed_packed_mean(b, layer),
-        &mut |b| {
-            tracing::warn!(
-                "{}: out of memory on a pack of {} sequences ({} tokens): splitting it and retrying",
-                embedder.device_label(),
-                b.len(),
-                b.total_tokens()
-            )
-        },
-    )?;
-    Ok(concat_means(outcomes))
-}
-
-/// The pack's means in order, or the query's error for a sequence that did not fit alone.
-fn concat_means(outcomes: Vec<Outcome<Vec<f32>>>) -> Result<Vec<f32>> {
-    let mut means = Vec::new();
-    for o in outcomes {
-        match o.result {
-            Ok(m) => means.extend(m),
-            Err(_) => {
-                return Err(Error::InvalidOption(format!(
-                    "esm_embed: out of memory on a single sequence of {} tokens, even alone: \
-                     lower --max-length or --tokens-per-batch, or use a device with more memory",
-                    o.batch.total_tokens()
-                )))
-            }
-        }
-    }
-    Ok(means)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn outcome(start: usize, lengths: &[usize], result: Result<Vec<f32>>) -> Outcome<Vec<f32>> {
-        let seqs: Vec<Vec<u32>> = lengths.iter().map(|&n| vec![5; n]).collect();
-        Outcome {
-            range: start..start + lengths.len(),
-            batch: PackedBatch::from_sequences(seqs.iter().map(|s| s.as_slice())),
-            result,
-        }
-    }
-
-    #[test]
-    fn split_packs_give_their_means_in_order() {
-        let means = concat_means(vec![
-            outcome(0, &[4, 5], Ok(vec![1.0, 2.0])),
-            outcome(2, &[6], Ok(vec![3.0])),
-        ])
-        .unwrap();
-        assert_eq!(means, vec![1.0, 2.0, 3.0]);
-    }
-
-    #[test]
-    fn a_sequence_too_long_even_alone_fails_the_query_with_the_fix() {
-        let oom = Error::InvalidOption("CUDA_ERROR_OUT_OF_MEMORY".into());
-        let err = concat_means(vec![
-            outcome(0, &[4], Ok(vec![1.0])),
-            outcome(1, &[900], Err(oom)),
-        ])
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("900 tokens"), "{err}");
-        assert!(err.contains("--max-length"), "{err}");
-    }
 }

@@ -246,7 +246,7 @@ pub fn run_job(
     input: &std::path::Path,
     output: &std::path::Path,
     model: &esmbed::Embedder,
-    workers: Vec<std::sync::Arc<dyn esmbed::pipeline::PackEmbedder>>,
+    workers: Vec<std::sync::Arc<dyn esmbed::engine::PackEmbedder>>,
     tokens_per_batch: usize,
     rows_per_part: usize,
 ) -> esmbed::Result<esmbed::pipeline::JobSummary> {
@@ -266,7 +266,7 @@ pub fn run_job(
         output_dtype: Default::default(),
         resume: false,
         overwrite: true,
-        progress: false,
+        warm_up: false,
     };
     let identity = ModelIdentity {
         name: "fixture".into(),

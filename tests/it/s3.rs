@@ -2,8 +2,6 @@
 //! `moto[server]`, installed by `.ci/run`), started on a loopback port per test. Outside CI the
 //! tests skip with a message when moto is not installed; in CI they fail instead.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -11,9 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use async_trait::async_trait;
 use bytes::Bytes;
-use common::*;
 use futures::stream::BoxStream;
 use object_store::path::Path as Key;
 use object_store::{

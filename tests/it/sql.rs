@@ -2,12 +2,10 @@
 //! embeddings against `esmbed embed`'s, NULLs and bad residues, FASTA tables over directories,
 //! globs and gzip, several devices behind one session, and `esmbed sql` itself.
 
-mod common;
-
 use std::sync::Arc;
 
-use common::*;
-use esmbed::pipeline::PackEmbedder;
+use crate::common::*;
+use esmbed::engine::{PackEmbedder, Request};
 use esmbed::sql::service::{BadRows, EmbedService, ServiceOptions};
 use esmbed::sql::{self, SessionOptions};
 use esmbed::{Device, Embedder};
@@ -31,6 +29,7 @@ fn service(workers: usize, bad_rows: BadRows) -> Arc<EmbedService> {
                 tokens_per_batch: 1024,
                 max_length: 1022,
                 bad_rows,
+                ..ServiceOptions::default()
             },
         )
         .unwrap(),

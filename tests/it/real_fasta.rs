@@ -1,8 +1,6 @@
 //! The 15 real UniRef50 sequences of `examples/data/some_proteins.fasta` through the library API.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use esmbed::{DType, Device, EmbedOptions, Embedder, Pooling};
 
 fn read_fasta(path: &std::path::Path) -> Vec<(String, String)> {

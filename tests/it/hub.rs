@@ -1,9 +1,7 @@
 //! Hub ids resolve through the HuggingFace cache layout; offline, a missing model is a clear
 //! error. (No download is attempted here: these machines cannot reach the hub.)
 
-mod common;
-
-use common::fixture_dir;
+use crate::common::fixture_dir;
 use esmbed::{Checkpoint, ModelSource};
 
 #[test]

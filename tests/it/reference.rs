@@ -7,9 +7,7 @@
 //! with `<mask>` tokens. Here all of them run through esmbed in one pack and must agree within
 //! 1e-4 relative (max abs error over the tensor / max abs value of the reference).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use esmbed::{Checkpoint, DType, Device, Esm2, ModelSource, PackedBatch, Pooling, Tokenizer};
 
 /// The agreed tolerance: max |esmbed - reference| / max |reference| per tensor.

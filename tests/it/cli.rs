@@ -2,14 +2,12 @@
 //! library API and to the transformers reference; order, pass-through columns, layers, dtypes,
 //! datasets, errors, duplicate ids, existing outputs.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::common::*;
 use arrow::array::{Array, AsArray, Float64Array, Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
-use common::*;
 use esmbed::{DType, Device, EmbedOptions, Embedder, Pooling};
 
 fn model(name: &str) -> String {

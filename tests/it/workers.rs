@@ -2,14 +2,13 @@
 //! device leaving the job, out-of-memory retries on another device, and output identical to a
 //! one-worker run. The workers are CPU replicas of a fixture model; faults are injected.
 
-mod common;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
-use esmbed::pipeline::{JobSummary, PackEmbedder};
+use crate::common::*;
+use esmbed::engine::{PackEmbedder, Request};
+use esmbed::pipeline::JobSummary;
 use esmbed::{Device, Embedder, Error, PackedBatch, PooledLayer};
 
 /// A CPU worker that can be slow, die with a driver error after some packs, or run out of
@@ -39,23 +38,23 @@ impl Worker {
 }
 
 impl PackEmbedder for Worker {
-    fn embed(&self, batch: &PackedBatch, residues: bool) -> esmbed::Result<Vec<PooledLayer>> {
+    fn embed(&self, batch: &PackedBatch, request: Request) -> esmbed::Result<Vec<PooledLayer>> {
         let call = self.calls.fetch_add(1, Ordering::SeqCst);
         std::thread::sleep(self.delay);
         if self.die_at.is_some_and(|n| call >= n) {
-            return Err(Error::Candle(candle_core::Error::Msg(
+            return Err(Error::Device(candle_core::Error::Msg(
                 "DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access was encountered\")"
                     .into(),
             )));
         }
         if let Some(len) = self.oom_on {
             if (0..batch.len()).any(|i| batch.range(i).len() == len) {
-                return Err(Error::Candle(candle_core::Error::Msg(
-                    "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
-                )));
+                return Err(Error::OutOfMemory {
+                    detail: "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+                });
             }
         }
-        self.inner.embed_packed_with(batch, residues)
+        self.inner.embed_request(batch, request)
     }
 
     fn label(&self) -> String {

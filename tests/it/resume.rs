@@ -3,13 +3,11 @@
 //! resume. (`ESMBED_TEST_PART_DELAY_MS` slows the writer down after each part so that the kill
 //! lands mid-job; it changes no output.)
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 const RESIDUES: &[u8] = b"ACDEFGHIKLMNPQRSTVWY";
 

@@ -1,25 +1,22 @@
 //! Out of memory on the device: split the pack in halves and retry each, down to single
-//! sequences. Shared by `esmbed embed` (a sequence that fails alone becomes an error row) and the
-//! SQL UDF (where it fails the query), so both split the same way.
+//! sequences. The device pool's workers do this for every front, so `embed`, SQL and bench split
+//! the same way; what a sequence that fails alone becomes (an error row, a failed query) is the
+//! front's choice.
 
 use std::ops::Range;
 
 use crate::error::{Error, Result};
 use crate::pack::PackedBatch;
 
-/// Whether `error` is the device running out of memory (candle, the CUDA driver and cuBLAS spell
-/// it differently).
-pub fn is_out_of_memory(error: &Error) -> bool {
-    let text = error.to_string().to_ascii_lowercase();
-    text.contains("out of memory") || text.contains("out_of_memory")
-}
-
 /// Sequences `range` of the original pack, packed on their own, and what running them gave:
 /// `Err` only when a single sequence ran out of memory alone.
 #[derive(Debug)]
 pub struct Outcome<T> {
+    /// Which sequences of the pack.
     pub range: Range<usize>,
+    /// Their tokens, packed.
     pub batch: PackedBatch,
+    /// What running them gave.
     pub result: std::result::Result<T, Error>,
 }
 
@@ -50,12 +47,12 @@ fn halve<T>(
             batch,
             result: Ok(value),
         }),
-        Err(e) if is_out_of_memory(&e) && batch.len() <= 1 => outcomes.push(Outcome {
+        Err(e) if e.is_out_of_memory() && batch.len() <= 1 => outcomes.push(Outcome {
             range,
             batch,
             result: Err(e),
         }),
-        Err(e) if is_out_of_memory(&e) => {
+        Err(e) if e.is_out_of_memory() => {
             on_split(&batch);
             let half = batch.len() / 2;
             let left = PackedBatch::from_sequences((0..half).map(|i| batch.tokens(i)));
@@ -73,9 +70,9 @@ mod tests {
     use super::*;
 
     fn oom() -> Error {
-        Error::Candle(candle_core::Error::Msg(
-            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
-        ))
+        Error::OutOfMemory {
+            detail: "a test pack".into(),
+        }
     }
 
     /// Sequences of these lengths (plus BOS/EOS), in one pack.
@@ -145,7 +142,7 @@ mod tests {
         let batch = pack(&[3, 4]);
         let err = run_halving::<()>(
             &batch,
-            &mut |_| Err(Error::InvalidOption("device lost".into())),
+            &mut |_| Err(Error::NoDevice("device lost".into())),
             &mut |_| {},
         )
         .unwrap_err();

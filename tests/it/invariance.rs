@@ -1,9 +1,7 @@
 //! Batch invariance: a sequence's output does not depend on what else is in its pack, or where.
 //! (A common failure of padded implementations; the packed forward must not have it.)
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use esmbed::{PackedBatch, Pooling, Tokenizer};
 use proptest::prelude::*;
 

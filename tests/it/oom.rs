@@ -2,13 +2,11 @@
 //! fails even alone becomes an error row; every row is emitted exactly once, and the rest equals a
 //! run without faults. The failure is injected on the CPU by wrapping the model stage.
 
-mod common;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use common::*;
-use esmbed::pipeline::PackEmbedder;
+use crate::common::*;
+use esmbed::engine::{PackEmbedder, Request};
 use esmbed::{Embedder, Error, PackedBatch, PooledLayer};
 
 /// Fails like a GPU out of memory on packs over `max_tokens`, and on any pack holding a sequence
@@ -21,15 +19,15 @@ struct Faulty {
 }
 
 impl PackEmbedder for Faulty {
-    fn embed(&self, batch: &PackedBatch, residues: bool) -> esmbed::Result<Vec<PooledLayer>> {
+    fn embed(&self, batch: &PackedBatch, request: Request) -> esmbed::Result<Vec<PooledLayer>> {
         let poisoned = (0..batch.len()).any(|i| batch.range(i).len() == self.poison);
         if batch.total_tokens() > self.max_tokens || poisoned {
             self.failures.fetch_add(1, Ordering::SeqCst);
-            return Err(Error::Candle(candle_core::Error::Msg(
-                "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
-            )));
+            return Err(Error::OutOfMemory {
+                detail: "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+            });
         }
-        self.inner.embed_packed_with(batch, residues)
+        self.inner.embed_request(batch, request)
     }
 }
 

@@ -1,10 +1,8 @@
 //! Broken checkpoints are errors that name the tensor or file at fault, never panics.
 
-mod common;
-
 use std::collections::HashMap;
 
-use common::fixture_dir;
+use crate::common::fixture_dir;
 use esmbed::{Checkpoint, DType, Device, Esm2, ModelSource};
 
 /// A copy of tiny_h16 whose weights went through `edit`.

@@ -2,15 +2,13 @@
 //! should see: a clear fatal error (exit 3) naming the file and the fix, or an error row naming
 //! the record and the reason while the rest of the job completes.
 
-mod common;
-
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::common::*;
 use arrow::array::{Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
-use common::*;
 
 fn model() -> String {
     fixture_dir("tiny_h16").display().to_string()

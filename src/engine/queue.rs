@@ -1,15 +1,15 @@
-//! The shared queue between the planner and the model workers (one per device).
+//! The shared queue between the fronts that submit packs and the device workers (one per device).
 //!
 //! Workers pull the next pack when they are free, so a fast GPU takes more packs than a slow
 //! one and a long pack does not hold the others back (work stealing, not static splitting).
-//! Output order does not depend on who ran what: the writer reassembles parts by position.
+//! Output order does not depend on who ran what: submitters put results back by position.
 //!
 //! Two kinds of retry go through the queue:
 //! - a worker whose device fails (driver error) leaves the pool; its pack goes back to the front
 //!   of the queue for the others; the job fails only when no worker is left;
 //! - a single sequence that runs out of memory on one device is offered to the devices that have
 //!   not tried it yet (they may have more free memory); when every live device has refused it,
-//!   it comes back as an [`Next::Orphan`], which the worker turns into an error row.
+//!   it comes back as an [`Next::Orphan`], which the worker hands back to its submitter as failed.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};

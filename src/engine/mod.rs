@@ -1,0 +1,74 @@
+//! The engine every front runs on: one model replica per device behind one shared pack queue.
+//!
+//! ```text
+//!   front (embed job, SQL call, bench) ──submit(pack, reply)──> queue ─┬─> worker cuda:0 ─┐
+//!                                                                      ├─> worker cuda:1 ─┼─> reply
+//!                                                                      └─> worker …      ─┘
+//! ```
+//! - [`queue`]: the bounded queue with retry bookkeeping (failover, refusals);
+//! - [`split`]: out of memory → halve the pack and retry, down to single sequences;
+//! - [`pool`]: [`DevicePool`], the one worker loop per device, warm-up and per-device accounting.
+//!
+//! A front submits packs with a reply callback and gets each pack's results back (or, for a
+//! sequence that ran out of memory alone on every device, its error); what it does with them
+//! (assemble a part, fill a UDF's output, count tokens) is its own business.
+
+pub mod pool;
+pub(crate) mod queue;
+pub mod split;
+
+pub use pool::{DevicePool, DeviceSummary, PackOutcome, PoolOptions, Submission};
+
+use crate::error::Result;
+use crate::pack::PackedBatch;
+use crate::pool::PooledLayer;
+
+/// What a pack's results must hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// The embedder's layers and pooling; per-residue outputs forced on when `residues` (long
+    /// sequences embedded in windows are averaged per residue).
+    Configured {
+        /// Force per-residue outputs.
+        residues: bool,
+    },
+    /// The mean embedding of one layer (resolved number) only, whatever the embedder was built
+    /// for (SQL picks the layer per call); per-residue outputs too when `residues`.
+    Layer {
+        /// The layer.
+        layer: usize,
+        /// Also per-residue outputs.
+        residues: bool,
+    },
+}
+
+/// One device's model: embed one pack. Implemented by [`crate::Embedder`]; tests wrap it to
+/// inject failures.
+pub trait PackEmbedder: Send + Sync {
+    /// Pooled outputs of the layers `request` asks for.
+    fn embed(&self, batch: &PackedBatch, request: Request) -> Result<Vec<PooledLayer>>;
+
+    /// The device, for summaries and logs (`cuda:1`).
+    fn label(&self) -> String {
+        "device".into()
+    }
+
+    /// Wait for the device's queued work (GPU timing); a no-op on the CPU.
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl PackEmbedder for crate::Embedder {
+    fn embed(&self, batch: &PackedBatch, request: Request) -> Result<Vec<PooledLayer>> {
+        self.embed_request(batch, request)
+    }
+
+    fn label(&self) -> String {
+        self.device_label()
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(self.model().device().synchronize()?)
+    }
+}

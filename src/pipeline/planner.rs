@@ -1,0 +1,172 @@
+//! The planner stage: read every input row, cut parts, plan and pack them, and submit the packs
+//! to the device pool. Part plans go to the writer before their packs, so it knows what to
+//! expect.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use arrow::array::Array;
+
+use tokio::sync::mpsc;
+
+use super::plan::{Duplicates, Origin, PartBuilder, Segment};
+use super::progress::Event;
+use super::writer::{self, WriterMsg};
+use super::JobSpec;
+use crate::engine::{DevicePool, Request, Submission};
+use crate::error::{Error, Result};
+
+/// What the pipeline knows of a pack in the device pool: its part and segments.
+pub struct PackMeta {
+    /// Part index.
+    pub part: usize,
+    /// The segments, in pack order.
+    pub segments: Vec<Segment>,
+}
+
+/// What the planner did.
+#[derive(Debug, Default)]
+pub struct PlannerStats {
+    /// Input rows read.
+    pub rows: u64,
+    /// Parts cut.
+    pub parts: usize,
+    /// Parts skipped because an earlier run finished them.
+    pub resumed: usize,
+}
+
+/// The planner's view of the job.
+pub struct Planner<'a> {
+    /// The job.
+    pub spec: &'a JobSpec,
+    /// Later duplicates of ids (with `--dedupe`).
+    pub duplicates: &'a Duplicates,
+    /// Parts finished by an earlier run.
+    pub done: &'a HashSet<usize>,
+    /// Set when the job stops.
+    pub cancel: &'a AtomicBool,
+    /// Where packs go.
+    pub pool: &'a DevicePool<PackMeta>,
+    /// Where part plans (and, through the pool's replies, results) go.
+    pub writer_tx: mpsc::Sender<WriterMsg>,
+}
+
+impl Planner<'_> {
+    /// Plan every part; closes the pool's queue when done, whatever the outcome.
+    pub fn run(&self) -> Result<PlannerStats> {
+        let _close = self.pool.close_on_drop();
+        let mut stats = PlannerStats::default();
+        let reply = writer::reply(self.writer_tx.clone());
+        let mut part = PartBuilder::new(0, 0);
+        let inputs = &self.spec.inputs;
+        let rows_per_part = self.spec.options.rows_per_part.max(1);
+        let policy = self.spec.options.plan.policy(self.spec.tokenizer);
+        for index in 0..inputs.files.len() {
+            let input: Arc<str> = Arc::from(inputs.files[index].name());
+            let mut record = 0u64;
+            for batch in inputs.read(index)? {
+                if self.cancel.load(Ordering::SeqCst) {
+                    return Ok(stats);
+                }
+                let rows = inputs.rows(batch?);
+                let problems: HashMap<usize, String> = rows.problems.iter().cloned().collect();
+                let mut start = 0;
+                while start < rows.len() {
+                    let take = (rows_per_part - part.len()).min(rows.len() - start);
+                    let skipping = self.done.contains(&part.index());
+                    if !skipping {
+                        part.add_passthrough(rows.passthrough.slice(start, take));
+                    }
+                    for i in start..start + take {
+                        record += 1;
+                        stats.rows += 1;
+                        if skipping {
+                            part.add_skipped();
+                            continue;
+                        }
+                        let origin = Origin {
+                            id: rows.id(i).map(str::to_string),
+                            input: input.clone(),
+                            record,
+                        };
+                        let problem = problems.get(&i).cloned().or_else(|| {
+                            self.duplicates.get(&part.next_position()).map(|first| {
+                                format!("duplicate id (first seen at position {first}); --dedupe kept the first")
+                            })
+                        });
+                        let sequence = rows.sequences.is_valid(i).then(|| rows.sequences.value(i));
+                        part.add_row(sequence, origin, problem, &policy);
+                        self.check_strict(&part)?;
+                    }
+                    start += take;
+                    if part.len() == rows_per_part {
+                        let next = PartBuilder::new(part.index() + 1, part.next_position());
+                        let full = std::mem::replace(&mut part, next);
+                        if !self.flush(full, &mut stats, &reply) {
+                            return Ok(stats);
+                        }
+                    }
+                }
+            }
+        }
+        if !part.is_empty() {
+            self.flush(part, &mut stats, &reply);
+        }
+        Ok(stats)
+    }
+
+    /// `--strict`: the first bad record stops the job.
+    fn check_strict(&self, part: &PartBuilder) -> Result<()> {
+        match part.last_error() {
+            Some(error) if self.spec.options.strict => Err(Error::Strict {
+                input: error.input.clone(),
+                record: error.record,
+                id: error.id.clone(),
+                reason: error.reason.clone(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Hand a full part to the writer and its packs to the pool. False when the job stopped.
+    fn flush(
+        &self,
+        part: PartBuilder,
+        stats: &mut PlannerStats,
+        reply: &crate::engine::pool::Reply<PackMeta>,
+    ) -> bool {
+        let index = part.index();
+        stats.parts = index + 1;
+        let progress = &self.spec.progress;
+        if self.done.contains(&index) {
+            stats.resumed += 1;
+            progress(Event::Advanced {
+                rows: part.len() as u64,
+                residues_per_second: 0.0,
+            });
+            return true;
+        }
+        let (plan, packs) = part.finish(&self.spec.options.plan);
+        progress(Event::Advanced {
+            rows: plan.errors.len() as u64,
+            residues_per_second: 0.0,
+        });
+        if self.writer_tx.blocking_send(WriterMsg::Plan(plan)).is_err() {
+            return false;
+        }
+        packs.into_iter().all(|pack| {
+            self.pool.submit(Submission {
+                request: Request::Configured {
+                    residues: pack.needs_residues,
+                },
+                batch: pack.batch,
+                context: Arc::new(PackMeta {
+                    part: pack.part,
+                    segments: pack.segments,
+                }),
+                reply: reply.clone(),
+            })
+        })
+    }
+}

@@ -1,0 +1,145 @@
+//! A job's description: inputs, output, the columns it writes, and what it records about itself
+//! (the footer metadata of its files, the identity a resume must match).
+
+use std::sync::Arc;
+
+use super::progress::{self, Progress};
+use super::JobOptions;
+use crate::embed::Embedder;
+use crate::input::Inputs;
+use crate::output::columns::EmbeddingColumns;
+use crate::output::metadata::{FileMetadata, InputIdentity, JobIdentity, PoolingMeta};
+use crate::output::remote::RemoteOutput;
+use crate::output::OutputLayout;
+use crate::tokenize::Tokenizer;
+
+/// Which model a job runs, for the output's metadata and resume checks.
+#[derive(Debug, Clone)]
+pub struct ModelIdentity {
+    /// The model as the user named it.
+    pub name: String,
+    /// [`crate::Checkpoint::fingerprint`] of its weights.
+    pub fingerprint: String,
+}
+
+/// Everything that defines a job's result, and where it goes.
+#[derive(Clone)]
+pub struct JobSpec {
+    /// The inputs.
+    pub inputs: Inputs,
+    /// The output layout.
+    pub layout: OutputLayout,
+    /// Embedding columns.
+    pub columns: Arc<EmbeddingColumns>,
+    /// esmbed's footer metadata, as JSON.
+    pub metadata: String,
+    /// The job identity recorded in the manifest.
+    pub identity: JobIdentity,
+    /// Options.
+    pub options: JobOptions,
+    /// Policy for unknown characters.
+    pub tokenizer: Tokenizer,
+    /// Where the output is mirrored, for an output in an object store.
+    pub remote: Option<Arc<RemoteOutput>>,
+    /// Where progress events go.
+    pub progress: Progress,
+}
+
+impl std::fmt::Debug for JobSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobSpec")
+            .field("layout", &self.layout)
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl JobSpec {
+    /// Describe a job: `inputs` embedded by `embedder` into `output`.
+    pub fn new(
+        inputs: Inputs,
+        output: &std::path::Path,
+        embedder: &Embedder,
+        model: ModelIdentity,
+        options: JobOptions,
+    ) -> Self {
+        let config = embedder.model().config();
+        let pooling = embedder.pooling();
+        let columns = Arc::new(EmbeddingColumns {
+            layers: embedder.layers().to_vec(),
+            last_layer: config.num_hidden_layers,
+            pooling,
+            hidden: config.hidden_size,
+            dtype: options.output_dtype,
+        });
+        let unknown = format!("{:?}", embedder.tokenizer().unknown).to_lowercase();
+        let compute_dtype = format!("{:?}", embedder.model().dtype()).to_lowercase();
+        let pooling = PoolingMeta {
+            embedding: "mean over residues (BOS/EOS excluded)".into(),
+            bos: pooling.bos,
+            per_residue: pooling.per_residue,
+        };
+        let metadata = FileMetadata {
+            esmbed_version: env!("CARGO_PKG_VERSION").into(),
+            model: model.name,
+            model_fingerprint: model.fingerprint.clone(),
+            num_layers: config.num_hidden_layers,
+            hidden_size: config.hidden_size,
+            layers: columns.layers.clone(),
+            primary_layer: columns.primary_layer(),
+            pooling: pooling.clone(),
+            compute_dtype: compute_dtype.clone(),
+            output_dtype: options.output_dtype,
+            max_length: options.plan.max_length,
+            long: options.plan.long,
+            unknown: unknown.clone(),
+        };
+        let identity = JobIdentity {
+            inputs: inputs
+                .files
+                .iter()
+                .map(|f| InputIdentity {
+                    path: f.name(),
+                    size: f.size(),
+                })
+                .collect(),
+            seq_column: inputs.options.seq_column.clone(),
+            id_column: inputs.options.id_column.clone(),
+            model_fingerprint: model.fingerprint,
+            layers: columns.layers.clone(),
+            pooling,
+            compute_dtype,
+            output_dtype: options.output_dtype,
+            max_length: options.plan.max_length,
+            long: options.plan.long,
+            unknown,
+            rows_per_part: options.rows_per_part,
+            dedupe: options.dedupe,
+        };
+        Self {
+            layout: OutputLayout::new(output),
+            inputs,
+            columns,
+            metadata: serde_json::to_string(&metadata).expect("metadata serializes"),
+            identity,
+            tokenizer: *embedder.tokenizer(),
+            options,
+            remote: None,
+            progress: progress::silent(),
+        }
+    }
+
+    /// Write the output to an object store (see [`RemoteOutput`]): the job writes the remote
+    /// output's local mirror, and every committed file is uploaded.
+    pub fn with_remote_output(mut self, remote: RemoteOutput) -> Self {
+        self.layout = remote.local.clone();
+        self.remote = Some(Arc::new(remote));
+        self
+    }
+
+    /// Send progress events to `progress`.
+    pub fn with_progress(mut self, progress: Progress) -> Self {
+        self.progress = progress;
+        self
+    }
+}

@@ -1,0 +1,20 @@
+//! esmbed's end-to-end tests, in one binary: linking DataFusion, arrow and candle once instead of
+//! once per file saves minutes of every cold build. Each module is one area; `common` holds the
+//! fixtures and helpers they share. The GPU tests are their own target (`tests/gpu.rs`, feature
+//! `cuda`).
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod bad_inputs;
+mod bad_models;
+mod cli;
+mod hub;
+mod invariance;
+mod oom;
+mod real_fasta;
+mod reference;
+mod resume;
+mod s3;
+mod sql;
+mod workers;
