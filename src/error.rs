@@ -26,6 +26,21 @@ pub enum ErrorKind {
     Internal,
 }
 
+impl ErrorKind {
+    /// The `esmbed` command's exit code for this kind (the README's table): 3 bad input, 4 I/O,
+    /// 5 model or device (out of memory included), 2 usage, 130 interrupted, 70 internal.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            ErrorKind::BadInput => 3,
+            ErrorKind::Io => 4,
+            ErrorKind::Model => 5,
+            ErrorKind::Usage => 2,
+            ErrorKind::Interrupted => 130,
+            ErrorKind::Internal => 70,
+        }
+    }
+}
+
 /// Everything that can go wrong in esmbed's library.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -200,6 +215,11 @@ pub enum Error {
         total: usize,
     },
 
+    /// A SQL statement failed in DataFusion (syntax, planning, execution); esmbed's own errors
+    /// raised inside a query are unwrapped to their variant instead (see [`Error::from_sql`]).
+    #[error("{0}")]
+    Sql(datafusion::error::DataFusionError),
+
     /// A bug: an invariant esmbed relies on did not hold.
     #[error("internal error (please report it): {0}")]
     Internal(String),
@@ -235,6 +255,24 @@ impl Error {
         Error::Internal(what.to_string())
     }
 
+    /// The error of a failed SQL statement: esmbed's own error when a UDF or table raised one
+    /// (DataFusion wraps it, possibly in context), else DataFusion's.
+    pub fn from_sql(error: datafusion::error::DataFusionError) -> Self {
+        use datafusion::error::DataFusionError as E;
+        match error {
+            E::External(inner) => match inner.downcast::<Error>() {
+                Ok(error) => *error,
+                Err(inner) => Error::Sql(E::External(inner)),
+            },
+            E::Context(_, inner) => Error::from_sql(*inner),
+            E::Shared(shared) => match std::sync::Arc::try_unwrap(shared) {
+                Ok(inner) => Error::from_sql(inner),
+                Err(shared) => Error::Sql(E::Shared(shared)),
+            },
+            other => Error::Sql(other),
+        }
+    }
+
     /// Whether this is the device running out of memory (the pack can be split and retried).
     pub fn is_out_of_memory(&self) -> bool {
         matches!(self, Error::OutOfMemory { .. })
@@ -255,6 +293,11 @@ impl Error {
             InvalidOption(_) | OutputExists { .. } | ResumeMismatch { .. } => ErrorKind::Usage,
             Io { .. } | NotFound { .. } | Remote { .. } | Parquet { .. } => ErrorKind::Io,
             Interrupted { .. } => ErrorKind::Interrupted,
+            Sql(e) => match e.find_root() {
+                datafusion::error::DataFusionError::IoError(_)
+                | datafusion::error::DataFusionError::ObjectStore(_) => ErrorKind::Io,
+                _ => ErrorKind::Usage,
+            },
             Internal(_) => ErrorKind::Internal,
         }
     }

@@ -6,25 +6,9 @@ mod cli;
 use std::process::ExitCode;
 
 use clap::Parser;
-use esmbed::{Error, ErrorKind};
+use esmbed::Error;
 
 use cli::{Cli, Command};
-
-/// Exit codes, documented in the README.
-mod exit {
-    /// Bad input: unreadable or invalid input, a bad record under --strict, duplicate ids.
-    pub const BAD_INPUT: u8 = 3;
-    /// Reading or writing files failed.
-    pub const IO: u8 = 4;
-    /// The model could not be loaded or run (out of memory and device failures included).
-    pub const MODEL: u8 = 5;
-    /// Invalid options, or an output in the way.
-    pub const USAGE: u8 = 2;
-    /// Interrupted (SIGINT/SIGTERM); rerun with --resume.
-    pub const INTERRUPTED: u8 = 130;
-    /// A bug in esmbed (EX_SOFTWARE); please report it.
-    pub const INTERNAL: u8 = 70;
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -58,18 +42,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// The exit code of a failure, from its kind (the README's table). Errors that are not the
-/// library's come from argument checks in `cli/`: usage.
+/// The exit code of a failure: from its kind ([`esmbed::ErrorKind::exit_code`], the README's
+/// table). Errors that are not the library's come from argument checks in `cli/`: usage (2).
 fn exit_code(error: &anyhow::Error) -> u8 {
-    let Some(error) = error.downcast_ref::<Error>() else {
-        return exit::USAGE;
-    };
-    match error.kind() {
-        ErrorKind::BadInput => exit::BAD_INPUT,
-        ErrorKind::Io => exit::IO,
-        ErrorKind::Model => exit::MODEL,
-        ErrorKind::Usage => exit::USAGE,
-        ErrorKind::Interrupted => exit::INTERRUPTED,
-        ErrorKind::Internal => exit::INTERNAL,
+    match error.downcast_ref::<Error>() {
+        Some(error) => error.kind().exit_code(),
+        None => 2,
     }
 }

@@ -118,7 +118,13 @@ pub struct StatementResult {
 }
 
 /// Run every statement of `sql` (separated by `;`) in order, stopping at the first error.
-pub async fn run_script(ctx: &SessionContext, sql: &str) -> Result<Vec<StatementResult>> {
+pub async fn run_script(ctx: &SessionContext, sql: &str) -> crate::Result<Vec<StatementResult>> {
+    run_statements(ctx, sql)
+        .await
+        .map_err(crate::Error::from_sql)
+}
+
+async fn run_statements(ctx: &SessionContext, sql: &str) -> Result<Vec<StatementResult>> {
     let statements = datafusion::sql::parser::DFParser::parse_sql(sql)?;
     let mut results = Vec::with_capacity(statements.len());
     for statement in statements {

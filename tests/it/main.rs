@@ -9,6 +9,7 @@ mod common;
 mod bad_inputs;
 mod bad_models;
 mod cli;
+mod engine;
 mod hub;
 mod invariance;
 mod oom;
