@@ -19,7 +19,9 @@ use serde::Serialize;
 
 use crate::embed::Embedder;
 use crate::engine::pool::Reply;
-use crate::engine::{DevicePool, PackEmbedder, PackOutcome, PoolOptions, Request, Submission};
+use crate::engine::{
+    DevicePool, DeviceSummary, PackEmbedder, PackOutcome, PoolOptions, Request, Submission,
+};
 use crate::error::{Error, Result};
 use crate::pack::{pack, packing_efficiency, PackedBatch};
 use crate::tokenize::{CLS, EOS, PAD};
@@ -193,58 +195,7 @@ pub fn measure_devices(
     peak_tflops: f64,
 ) -> Result<BenchResult> {
     let batches = batches(sequences, budget, method);
-    let devices: Vec<Arc<dyn PackEmbedder>> = embedders
-        .iter()
-        .map(|e| e.clone() as Arc<dyn PackEmbedder>)
-        .collect();
-    let options = PoolOptions {
-        capacity: None,
-        warm_up: batches.iter().take(warmup).cloned().collect(),
-    };
-    let pool = DevicePool::<()>::start(devices, options, Arc::new(AtomicBool::new(false)))?;
-    tracing::info!("warm-up done on {} device(s)", embedders.len());
-    // The profile covers the timed batches only.
-    crate::model::profile::reset();
-    // Real tokens (padding excluded) per device, and whether a sequence did not fit.
-    let real = Arc::new(Mutex::new((vec![0usize; embedders.len()], false)));
-    let reply: Reply<()> = {
-        let real = real.clone();
-        Arc::new(move |outcome| {
-            let mut real = real.lock().unwrap();
-            match outcome {
-                PackOutcome::Done { batch, device, .. } => {
-                    real.0[device] += (0..batch.len())
-                        .map(|i| batch.tokens(i).iter().filter(|&&t| t != PAD).count())
-                        .sum::<usize>();
-                }
-                PackOutcome::Failed { .. } => real.1 = true,
-            }
-            true
-        })
-    };
-    let started = Instant::now();
-    for batch in &batches {
-        let submission = Submission {
-            batch: batch.clone(),
-            request: Request::Configured { residues: false },
-            context: Arc::new(()),
-            reply: reply.clone(),
-        };
-        if !pool.submit(submission) {
-            break;
-        }
-    }
-    pool.close();
-    let stats = pool.join()?;
-    let seconds = started.elapsed().as_secs_f64();
-    let (real, failed) = real.lock().unwrap().clone();
-    if failed {
-        return Err(Error::OutOfMemory {
-            detail: format!(
-                "a benchmark sequence does not fit even alone: lower --tokens-per-batch ({budget})"
-            ),
-        });
-    }
+    let (stats, real, seconds) = run_timed(embedders, &batches, warmup, budget)?;
     let tokens: usize = sequences.iter().map(Vec::len).sum();
     let computed: usize = batches.iter().map(PackedBatch::total_tokens).sum();
     let avg = tokens as f64 / sequences.len().max(1) as f64;
@@ -281,6 +232,69 @@ pub fn measure_devices(
         busy: devices.iter().map(|d| d.busy).sum::<f64>() / n,
         devices,
     })
+}
+
+/// Warm every device up on the first `warmup` batches, then run all of them through the pool:
+/// per-device summaries, real tokens (padding excluded) per device, and the timed seconds.
+fn run_timed(
+    embedders: &[Arc<Embedder>],
+    batches: &[PackedBatch],
+    warmup: usize,
+    budget: usize,
+) -> Result<(Vec<DeviceSummary>, Vec<usize>, f64)> {
+    let devices: Vec<Arc<dyn PackEmbedder>> = embedders
+        .iter()
+        .map(|e| e.clone() as Arc<dyn PackEmbedder>)
+        .collect();
+    let options = PoolOptions {
+        capacity: None,
+        warm_up: batches.iter().take(warmup).cloned().collect(),
+    };
+    let pool = DevicePool::<()>::start(devices, options, Arc::new(AtomicBool::new(false)))?;
+    tracing::info!("warm-up done on {} device(s)", embedders.len());
+    // The profile covers the timed batches only.
+    crate::model::profile::reset();
+    // Real tokens (padding excluded) per device, and whether a sequence did not fit.
+    let real = Arc::new(Mutex::new((vec![0usize; embedders.len()], false)));
+    let reply: Reply<()> = {
+        let real = real.clone();
+        Arc::new(move |outcome| {
+            let mut real = real.lock().unwrap();
+            match outcome {
+                PackOutcome::Done { batch, device, .. } => {
+                    real.0[device] += (0..batch.len())
+                        .map(|i| batch.tokens(i).iter().filter(|&&t| t != PAD).count())
+                        .sum::<usize>();
+                }
+                PackOutcome::Failed { .. } => real.1 = true,
+            }
+            true
+        })
+    };
+    let started = Instant::now();
+    for batch in batches {
+        let submission = Submission {
+            batch: batch.clone(),
+            request: Request::Configured { residues: false },
+            context: Arc::new(()),
+            reply: reply.clone(),
+        };
+        if !pool.submit(submission) {
+            break;
+        }
+    }
+    pool.close();
+    let stats = pool.join()?;
+    let seconds = started.elapsed().as_secs_f64();
+    let (real, failed) = real.lock().unwrap().clone();
+    if failed {
+        return Err(Error::OutOfMemory {
+            detail: format!(
+                "a benchmark sequence does not fit even alone: lower --tokens-per-batch ({budget})"
+            ),
+        });
+    }
+    Ok((stats, real, seconds))
 }
 
 #[cfg(test)]

@@ -15,13 +15,8 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "650M")]
     pub shape: Vec<String>,
 
-    /// Device: auto, cpu, cuda (every GPU: batches shared through one queue), cuda:N, cuda:0,1.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-
-    /// Compute precision: auto (f32 on CPU, bf16 on GPU), f32, bf16, f16.
-    #[arg(long, default_value = "auto")]
-    pub dtype: String,
+    #[command(flatten)]
+    pub run: super::DeviceArgs,
 
     /// Number of synthetic sequences.
     #[arg(long, short, default_value_t = 4000)]
@@ -67,11 +62,9 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
-pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let devices = super::parse_devices(&args.device)?;
-    let device = devices[0].clone();
-    let dtype = super::parse_dtype(&args.dtype, &device)?;
-    let lengths = match &args.lengths_file {
+/// Residue counts of the workload: the reference's (`--lengths-file`) or drawn like them.
+fn workload_lengths(args: &BenchArgs) -> anyhow::Result<Vec<usize>> {
+    Ok(match &args.lengths_file {
         Some(path) => std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?
             .split_whitespace()
@@ -81,7 +74,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             })
             .collect::<anyhow::Result<Vec<_>>>()?,
         None => bench::synthetic_lengths(args.n, args.seed, 1022),
-    };
+    })
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let devices = super::parse_devices(&args.run.device)?;
+    let device = devices[0].clone();
+    let dtype = super::parse_dtype(&args.run.dtype, &device)?;
+    let lengths = workload_lengths(&args)?;
     let sequences = bench::random_sequences(&lengths, args.seed + 1);
     let tokens: usize = sequences.iter().map(Vec::len).sum();
     if !args.json {
@@ -133,38 +133,44 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 args.warmup,
                 args.peak_tflops,
             )?;
-            if esmbed::model::profile::enabled() {
-                for (name, seconds, calls, share) in esmbed::model::profile::take_report() {
-                    let row = serde_json::json!({"model": shape, "method": r.method, "op": name,
-                        "seconds": seconds, "calls": calls, "share": share});
-                    eprintln!("{row}");
-                }
-            }
-            if args.json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else {
+            report(&r, shape, args.json)?;
+        }
+    }
+    Ok(())
+}
+
+/// Print one measurement (and the per-op profile, when enabled).
+fn report(r: &bench::BenchResult, shape: &str, json: bool) -> anyhow::Result<()> {
+    if esmbed::model::profile::enabled() {
+        for (name, seconds, calls, share) in esmbed::model::profile::take_report() {
+            let row = serde_json::json!({"model": shape, "method": r.method, "op": name,
+                "seconds": seconds, "calls": calls, "share": share});
+            eprintln!("{row}");
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "{:<6} {:<7} {:>12.0} {:>9.1} {:>6.3} {:>7.1}% {:>7.1}% {:>5.0}%",
+            r.model,
+            format!("{:?}", r.method).to_lowercase(),
+            r.tokens_per_s,
+            r.seq_per_s,
+            r.mfu,
+            100.0 * r.packing_efficiency,
+            100.0 * r.padding_efficiency,
+            100.0 * r.busy
+        );
+        if r.devices.len() > 1 {
+            for d in &r.devices {
                 println!(
-                    "{:<6} {:<7} {:>12.0} {:>9.1} {:>6.3} {:>7.1}% {:>7.1}% {:>5.0}%",
-                    r.model,
-                    format!("{:?}", r.method).to_lowercase(),
-                    r.tokens_per_s,
-                    r.seq_per_s,
-                    r.mfu,
-                    100.0 * r.packing_efficiency,
-                    100.0 * r.padding_efficiency,
-                    100.0 * r.busy
+                    "  {:<12} {:>12.0} tokens/s, {} batches, busy {:.0}%",
+                    d.device,
+                    d.tokens_per_s,
+                    d.batches,
+                    100.0 * d.busy
                 );
-                if r.devices.len() > 1 {
-                    for d in &r.devices {
-                        println!(
-                            "  {:<12} {:>12.0} tokens/s, {} batches, busy {:.0}%",
-                            d.device,
-                            d.tokens_per_s,
-                            d.batches,
-                            100.0 * d.busy
-                        );
-                    }
-                }
             }
         }
     }

@@ -87,9 +87,8 @@ pub struct EmbedArgs {
 
 /// Run the job; returns the summary.
 pub fn run(args: EmbedArgs) -> anyhow::Result<JobSummary> {
-    let devices = super::parse_devices(&args.model.device)?;
-    let device = devices[0].clone();
-    let dtype = super::parse_dtype(&args.model.dtype, &device)?;
+    let devices = super::parse_devices(&args.model.run.device)?;
+    let dtype = super::parse_dtype(&args.model.run.dtype, &devices[0])?;
     if args.columns.max_length == 0 {
         anyhow::bail!("--max-length must be at least 1");
     }
@@ -123,13 +122,45 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<JobSummary> {
     } else {
         None
     };
+    let (embedders, model, tokens_per_batch) = load(&args, &devices, dtype)?;
+    let options = JobOptions {
+        plan: PlanOptions {
+            tokens_per_batch,
+            max_length: args.columns.max_length,
+            long: args.columns.long,
+        },
+        rows_per_part,
+        strict: args.strict,
+        dedupe: args.dedupe,
+        output_dtype: args.columns.output_dtype,
+        resume: args.resume,
+        overwrite: args.overwrite,
+        warm_up: !devices[0].is_cpu(),
+    };
+    let output = std::path::Path::new(&args.output);
+    let mut spec = JobSpec::new(inputs, output, &embedders[0], model, options);
+    if let Some(remote) = remote {
+        spec = spec.with_remote_output(remote);
+    }
+    spec = spec.with_progress(super::progress::bar(!args.no_progress));
+    let summary = execute(spec, embedders)?;
+    print_summary(&summary, args.json);
+    Ok(summary)
+}
 
+/// The model on every device, as the job's embedders, with its identity and the token budget
+/// (from `--tokens-per-batch`, or what fits in the devices' free memory).
+fn load(
+    args: &EmbedArgs,
+    devices: &[esmbed::Device],
+    dtype: esmbed::DType,
+) -> anyhow::Result<(Vec<Embedder>, ModelIdentity, usize)> {
     let loading = Instant::now();
     let super::LoadedModel {
         replicas,
-        name: model_name,
+        name,
         fingerprint,
-    } = super::load_model(&args.model.model, &devices, dtype)?;
+    } = super::load_model(&args.model.source.model, devices, dtype)?;
     let config = replicas[0].config().clone();
     let tokens_per_batch = args.tokens_per_batch.unwrap_or_else(|| {
         devices
@@ -138,14 +169,13 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<JobSummary> {
             .min()
             .unwrap_or(4096)
     });
-    let pooling = Pooling {
-        mean: true,
-        bos: args.columns.bos,
-        per_residue: args.columns.per_residue,
-    };
     let options = EmbedOptions {
         layers: args.columns.layers.clone(),
-        pooling,
+        pooling: Pooling {
+            mean: true,
+            bos: args.columns.bos,
+            per_residue: args.columns.per_residue,
+        },
         unknown: args.columns.unknown.into(),
         tokens_per_batch,
     };
@@ -156,42 +186,22 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<JobSummary> {
     let labels: Vec<String> = embedders.iter().map(Embedder::device_label).collect();
     tracing::info!(
         "loaded {} ({} layers, hidden {}) on {} as {:?} in {:.1}s",
-        model_name,
+        name,
         config.num_hidden_layers,
         config.hidden_size,
         labels.join(", "),
         dtype,
         loading.elapsed().as_secs_f64()
     );
+    Ok((
+        embedders,
+        ModelIdentity { name, fingerprint },
+        tokens_per_batch,
+    ))
+}
 
-    let mut spec = JobSpec::new(
-        inputs,
-        std::path::Path::new(&args.output),
-        &embedders[0],
-        ModelIdentity {
-            name: model_name,
-            fingerprint,
-        },
-        JobOptions {
-            plan: PlanOptions {
-                tokens_per_batch,
-                max_length: args.columns.max_length,
-                long: args.columns.long,
-            },
-            rows_per_part,
-            strict: args.strict,
-            dedupe: args.dedupe,
-            output_dtype: args.columns.output_dtype,
-            resume: args.resume,
-            overwrite: args.overwrite,
-            warm_up: !device.is_cpu(),
-        },
-    );
-    if let Some(remote) = remote {
-        spec = spec.with_remote_output(remote);
-    }
-    spec = spec.with_progress(super::progress::bar(!args.no_progress));
-
+/// Run the job on an async runtime, with SIGINT/SIGTERM asking it to stop cleanly.
+fn execute(spec: JobSpec, embedders: Vec<Embedder>) -> anyhow::Result<JobSummary> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -200,15 +210,14 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<JobSummary> {
     let cancel = Arc::new(AtomicBool::new(false));
     let summary = runtime.block_on(async {
         let watcher = tokio::spawn(watch_signals(cancel.clone()));
-        let workers = embedders
+        let devices = embedders
             .into_iter()
             .map(|e| Arc::new(e) as Arc<dyn esmbed::engine::PackEmbedder>)
             .collect();
-        let result = pipeline::run(spec, workers, cancel.clone()).await;
+        let result = pipeline::run(spec, devices, cancel.clone()).await;
         watcher.abort();
         result
     })?;
-    print_summary(&summary, args.json);
     Ok(summary)
 }
 

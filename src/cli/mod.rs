@@ -70,9 +70,9 @@ pub enum Command {
     Sql(Box<sql::SqlArgs>),
 }
 
-/// Where the model comes from and how it runs.
+/// Where the model comes from.
 #[derive(Debug, Args, Clone)]
-pub struct ModelArgs {
+pub struct ModelArg {
     /// Model: a HuggingFace hub id, a published size (8M, 35M, 150M, 650M, 3B, 15B), a local HF
     /// directory (config.json + model.safetensors) or a fair-esm .pt checkpoint. Hub models come
     /// from the HF cache (HF_HOME); HF_HUB_OFFLINE=1 forbids downloads.
@@ -83,7 +83,11 @@ pub struct ModelArgs {
         default_value = "facebook/esm2_t33_650M_UR50D"
     )]
     pub model: String,
+}
 
+/// Where the model runs, and in which precision.
+#[derive(Debug, Args, Clone)]
+pub struct DeviceArgs {
     /// Device: auto (every GPU if esmbed was built with CUDA and one is present, else the CPU),
     /// cpu, cuda (every visible GPU), cuda:N, or a list: cuda:0,1. Each GPU holds a replica of
     /// the model and pulls packs from a shared queue; the output does not depend on how many.
@@ -93,6 +97,16 @@ pub struct ModelArgs {
     /// Compute precision: auto (f32 on CPU, bf16 on GPU), f32, bf16 or f16.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
+}
+
+/// Where the model comes from and how it runs.
+#[derive(Debug, Args, Clone)]
+pub struct ModelArgs {
+    #[command(flatten)]
+    pub source: ModelArg,
+
+    #[command(flatten)]
+    pub run: DeviceArgs,
 }
 
 /// What to read and how.

@@ -7,14 +7,8 @@ use esmbed::{bench, verify, Checkpoint, ModelSource};
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// Model (as for `embed`).
-    #[arg(
-        long,
-        short,
-        env = "ESMBED_MODEL",
-        default_value = "facebook/esm2_t33_650M_UR50D"
-    )]
-    pub model: String,
+    #[command(flatten)]
+    pub model: super::ModelArg,
 
     /// Device to check against the CPU f32 path.
     #[arg(long, default_value = "auto")]
@@ -39,7 +33,7 @@ pub struct VerifyArgs {
 
 pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
     let device = super::parse_device(&args.device)?;
-    let checkpoint = Checkpoint::open(&ModelSource::parse(&args.model)?)?;
+    let checkpoint = Checkpoint::open(&ModelSource::parse(&args.model.model)?)?;
     let mut lengths = vec![1, 2, 3, 50, 1022];
     lengths.extend(bench::synthetic_lengths(args.n, 7, 1022));
     let sequences = bench::random_sequences(&lengths, 7);

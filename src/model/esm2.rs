@@ -84,34 +84,12 @@ impl Esm2 {
         for i in 0..config.num_hidden_layers {
             let p = format!("encoder.layer.{i}");
             let attn = format!("{p}.attention.self");
-            // HF scales the query by d^-½ before rotary; folding the scale into the query's
-            // weights and bias keeps that order. It is exact for head dims 16 and 64 (650M, 3B:
-            // a power of two) and one f32 rounding otherwise, done before any conversion.
-            let scale = (config.head_dim() as f64).powf(-0.5);
-            let f32_cpu = |name: String, shape: &[usize]| {
-                checkpoint.load(&name, shape, DType::F32, &Device::Cpu)
-            };
-            let query_w = (f32_cpu(format!("{attn}.query.weight"), &[h, h])? * scale)?;
-            let query_b = (f32_cpu(format!("{attn}.query.bias"), &[h])? * scale)?;
-            let key_w = f32_cpu(format!("{attn}.key.weight"), &[h, h])?;
-            let key_b = f32_cpu(format!("{attn}.key.bias"), &[h])?;
-            let value_w = f32_cpu(format!("{attn}.value.weight"), &[h, h])?;
-            let value_b = f32_cpu(format!("{attn}.value.bias"), &[h])?;
-            let to_device =
-                |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(device)?) };
-            let qkv = Linear::new(
-                to_device(Tensor::cat(&[query_w, key_w, value_w], 0)?)?,
-                Some(to_device(Tensor::cat(&[query_b, key_b, value_b], 0)?)?),
-            );
+            let qkv = fused_qkv(checkpoint, &attn, dtype, device)?;
             // The checkpoint's inv_freq when present: ESM-2 was trained in fp16 and its stored
             // buffer differs from a recomputation enough to matter at long positions.
-            let inv_name = format!("{attn}.rotary_embeddings.inv_freq");
-            let inv_freq = if checkpoint.contains(&inv_name) {
-                checkpoint
-                    .load(&inv_name, &[half], DType::F32, &Device::Cpu)?
-                    .to_vec1::<f32>()?
-            } else {
-                shared.clone().unwrap_or_else(|| computed.clone())
+            let inv_freq = match layer_inv_freq(checkpoint, &attn, half)? {
+                Some(v) => v,
+                None => shared.clone().unwrap_or_else(|| computed.clone()),
             };
             let rotary = match rotary_host.iter().position(|v| *v == inv_freq) {
                 Some(index) => index,
@@ -493,6 +471,38 @@ impl Esm2 {
                 .to_dtype(self.dtype)?,
         )
     }
+}
+
+/// The query, key and value projections of one block as one `[3H, H]` linear. HF scales the
+/// query by d^-½ before rotary; folding the scale into the query's weights and bias keeps that
+/// order. It is exact for head dims 16 and 64 (650M, 3B: a power of two) and one f32 rounding
+/// otherwise, done before any conversion.
+fn fused_qkv(checkpoint: &Checkpoint, attn: &str, dtype: DType, device: &Device) -> Result<Linear> {
+    let h = checkpoint.config.hidden_size;
+    let scale = (checkpoint.config.head_dim() as f64).powf(-0.5);
+    let f32_cpu =
+        |name: String, shape: &[usize]| checkpoint.load(&name, shape, DType::F32, &Device::Cpu);
+    let query_w = (f32_cpu(format!("{attn}.query.weight"), &[h, h])? * scale)?;
+    let query_b = (f32_cpu(format!("{attn}.query.bias"), &[h])? * scale)?;
+    let key_w = f32_cpu(format!("{attn}.key.weight"), &[h, h])?;
+    let key_b = f32_cpu(format!("{attn}.key.bias"), &[h])?;
+    let value_w = f32_cpu(format!("{attn}.value.weight"), &[h, h])?;
+    let value_b = f32_cpu(format!("{attn}.value.bias"), &[h])?;
+    let to_device = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(device)?) };
+    Ok(Linear::new(
+        to_device(Tensor::cat(&[query_w, key_w, value_w], 0)?)?,
+        Some(to_device(Tensor::cat(&[query_b, key_b, value_b], 0)?)?),
+    ))
+}
+
+/// A block's own `rotary_embeddings.inv_freq`, if the checkpoint stores one.
+fn layer_inv_freq(checkpoint: &Checkpoint, attn: &str, half: usize) -> Result<Option<Vec<f32>>> {
+    let name = format!("{attn}.rotary_embeddings.inv_freq");
+    if !checkpoint.contains(&name) {
+        return Ok(None);
+    }
+    let t = checkpoint.load(&name, &[half], DType::F32, &Device::Cpu)?;
+    Ok(Some(t.to_vec1::<f32>()?))
 }
 
 /// Device settings the forward relies on (see [`super::flash::keep_freed_memory`]).

@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod config;
 pub mod esm2;
+mod fair_esm;
 #[cfg(feature = "cuda")]
 pub mod flash;
 #[cfg(feature = "cuda")]

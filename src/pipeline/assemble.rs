@@ -21,6 +21,19 @@ struct Windows {
     bos: Vec<Option<Vec<f32>>>,
 }
 
+/// The fate of a part's rows once every result is in.
+#[derive(Default)]
+struct Settled {
+    /// Output rows (row numbers within the part), with their `length` and `truncated` values.
+    keep: Vec<u32>,
+    lengths: Vec<i32>,
+    truncated: Vec<bool>,
+    /// Residues embedded.
+    residues: u64,
+    /// Error rows, by position.
+    errors: Vec<ErrorRow>,
+}
+
 /// A part being assembled.
 pub struct PartAssembly {
     plan: PartPlan,
@@ -168,17 +181,41 @@ impl PartAssembly {
         schema: &SchemaRef,
     ) -> Result<(RecordBatch, Vec<ErrorRow>, PartRecord)> {
         self.merge_windows();
-        let h = self.columns.hidden;
-        let mut errors = std::mem::take(&mut self.plan.errors);
-        let mut keep = Vec::new();
-        let mut lengths = Vec::new();
-        let mut truncated = Vec::new();
-        let mut residues = 0u64;
+        let rows = self.settle();
+        let mut columns = self.passthrough_columns(schema, &rows.keep)?;
+        columns.push(Arc::new(Int32Array::from(rows.lengths)));
+        columns.push(Arc::new(BooleanArray::from(rows.truncated)));
+        columns.extend(self.embedding_columns(&rows.keep));
+        let batch = RecordBatch::try_new(schema.clone(), columns).map_err(arrow_error)?;
+        let record = PartRecord {
+            first_position: self.plan.first_position,
+            rows: self.plan.rows.len() as u64,
+            output_rows: batch.num_rows() as u64,
+            error_rows: rows.errors.len() as u64,
+            residues: rows.residues,
+            truncated: batch
+                .column_by_name("truncated")
+                .map(|c| {
+                    let b: &BooleanArray = c.as_any().downcast_ref().expect("boolean");
+                    b.true_count() as u64
+                })
+                .unwrap_or(0),
+        };
+        Ok((batch, rows.errors, record))
+    }
+
+    /// Which rows are output rows (with their length columns) and which are errors: planned
+    /// errors, and rows whose segments failed.
+    fn settle(&mut self) -> Settled {
+        let mut rows = Settled {
+            errors: std::mem::take(&mut self.plan.errors),
+            ..Settled::default()
+        };
         for (row, plan) in self.plan.rows.iter().enumerate() {
             let RowPlan::Embed {
                 length,
                 embedded,
-                truncated: t,
+                truncated,
                 ..
             } = *plan
             else {
@@ -186,7 +223,7 @@ impl PartAssembly {
             };
             if let Some(reason) = self.failed.get(&(row as u32)) {
                 let origin = &self.plan.origins[row];
-                errors.push(ErrorRow {
+                rows.errors.push(ErrorRow {
                     id: origin.id.clone(),
                     position: self.plan.first_position + row as u64,
                     input: origin.input.to_string(),
@@ -195,27 +232,33 @@ impl PartAssembly {
                 });
                 continue;
             }
-            keep.push(row as u32);
-            lengths.push(length as i32);
-            truncated.push(t);
-            residues += embedded as u64;
+            rows.keep.push(row as u32);
+            rows.lengths.push(length as i32);
+            rows.truncated.push(truncated);
+            rows.residues += embedded as u64;
         }
-        errors.sort_by_key(|e| e.position);
+        rows.errors.sort_by_key(|e| e.position);
+        rows
+    }
 
+    /// The input's columns of the kept rows.
+    fn passthrough_columns(&self, schema: &SchemaRef, keep: &[u32]) -> Result<Vec<ArrayRef>> {
         let passthrough_schema = Arc::new(arrow::datatypes::Schema::new(
             schema.fields()[..schema.fields().len() - 2 - self.columns.fields().len()].to_vec(),
         ));
         let all = arrow::compute::concat_batches(&passthrough_schema, &self.plan.passthrough)
             .map_err(arrow_error)?;
-        let indices = UInt32Array::from(keep.clone());
-        let mut columns: Vec<ArrayRef> = all
-            .columns()
+        let indices = UInt32Array::from(keep.to_vec());
+        all.columns()
             .iter()
             .map(|c| arrow::compute::take(c, &indices, None))
             .collect::<std::result::Result<_, _>>()
-            .map_err(arrow_error)?;
-        columns.push(Arc::new(Int32Array::from(lengths)));
-        columns.push(Arc::new(BooleanArray::from(truncated)));
+            .map_err(arrow_error)
+    }
+
+    /// The embedding columns of the kept rows, layer by layer.
+    fn embedding_columns(&mut self, keep: &[u32]) -> Vec<ArrayRef> {
+        let h = self.columns.hidden;
         let gather = |values: &[f32]| -> Vec<f32> {
             keep.iter()
                 .flat_map(|&r| &values[r as usize * h..(r as usize + 1) * h])
@@ -223,6 +266,7 @@ impl PartAssembly {
                 .collect()
         };
         let p = self.columns.pooling;
+        let mut columns = Vec::new();
         for l in 0..self.columns.layers.len() {
             if p.mean {
                 columns.push(self.columns.vectors(gather(&self.mean[l])));
@@ -233,7 +277,7 @@ impl PartAssembly {
             if p.per_residue {
                 let mut counts = Vec::with_capacity(keep.len());
                 let mut values = Vec::new();
-                for &r in &keep {
+                for &r in keep {
                     let v = self.residues[l][r as usize].take().unwrap_or_default();
                     counts.push(v.len() / h);
                     values.extend_from_slice(&v);
@@ -241,22 +285,7 @@ impl PartAssembly {
                 columns.push(self.columns.vector_lists(values, &counts));
             }
         }
-        let batch = RecordBatch::try_new(schema.clone(), columns).map_err(arrow_error)?;
-        let record = PartRecord {
-            first_position: self.plan.first_position,
-            rows: self.plan.rows.len() as u64,
-            output_rows: batch.num_rows() as u64,
-            error_rows: errors.len() as u64,
-            residues,
-            truncated: batch
-                .column_by_name("truncated")
-                .map(|c| {
-                    let b: &BooleanArray = c.as_any().downcast_ref().expect("boolean");
-                    b.true_count() as u64
-                })
-                .unwrap_or(0),
-        };
-        Ok((batch, errors, record))
+        columns
     }
 }
 
