@@ -269,6 +269,22 @@ impl Error {
                 Ok(inner) => Error::from_sql(inner),
                 Err(shared) => Error::Sql(E::Shared(shared)),
             },
+            // Errors that crossed a partition's record-batch stream come back inside Arrow's.
+            E::ArrowError(arrow, backtrace) => match *arrow {
+                arrow::error::ArrowError::ExternalError(inner) => {
+                    match inner.downcast::<datafusion::error::DataFusionError>() {
+                        Ok(df) => Error::from_sql(*df),
+                        Err(inner) => match inner.downcast::<Error>() {
+                            Ok(error) => *error,
+                            Err(inner) => Error::Sql(E::ArrowError(
+                                Box::new(arrow::error::ArrowError::ExternalError(inner)),
+                                backtrace,
+                            )),
+                        },
+                    }
+                }
+                other => Error::Sql(E::ArrowError(Box::new(other), backtrace)),
+            },
             other => Error::Sql(other),
         }
     }
@@ -293,13 +309,26 @@ impl Error {
             InvalidOption(_) | OutputExists { .. } | ResumeMismatch { .. } => ErrorKind::Usage,
             Io { .. } | NotFound { .. } | Remote { .. } | Parquet { .. } => ErrorKind::Io,
             Interrupted { .. } => ErrorKind::Interrupted,
-            Sql(e) => match e.find_root() {
-                datafusion::error::DataFusionError::IoError(_)
-                | datafusion::error::DataFusionError::ObjectStore(_) => ErrorKind::Io,
-                _ => ErrorKind::Usage,
-            },
+            Sql(e) => sql_kind(e),
             Internal(_) => ErrorKind::Internal,
         }
+    }
+}
+
+/// The kind of a DataFusion error that could not be unwrapped: esmbed's own error's, when one is
+/// in its source chain (a shared error still referenced elsewhere), else I/O or usage.
+fn sql_kind(error: &datafusion::error::DataFusionError) -> ErrorKind {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(own) = e.downcast_ref::<Error>() {
+            return own.kind();
+        }
+        source = e.source();
+    }
+    match error.find_root() {
+        datafusion::error::DataFusionError::IoError(_)
+        | datafusion::error::DataFusionError::ObjectStore(_) => ErrorKind::Io,
+        _ => ErrorKind::Usage,
     }
 }
 

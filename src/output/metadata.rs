@@ -18,6 +18,23 @@ pub struct PoolingMeta {
     pub per_residue: bool,
 }
 
+/// The settings that shape every vector, in both the footer metadata and the job identity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    /// Pooling.
+    pub pooling: PoolingMeta,
+    /// The dtype the model computed in.
+    pub compute_dtype: String,
+    /// The dtype of the vectors.
+    pub output_dtype: OutputDType,
+    /// `--max-length`.
+    pub max_length: usize,
+    /// `--long`.
+    pub long: LongPolicy,
+    /// `--unknown`.
+    pub unknown: String,
+}
+
 /// esmbed's footer metadata (key [`super::METADATA_KEY`]) of every output file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FileMetadata {
@@ -35,18 +52,9 @@ pub struct FileMetadata {
     pub layers: Vec<usize>,
     /// The layer of the unsuffixed columns.
     pub primary_layer: usize,
-    /// Pooling.
-    pub pooling: PoolingMeta,
-    /// The dtype the model computed in.
-    pub compute_dtype: String,
-    /// The dtype of the vectors.
-    pub output_dtype: OutputDType,
-    /// `--max-length`.
-    pub max_length: usize,
-    /// `--long`.
-    pub long: LongPolicy,
-    /// `--unknown`.
-    pub unknown: String,
+    /// How the vectors were computed.
+    #[serde(flatten)]
+    pub settings: Settings,
 }
 
 /// One input of a job, as its identity records it.
@@ -73,18 +81,9 @@ pub struct JobIdentity {
     pub model_fingerprint: String,
     /// Layers (resolved).
     pub layers: Vec<usize>,
-    /// Pooling.
-    pub pooling: PoolingMeta,
-    /// The dtype the model computes in.
-    pub compute_dtype: String,
-    /// The dtype of the vectors.
-    pub output_dtype: OutputDType,
-    /// `--max-length`.
-    pub max_length: usize,
-    /// `--long`.
-    pub long: LongPolicy,
-    /// `--unknown`.
-    pub unknown: String,
+    /// How the vectors are computed.
+    #[serde(flatten)]
+    pub settings: Settings,
     /// `--rows-per-part` (part boundaries).
     pub rows_per_part: usize,
     /// `--dedupe`.
@@ -94,6 +93,7 @@ pub struct JobIdentity {
 impl JobIdentity {
     /// The names of the settings in which `other` differs from this job.
     pub fn differences(&self, other: &JobIdentity) -> Vec<&'static str> {
+        let (a, b) = (&self.settings, &other.settings);
         let checks = [
             ("inputs", self.inputs == other.inputs),
             ("seq_column", self.seq_column == other.seq_column),
@@ -103,12 +103,12 @@ impl JobIdentity {
                 self.model_fingerprint == other.model_fingerprint,
             ),
             ("layers", self.layers == other.layers),
-            ("pooling", self.pooling == other.pooling),
-            ("compute_dtype", self.compute_dtype == other.compute_dtype),
-            ("output_dtype", self.output_dtype == other.output_dtype),
-            ("max_length", self.max_length == other.max_length),
-            ("long", self.long == other.long),
-            ("unknown", self.unknown == other.unknown),
+            ("pooling", a.pooling == b.pooling),
+            ("compute_dtype", a.compute_dtype == b.compute_dtype),
+            ("output_dtype", a.output_dtype == b.output_dtype),
+            ("max_length", a.max_length == b.max_length),
+            ("long", a.long == b.long),
+            ("unknown", a.unknown == b.unknown),
             ("rows_per_part", self.rows_per_part == other.rows_per_part),
             ("dedupe", self.dedupe == other.dedupe),
         ];
@@ -134,16 +134,18 @@ mod tests {
             id_column: "id".into(),
             model_fingerprint: "sha256:00".into(),
             layers: vec![6],
-            pooling: PoolingMeta {
-                embedding: "mean".into(),
-                bos: false,
-                per_residue: false,
+            settings: Settings {
+                pooling: PoolingMeta {
+                    embedding: "mean".into(),
+                    bos: false,
+                    per_residue: false,
+                },
+                compute_dtype: "f32".into(),
+                output_dtype: OutputDType::F32,
+                max_length: 1022,
+                long: LongPolicy::Truncate,
+                unknown: "error".into(),
             },
-            compute_dtype: "f32".into(),
-            output_dtype: OutputDType::F32,
-            max_length: 1022,
-            long: LongPolicy::Truncate,
-            unknown: "error".into(),
             rows_per_part: 100,
             dedupe: false,
         }
@@ -155,7 +157,7 @@ mod tests {
         let mut b = identity();
         assert!(a.differences(&b).is_empty());
         b.layers = vec![3, 6];
-        b.max_length = 500;
+        b.settings.max_length = 500;
         assert_eq!(a.differences(&b), vec!["layers", "max_length"]);
         let text = serde_json::to_string(&a).unwrap();
         let back: JobIdentity = serde_json::from_str(&text).unwrap();

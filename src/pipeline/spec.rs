@@ -8,7 +8,7 @@ use super::JobOptions;
 use crate::embed::Embedder;
 use crate::input::Inputs;
 use crate::output::columns::EmbeddingColumns;
-use crate::output::metadata::{FileMetadata, InputIdentity, JobIdentity, PoolingMeta};
+use crate::output::metadata::{FileMetadata, InputIdentity, JobIdentity, PoolingMeta, Settings};
 use crate::output::remote::RemoteOutput;
 use crate::output::OutputLayout;
 use crate::tokenize::Tokenizer;
@@ -72,12 +72,17 @@ impl JobSpec {
             hidden: config.hidden_size,
             dtype: options.output_dtype,
         });
-        let unknown = format!("{:?}", embedder.tokenizer().unknown).to_lowercase();
-        let compute_dtype = format!("{:?}", embedder.model().dtype()).to_lowercase();
-        let pooling = PoolingMeta {
-            embedding: "mean over residues (BOS/EOS excluded)".into(),
-            bos: pooling.bos,
-            per_residue: pooling.per_residue,
+        let settings = Settings {
+            pooling: PoolingMeta {
+                embedding: "mean over residues (BOS/EOS excluded)".into(),
+                bos: pooling.bos,
+                per_residue: pooling.per_residue,
+            },
+            compute_dtype: format!("{:?}", embedder.model().dtype()).to_lowercase(),
+            output_dtype: options.output_dtype,
+            max_length: options.plan.max_length,
+            long: options.plan.long,
+            unknown: format!("{:?}", embedder.tokenizer().unknown).to_lowercase(),
         };
         let metadata = FileMetadata {
             esmbed_version: env!("CARGO_PKG_VERSION").into(),
@@ -87,12 +92,7 @@ impl JobSpec {
             hidden_size: config.hidden_size,
             layers: columns.layers.clone(),
             primary_layer: columns.primary_layer(),
-            pooling: pooling.clone(),
-            compute_dtype: compute_dtype.clone(),
-            output_dtype: options.output_dtype,
-            max_length: options.plan.max_length,
-            long: options.plan.long,
-            unknown: unknown.clone(),
+            settings: settings.clone(),
         };
         let identity = JobIdentity {
             inputs: inputs
@@ -107,12 +107,7 @@ impl JobSpec {
             id_column: inputs.options.id_column.clone(),
             model_fingerprint: model.fingerprint,
             layers: columns.layers.clone(),
-            pooling,
-            compute_dtype,
-            output_dtype: options.output_dtype,
-            max_length: options.plan.max_length,
-            long: options.plan.long,
-            unknown,
+            settings,
             rows_per_part: options.rows_per_part,
             dedupe: options.dedupe,
         };

@@ -281,3 +281,30 @@ pub fn run_job(
             std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
         ))
 }
+
+/// Fails like a GPU out of memory on packs over `max_tokens`, and on any pack holding a sequence
+/// of exactly `poison` tokens.
+pub struct Faulty {
+    pub inner: esmbed::Embedder,
+    pub max_tokens: usize,
+    pub poison: usize,
+    pub failures: std::sync::atomic::AtomicUsize,
+}
+
+impl esmbed::engine::PackEmbedder for Faulty {
+    fn embed(
+        &self,
+        batch: &esmbed::PackedBatch,
+        request: esmbed::engine::Request,
+    ) -> esmbed::Result<Vec<esmbed::PooledLayer>> {
+        let poisoned = (0..batch.len()).any(|i| batch.range(i).len() == self.poison);
+        if batch.total_tokens() > self.max_tokens || poisoned {
+            self.failures
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            return Err(esmbed::Error::OutOfMemory {
+                detail: "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+            });
+        }
+        self.inner.embed_request(batch, request)
+    }
+}

@@ -6,31 +6,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::common::*;
-use esmbed::engine::{PackEmbedder, Request};
+use esmbed::engine::PackEmbedder;
 use esmbed::sql::service::{EmbedService, ServiceOptions};
-use esmbed::{Embedder, Error, ErrorKind, PackedBatch, PooledLayer};
-
-/// A device that runs out of memory above `max_tokens` tokens, or on any pack holding a
-/// sequence of `poison` tokens.
-struct Faulty {
-    inner: Embedder,
-    max_tokens: usize,
-    poison: usize,
-    failures: AtomicUsize,
-}
-
-impl PackEmbedder for Faulty {
-    fn embed(&self, batch: &PackedBatch, request: Request) -> esmbed::Result<Vec<PooledLayer>> {
-        let poisoned = (0..batch.len()).any(|i| batch.range(i).len() == self.poison);
-        if batch.total_tokens() > self.max_tokens || poisoned {
-            self.failures.fetch_add(1, Ordering::SeqCst);
-            return Err(Error::OutOfMemory {
-                detail: "injected".into(),
-            });
-        }
-        self.inner.embed_request(batch, request)
-    }
-}
+use esmbed::{Error, ErrorKind};
 
 fn sequences(n: usize) -> Vec<String> {
     let residues = b"ACDEFGHIKLMNPQRSTVWY";

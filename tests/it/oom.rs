@@ -6,30 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::common::*;
-use esmbed::engine::{PackEmbedder, Request};
-use esmbed::{Embedder, Error, PackedBatch, PooledLayer};
-
-/// Fails like a GPU out of memory on packs over `max_tokens`, and on any pack holding a sequence
-/// of exactly `poison` tokens.
-struct Faulty {
-    inner: Embedder,
-    max_tokens: usize,
-    poison: usize,
-    failures: AtomicUsize,
-}
-
-impl PackEmbedder for Faulty {
-    fn embed(&self, batch: &PackedBatch, request: Request) -> esmbed::Result<Vec<PooledLayer>> {
-        let poisoned = (0..batch.len()).any(|i| batch.range(i).len() == self.poison);
-        if batch.total_tokens() > self.max_tokens || poisoned {
-            self.failures.fetch_add(1, Ordering::SeqCst);
-            return Err(Error::OutOfMemory {
-                detail: "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
-            });
-        }
-        self.inner.embed_request(batch, request)
-    }
-}
+use esmbed::engine::PackEmbedder;
+use esmbed::Embedder;
 
 fn run(
     dir: &std::path::Path,
