@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use crate::common::*;
-use esmbed::engine::{PackEmbedder, Request};
+use esmbed::engine::PackEmbedder;
 use esmbed::sql::service::{BadRows, EmbedService, ServiceOptions};
 use esmbed::sql::{self, SessionOptions};
 use esmbed::{Device, Embedder};
@@ -42,6 +42,7 @@ fn session(service: Arc<EmbedService>) -> datafusion::prelude::SessionContext {
         &SessionOptions {
             batch_rows: 8192,
             target_partitions: 2,
+            ..SessionOptions::default()
         },
     )
 }
