@@ -187,13 +187,27 @@ pub enum Error {
         hint: String,
     },
 
-    /// An object-store request failed (after object_store's retries, for transient errors).
+    /// An object-store location is unusable before any request: not a URL, a scheme that is not
+    /// built, no key where one is needed.
     #[error("{url}: {reason}")]
     Remote {
         /// The object or prefix.
         url: String,
         /// What went wrong and what to do.
         reason: String,
+    },
+
+    /// An object-store operation failed (after object_store's retries, for transient errors).
+    #[error("{url}: {reason}: {error}")]
+    Store {
+        /// The object, prefix or store.
+        url: String,
+        /// What failed and what to do.
+        reason: String,
+        /// object_store's error, to match on (boxed: it is larger than every other variant).
+        /// Shown in the message but not returned as `source()`: object_store's messages already
+        /// hold their causes, which a printer of the error chain would repeat.
+        error: Box<object_store::Error>,
     },
 
     /// A Parquet file could not be read or written.
@@ -307,7 +321,9 @@ impl Error {
             }
             OutOfMemory { .. } | Device(_) | NoDevice(_) => ErrorKind::Model,
             InvalidOption(_) | OutputExists { .. } | ResumeMismatch { .. } => ErrorKind::Usage,
-            Io { .. } | NotFound { .. } | Remote { .. } | Parquet { .. } => ErrorKind::Io,
+            Io { .. } | NotFound { .. } | Remote { .. } | Store { .. } | Parquet { .. } => {
+                ErrorKind::Io
+            }
             Interrupted { .. } => ErrorKind::Interrupted,
             Sql(e) => sql_kind(e),
             Internal(_) => ErrorKind::Internal,

@@ -48,7 +48,7 @@ pub mod verify;
 pub use candle_core::{DType, Device};
 pub use embed::{EmbedOptions, Embedder, LayerEmbedding, SequenceEmbedding};
 pub use error::{Error, ErrorKind, Result};
-pub use model::{Checkpoint, Esm2, EsmConfig, ModelSource};
+pub use model::{Checkpoint, Esm2, EsmConfig, HubOptions, ModelSource};
 pub use pack::PackedBatch;
 pub use pool::{PooledLayer, Pooling};
 pub use tokenize::{Tokenizer, UnknownResidue};

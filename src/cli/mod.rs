@@ -138,23 +138,21 @@ pub struct StoreArgs {
     #[arg(long)]
     pub s3_allow_http: bool,
 
-    /// Attempts per object-store request before a transient error (5xx, throttling, a dropped
-    /// connection) fails the job. Missing objects and refused credentials fail at once.
+    /// Attempts per object-store request (object_store's retries with exponential backoff)
+    /// before a transient error (5xx, throttling, a dropped connection) fails the job. Missing
+    /// objects and refused credentials fail at once.
     #[arg(long, default_value_t = 5)]
     pub s3_attempts: usize,
 }
 
 impl StoreArgs {
-    /// The library's options.
+    /// The library's options: the environment's (`AWS_*`), with these flags over it.
     pub fn options(&self) -> esmbed::storage::StoreOptions {
-        let env_http = std::env::var("AWS_ALLOW_HTTP")
-            .map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
-            .unwrap_or(false);
         esmbed::storage::StoreOptions {
             endpoint: self.s3_endpoint.clone(),
-            allow_http: self.s3_allow_http || env_http,
+            allow_http: self.s3_allow_http,
             attempts: self.s3_attempts.max(1),
-            ..Default::default()
+            ..esmbed::storage::StoreOptions::from_env()
         }
     }
 }

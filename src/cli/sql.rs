@@ -80,6 +80,7 @@ pub fn run(args: SqlArgs) -> anyhow::Result<()> {
     };
     let mut options = SessionOptions {
         batch_rows: args.batch_rows,
+        store: args.store.options(),
         ..SessionOptions::default()
     };
     if let Some(p) = args.partitions {
@@ -91,26 +92,24 @@ pub fn run(args: SqlArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let started = Instant::now();
-    let store = args.store.options();
     let result = runtime.block_on(async {
         if let Some(file) = &args.file {
             let text = std::fs::read_to_string(file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
             if file.extension().is_some_and(|e| e == "slt") {
-                sql::register_buckets(&ctx, &text, &store)?;
                 let records = sql::slt::run(&ctx, &file.display().to_string(), &text).await?;
                 eprintln!("esmbed: {}: {records} records passed", file.display());
                 return Ok(());
             }
-            run_and_print(&ctx, &text, &store).await
+            run_and_print(&ctx, &text).await
         } else if let Some(command) = &args.command {
-            run_and_print(&ctx, command, &store).await
+            run_and_print(&ctx, command).await
         } else if std::io::stdin().is_terminal() {
-            prompt(&ctx, &store).await
+            prompt(&ctx).await
         } else {
             let mut text = String::new();
             std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)?;
-            run_and_print(&ctx, &text, &store).await
+            run_and_print(&ctx, &text).await
         }
     });
     if let Some(service) = &service {
@@ -189,9 +188,7 @@ fn start_service(args: &SqlArgs) -> anyhow::Result<EmbedService> {
 async fn run_and_print(
     ctx: &datafusion::prelude::SessionContext,
     text: &str,
-    store: &esmbed::storage::StoreOptions,
 ) -> anyhow::Result<()> {
-    sql::register_buckets(ctx, text, store)?;
     for result in sql::run_script(ctx, text).await? {
         if result.schema.fields().is_empty() {
             continue; // DDL
@@ -202,10 +199,7 @@ async fn run_and_print(
 }
 
 /// An interactive prompt: statements end with `;`, `\q` or end of input quits.
-async fn prompt(
-    ctx: &datafusion::prelude::SessionContext,
-    store: &esmbed::storage::StoreOptions,
-) -> anyhow::Result<()> {
+async fn prompt(ctx: &datafusion::prelude::SessionContext) -> anyhow::Result<()> {
     eprintln!(
         "esmbed sql: statements end with ';'. \\q quits. Try: SELECT esm_tokens('MKTAYIAK');"
     );
@@ -230,7 +224,7 @@ async fn prompt(
             continue;
         }
         let started = Instant::now();
-        match run_and_print(ctx, &pending, store).await {
+        match run_and_print(ctx, &pending).await {
             Ok(()) => eprintln!("({:.2}s)", started.elapsed().as_secs_f64()),
             Err(e) => eprintln!("error: {e:#}"),
         }

@@ -17,20 +17,24 @@ use std::sync::Arc;
 use arrow::array::{Array, AsArray, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Schema, SchemaRef};
 
-use crate::storage::{glob_match, ObjectUrl, StoreOptions};
+use crate::storage::{KeyPattern, ObjectUrl, StoreOptions};
 
-/// The input files an `s3://` location names: an object, a prefix (`…/`) or a glob.
+/// The input files an object-store location names: an object, a prefix (`…/`) or a glob
+/// (`s3://bucket/in/*.fa.gz`, with [`KeyPattern`]'s rules). A missing object or bucket, or a
+/// location that is not a usable URL, is the input's fault; other store failures are I/O errors.
 fn list_objects(
     location: &str,
     options: &InputOptions,
     store: &StoreOptions,
 ) -> crate::Result<Vec<InputFile>> {
-    let remote = |e: crate::Error| crate::Error::BadInput {
-        input: location.to_string(),
-        reason: match e {
-            crate::Error::Remote { reason, .. } => reason,
-            other => other.to_string(),
-        },
+    let bad_input = |e: crate::Error| match e {
+        crate::Error::NotFound { hint: reason, .. } | crate::Error::Remote { reason, .. } => {
+            crate::Error::BadInput {
+                input: location.to_string(),
+                reason,
+            }
+        }
+        other => other,
     };
     let file = |object: ObjectUrl, size: u64| -> crate::Result<InputFile> {
         let format = match options.format {
@@ -43,33 +47,28 @@ fn list_objects(
             object: Some((object, size)),
         })
     };
-    let url = ObjectUrl::parse(location, store).map_err(remote)?;
-    // The key as typed: the store's path type would escape `*` and `?`.
-    let key = location
-        .split_once("://")
-        .and_then(|(_, rest)| rest.split_once('/'))
-        .map_or("", |(_, key)| key)
-        .trim_end_matches('/')
-        .to_string();
-    let glob = key.find(['*', '?']);
+    let url = ObjectUrl::parse(location, store).map_err(bad_input)?;
+    let (_, _, key) = crate::storage::split(location)?;
+    let pattern = KeyPattern::new(key).map_err(|e| crate::Error::BadInput {
+        input: location.to_string(),
+        reason: format!("not a valid glob ({e})"),
+    })?;
     let is_prefix = location.ends_with('/') || key.is_empty();
-    if glob.is_none() && !is_prefix {
-        let meta = url.require().map_err(remote)?;
+    if !pattern.is_glob() && !is_prefix {
+        let meta = url.require().map_err(bad_input)?;
         return Ok(vec![file(url, meta.size)?]);
     }
-    // List below the deepest folder without wildcards.
-    let base = match glob {
-        Some(i) => key[..i].rsplit_once('/').map_or("", |(b, _)| b).to_string(),
-        None => key.clone(),
-    };
+    let listed = match pattern.is_glob() {
+        true => url.matching(&pattern),
+        false => url.list(),
+    }
+    .map_err(bad_input)?;
     let mut files = Vec::new();
-    for meta in url.with_key(&base).list().map_err(remote)? {
+    for meta in listed {
         let name = meta.location.as_ref();
-        let leaf = name.rsplit('/').next().unwrap_or(name);
-        let wanted = match glob {
-            Some(_) => glob_match(&key, name),
-            None => !leaf.starts_with(['.', '_']) && format_from_name(leaf).is_some(),
-        };
+        let leaf = meta.location.filename().unwrap_or(name);
+        let wanted = pattern.is_glob()
+            || (!leaf.starts_with(['.', '_']) && format_from_name(leaf).is_some());
         if wanted {
             files.push(file(url.with_key(name), meta.size)?);
         }

@@ -2,8 +2,10 @@
 //! Python's `huggingface_hub` (`$HF_HOME/hub/models--org--name/snapshots/<rev>/`), so a model
 //! downloaded by either is found by both.
 //!
-//! `HF_HUB_OFFLINE=1` means the cache only: no network access is attempted, and a model that is
-//! not cached is an error saying how to get it there.
+//! [`HubOptions`] say where the cache is and whether the network may be used; the CLI takes them
+//! from the environment ([`HubOptions::from_env`]: `HF_HOME`, `HF_HUB_OFFLINE`), a library user or
+//! a test passes them. Offline means the cache only: no network access is attempted, and a model
+//! that is not cached is an error saying how to get it there.
 
 use std::path::PathBuf;
 
@@ -16,21 +18,35 @@ const CONFIG: &str = "config.json";
 const WEIGHTS: &str = "model.safetensors";
 const INDEX: &str = "model.safetensors.index.json";
 
-/// Whether `HF_HUB_OFFLINE` asks for the cache only (as `huggingface_hub` reads it).
-pub fn offline() -> bool {
-    std::env::var("HF_HUB_OFFLINE")
-        .map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
-        .unwrap_or(false)
+/// Where hub models are cached, and whether they may be downloaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubOptions {
+    /// The hub cache directory (`$HF_HOME/hub`, `~/.cache/huggingface/hub` by default).
+    pub cache_dir: PathBuf,
+    /// The cache only: never reach the network (`HF_HUB_OFFLINE=1`).
+    pub offline: bool,
+}
+
+impl HubOptions {
+    /// As `huggingface_hub` reads the environment: `HF_HOME` for the cache, `HF_HUB_OFFLINE`.
+    pub fn from_env() -> Self {
+        Self {
+            cache_dir: Cache::from_env().path().clone(),
+            offline: std::env::var("HF_HUB_OFFLINE")
+                .map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+                .unwrap_or(false),
+        }
+    }
 }
 
 /// The snapshot directory of `model_id`: from the cache when it holds the config and the weights,
 /// else downloaded (unless offline).
-pub fn resolve(model_id: &str) -> Result<PathBuf> {
-    let cache = Cache::from_env();
+pub fn resolve(model_id: &str, options: &HubOptions) -> Result<PathBuf> {
+    let cache = Cache::new(options.cache_dir.clone());
     if let Some(dir) = cached(&cache, model_id) {
         return Ok(dir);
     }
-    if offline() {
+    if options.offline {
         return Err(Error::Hub {
             model_id: model_id.to_string(),
             reason: format!(
@@ -42,7 +58,7 @@ pub fn resolve(model_id: &str) -> Result<PathBuf> {
             ),
         });
     }
-    download(model_id)
+    download(model_id, options)
 }
 
 /// The snapshot directory if the cache holds the config and the weights (single or sharded).
@@ -67,7 +83,7 @@ fn cached(cache: &Cache, model_id: &str) -> Option<PathBuf> {
     complete.then_some(dir)
 }
 
-fn download(model_id: &str) -> Result<PathBuf> {
+fn download(model_id: &str, options: &HubOptions) -> Result<PathBuf> {
     let hub_error = |what: &str, e: hf_hub::api::sync::ApiError| Error::Hub {
         model_id: model_id.to_string(),
         reason: format!(
@@ -77,6 +93,7 @@ fn download(model_id: &str) -> Result<PathBuf> {
         ),
     };
     let api = ApiBuilder::from_env()
+        .with_cache_dir(options.cache_dir.clone())
         .with_progress(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_retries(3)
         .build()

@@ -18,4 +18,5 @@ pub mod weights;
 
 pub use config::EsmConfig;
 pub use esm2::Esm2;
+pub use hub::HubOptions;
 pub use weights::{Checkpoint, ModelSource};

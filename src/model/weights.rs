@@ -19,6 +19,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::EsmConfig;
 use super::fair_esm;
+use super::hub::HubOptions;
 use crate::error::{Error, Result};
 
 /// Where to load a model from, as the user named it.
@@ -119,13 +120,19 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     /// Open a checkpoint from any source. Hub ids are resolved through the local HF cache, and
-    /// downloaded only where the hub is reachable and `HF_HUB_OFFLINE` is not set.
+    /// downloaded only where the hub is reachable and `HF_HUB_OFFLINE` is not set (the
+    /// environment's [`HubOptions`]; see [`Checkpoint::open_with`]).
     pub fn open(source: &ModelSource) -> Result<Self> {
+        Self::open_with(source, &HubOptions::from_env())
+    }
+
+    /// Open a checkpoint from any source, with hub ids resolved as `hub` says.
+    pub fn open_with(source: &ModelSource, hub: &HubOptions) -> Result<Self> {
         match source {
             ModelSource::HfDir(dir) => Self::open_hf_dir(dir, &dir.display().to_string()),
             ModelSource::FairEsm(path) => Self::open_fair_esm(path),
             ModelSource::Hub(id) => {
-                let dir = super::hub::resolve(id)?;
+                let dir = super::hub::resolve(id, hub)?;
                 Self::open_hf_dir(&dir, id)
             }
             ModelSource::Random(_) => Err(Error::model(

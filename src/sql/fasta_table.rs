@@ -2,7 +2,8 @@
 //!
 //! Columns `id`, `description`, `sequence`. A location is a file (plain or gzip, detected by its
 //! magic bytes, whatever its name), a directory (its `*.fasta` files) or a glob
-//! (`'data/*.fa.gz'`), local or in an object store. DataFusion's listing table does the listing,
+//! (`'data/*.fa.gz'`, expanded by [`super::stores::FastaTables`] with the rules of `esmbed embed`
+//! inputs), local or in an object store. DataFusion's listing table does the listing,
 //! projection and LIMIT; this module only opens one file and streams its records, with the same
 //! reader as `esmbed embed`. A file is never split (FASTA has no sync points), so parallelism
 //! comes from having several files.

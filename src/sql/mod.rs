@@ -7,28 +7,32 @@
 //! FROM emb ORDER BY sim DESC LIMIT 10;
 //! ```
 //! [`session`] builds a `SessionContext` with [`functions`] registered over an
-//! [`service::EmbedService`] (one model replica per device, shared by every partition) and
-//! `STORED AS FASTA` ([`fasta_table`]). [`run_script`] runs `;`-separated statements;
-//! [`slt`] runs sqllogictest files, which is how the `sql/` examples are checked.
+//! [`service::EmbedService`] (one model replica per device, shared by every partition),
+//! `STORED AS FASTA` ([`fasta_table`]) and object stores resolved from the URLs the SQL names
+//! ([`stores`]). [`run_script`] runs `;`-separated statements; [`slt`] runs sqllogictest files,
+//! which is how the `sql/` examples are checked.
 
 pub mod display;
 pub mod fasta_table;
 pub mod functions;
 pub mod service;
 pub mod slt;
+pub mod stores;
 
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use datafusion::common::Result;
-use datafusion::datasource::listing_table_factory::ListingTableFactory;
+use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use self::fasta_table::FastaFormatFactory;
 use self::functions::{CosineSimilarity, EsmEmbed, EsmTokens};
 use self::service::EmbedService;
+use self::stores::{FastaTables, Stores};
+use crate::storage::StoreOptions;
 
 /// Rows per `esm_embed` call: one call is sorted and packed as a whole, so larger batches pack
 /// better and keep the devices fed; 8192 rows are ~2.8 M tokens of UniRef-like sequences.
@@ -41,6 +45,10 @@ pub struct SessionOptions {
     pub batch_rows: usize,
     /// Partitions run at once (several partitions keep several devices busy).
     pub target_partitions: usize,
+    /// How the object stores that tables and `COPY … TO` name are reached (`s3://bucket/…`),
+    /// as for `esmbed embed`. The default takes nothing from the environment; the CLI passes
+    /// [`StoreOptions::from_env`].
+    pub store: StoreOptions,
 }
 
 impl Default for SessionOptions {
@@ -51,23 +59,30 @@ impl Default for SessionOptions {
                 .map(|n| n.get())
                 .unwrap_or(4)
                 .max(2),
+            store: StoreOptions::default(),
         }
     }
 }
 
-/// A DataFusion session with `esm_embed`, `esm_tokens`, `cosine_similarity` over `service`, and
-/// `STORED AS FASTA`. Without a service the embedding function is absent (the others work).
+/// A DataFusion session with `esm_embed`, `esm_tokens`, `cosine_similarity` over `service`,
+/// `STORED AS FASTA`, and the object stores of `options.store` built as URLs name them. Without a
+/// service the embedding function is absent (the others work).
 pub fn session(service: Option<Arc<EmbedService>>, options: &SessionOptions) -> SessionContext {
     let config = SessionConfig::new()
         .with_batch_size(options.batch_rows.max(1))
         .with_target_partitions(options.target_partitions.max(1))
         .with_information_schema(true);
+    let runtime = RuntimeEnv {
+        object_store_registry: Arc::new(Stores::new(options.store.clone())),
+        ..RuntimeEnv::default()
+    };
     // The format list must be set before the defaults (which extend it).
     let state = SessionStateBuilder::new()
         .with_config(config)
+        .with_runtime_env(Arc::new(runtime))
         .with_file_formats(vec![Arc::new(FastaFormatFactory)])
         .with_default_features()
-        .with_table_factory("FASTA".into(), Arc::new(ListingTableFactory::new()))
+        .with_table_factory("FASTA".into(), Arc::new(FastaTables::default()))
         .build();
     let ctx = SessionContext::new_with_state(state);
     ctx.register_udf(CosineSimilarity::udf());
@@ -76,34 +91,6 @@ pub fn session(service: Option<Arc<EmbedService>>, options: &SessionOptions) -> 
         ctx.register_udf(EsmTokens::udf(service));
     }
     ctx
-}
-
-/// Register an S3 store for every bucket that `sql` names (`s3://bucket/...`), so that tables
-/// and `COPY ... TO` can use them. Credentials and endpoint as for `esmbed embed`.
-pub fn register_buckets(
-    ctx: &SessionContext,
-    sql: &str,
-    options: &crate::storage::StoreOptions,
-) -> crate::Result<()> {
-    let mut rest = sql;
-    while let Some(at) = rest.find("s3://") {
-        let url = &rest[at..];
-        let end = url
-            .find(|c: char| c == '\'' || c == '"' || c.is_whitespace())
-            .unwrap_or(url.len());
-        let object = crate::storage::ObjectUrl::parse(&url[..end], options)?;
-        let base = format!("s3://{}", object.bucket());
-        let key =
-            datafusion::execution::object_store::ObjectStoreUrl::parse(&base).map_err(|e| {
-                crate::Error::Remote {
-                    url: base.clone(),
-                    reason: e.to_string(),
-                }
-            })?;
-        ctx.register_object_store(key.as_ref(), object.store());
-        rest = &url[end..];
-    }
-    Ok(())
 }
 
 /// The result of one statement.

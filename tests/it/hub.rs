@@ -2,18 +2,20 @@
 //! error. (No download is attempted here: these machines cannot reach the hub.)
 
 use crate::common::fixture_dir;
-use esmbed::{Checkpoint, ModelSource};
+use esmbed::{Checkpoint, HubOptions, ModelSource};
 
 #[test]
 fn hub_ids_resolve_from_the_cache_and_fail_clearly_offline() {
-    // One test function: it sets process-wide environment variables.
+    // The cache and the offline flag are passed in, not set in the process environment.
     let home = std::env::temp_dir().join(format!("esmbed-hf-home-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&home);
-    std::env::set_var("HF_HOME", &home);
-    std::env::set_var("HF_HUB_OFFLINE", "1");
+    let hub = HubOptions {
+        cache_dir: home.join("hub"),
+        offline: true,
+    };
 
     let id = "facebook/esm2_t6_8M_UR50D";
-    let err = Checkpoint::open(&ModelSource::Hub(id.into()))
+    let err = Checkpoint::open_with(&ModelSource::Hub(id.into()), &hub)
         .err()
         .expect("an empty cache cannot provide the model")
         .to_string();
@@ -33,13 +35,16 @@ fn hub_ids_resolve_from_the_cache_and_fail_clearly_offline() {
     }
     let source = ModelSource::parse("esmbed-test/tiny_h16").unwrap();
     assert_eq!(source, ModelSource::Hub("esmbed-test/tiny_h16".into()));
-    let checkpoint = Checkpoint::open(&source).unwrap();
+    let checkpoint = Checkpoint::open_with(&source, &hub).unwrap();
     assert_eq!(checkpoint.config.num_hidden_layers, 3);
     assert_eq!(checkpoint.source_name, "esmbed-test/tiny_h16");
 
     // A snapshot without weights is not a usable cache entry.
     std::fs::remove_file(snapshot.join("model.safetensors")).unwrap();
-    let err = Checkpoint::open(&source).err().unwrap().to_string();
+    let err = Checkpoint::open_with(&source, &hub)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("HF_HUB_OFFLINE"), "{err}");
     std::fs::remove_dir_all(&home).unwrap();
 }

@@ -42,6 +42,7 @@ fn session(service: Arc<EmbedService>) -> datafusion::prelude::SessionContext {
         &SessionOptions {
             batch_rows: 8192,
             target_partitions: 2,
+            ..SessionOptions::default()
         },
     )
 }

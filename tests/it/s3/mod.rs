@@ -2,181 +2,21 @@
 //! `moto[server]`, installed by `.ci/run`), started on a loopback port per test. Outside CI the
 //! tests skip with a message when moto is not installed; in CI they fail instead.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+mod faults;
+mod moto;
+
+use std::io::Write;
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use async_trait::async_trait;
 use bytes::Bytes;
-use futures::stream::BoxStream;
-use object_store::path::Path as Key;
-use object_store::{
-    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
-    PutMultipartOptions, PutOptions, PutPayload, PutResult, UploadPart,
-};
 
 use esmbed::storage::{ObjectUrl, StoreOptions};
 
-/// A moto server on a free loopback port, stopped on drop.
-struct Moto {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Moto {
-    /// Start a server, or `None` (outside CI) when moto is not installed.
-    fn start() -> Option<Self> {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("python3")
-            .args([
-                "-m",
-                "moto.server",
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let mut server = match child {
-            Ok(child) => Moto { child, port },
-            Err(e) => return skip(&format!("cannot run python3: {e}")),
-        };
-        let started = Instant::now();
-        while started.elapsed() < Duration::from_secs(30) {
-            if let Ok(Some(status)) = server.child.try_wait() {
-                return skip(&format!(
-                    "moto_server exited ({status}); install it with: pip install 'moto[server]'"
-                ));
-            }
-            if server
-                .http("GET", "/moto-api/", None)
-                .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
-            {
-                return Some(server);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        skip("moto_server did not answer within 30 s")
-    }
-
-    /// A raw HTTP request (moto's control API, bucket creation); the response text.
-    fn http(&self, method: &str, path: &str, body: Option<&str>) -> Option<String> {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .ok()?;
-        let body = body.unwrap_or("");
-        write!(
-            stream,
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            self.port,
-            body.len()
-        )
-        .ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        Some(response)
-    }
-
-    fn bucket(&self, name: &str) {
-        let response = self.http("PUT", &format!("/{name}"), None).unwrap();
-        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn options(&self) -> StoreOptions {
-        StoreOptions {
-            endpoint: Some(self.endpoint()),
-            allow_http: true,
-            attempts: 3,
-            backoff: Duration::from_millis(20),
-        }
-    }
-
-    fn object(&self, url: &str) -> ObjectUrl {
-        credentials();
-        ObjectUrl::parse(url, &self.options()).unwrap()
-    }
-
-    /// Run esmbed with this server's settings.
-    fn esmbed(&self, args: &[&str]) -> (i32, String, String) {
-        self.esmbed_env(args, &[])
-    }
-
-    fn esmbed_env(&self, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-        let mut command = self.command(args);
-        command.envs(env.iter().copied());
-        let out = command.output().unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_esmbed"));
-        command
-            .args(args)
-            .env("AWS_ACCESS_KEY_ID", "test")
-            .env("AWS_SECRET_ACCESS_KEY", "test")
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_ENDPOINT", self.endpoint())
-            .env("AWS_ALLOW_HTTP", "true")
-            .env("HF_HUB_OFFLINE", "1")
-            .env_remove("ESMBED_MODEL");
-        command
-    }
-
-    /// Every key in the bucket.
-    fn keys(&self, bucket: &str) -> Vec<String> {
-        self.object(&format!("s3://{bucket}/"))
-            .list()
-            .unwrap()
-            .into_iter()
-            .map(|m| m.location.to_string())
-            .collect()
-    }
-}
-
-fn skip(reason: &str) -> Option<Moto> {
-    assert!(
-        !in_ci(),
-        "CI must run the S3 tests: {reason} (.ci/run installs moto[server])"
-    );
-    eprintln!("SKIPPED: no S3 test server: {reason}");
-    None
-}
-
-/// Credentials for object_store in this process (moto accepts any).
-fn credentials() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        std::env::set_var("AWS_ACCESS_KEY_ID", "test");
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", "test");
-        std::env::set_var("AWS_REGION", "us-east-1");
-    });
-}
+use self::faults::Faulty;
+use self::moto::Moto;
 
 fn model() -> String {
     fixture_dir("tiny_h16").display().to_string()
@@ -431,151 +271,18 @@ fn a_killed_job_resumes_with_no_duplicate_or_partial_object() {
     );
 }
 
-/// Fails the first `fail` requests of every kind with a transient error, or every request with
-/// `denied`.
-#[derive(Debug)]
-struct Faulty {
-    inner: Arc<dyn ObjectStore>,
-    fail: usize,
-    denied: bool,
-    calls: AtomicUsize,
-}
-
-impl std::fmt::Display for Faulty {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Faulty({})", self.inner)
-    }
-}
-
-impl Faulty {
-    fn check(&self, location: &Key) -> object_store::Result<()> {
-        if self.denied {
-            return Err(object_store::Error::PermissionDenied {
-                path: location.to_string(),
-                source: "403 Forbidden (injected)".into(),
-            });
-        }
-        if self.calls.fetch_add(1, Ordering::SeqCst) < self.fail {
-            return Err(object_store::Error::Generic {
-                store: "S3",
-                source: "503 Slow Down (injected)".into(),
-            });
-        }
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl ObjectStore for Faulty {
-    async fn put_opts(
-        &self,
-        location: &Key,
-        payload: PutPayload,
-        opts: PutOptions,
-    ) -> object_store::Result<PutResult> {
-        self.check(location)?;
-        self.inner.put_opts(location, payload, opts).await
-    }
-
-    async fn put_multipart_opts(
-        &self,
-        location: &Key,
-        opts: PutMultipartOptions,
-    ) -> object_store::Result<Box<dyn MultipartUpload>> {
-        self.check(location)?;
-        let inner = self.inner.put_multipart_opts(location, opts).await?;
-        // The first part of each upload fails once: the whole upload is retried.
-        Ok(Box::new(FaultyUpload {
-            inner,
-            failed: self.fail > 0 && self.calls.load(Ordering::SeqCst) <= self.fail + 1,
-        }))
-    }
-
-    async fn get_opts(
-        &self,
-        location: &Key,
-        options: GetOptions,
-    ) -> object_store::Result<GetResult> {
-        self.check(location)?;
-        self.inner.get_opts(location, options).await
-    }
-
-    fn delete_stream(
-        &self,
-        locations: BoxStream<'static, object_store::Result<Key>>,
-    ) -> BoxStream<'static, object_store::Result<Key>> {
-        self.inner.delete_stream(locations)
-    }
-
-    fn list(&self, prefix: Option<&Key>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        self.inner.list(prefix)
-    }
-
-    async fn list_with_delimiter(&self, prefix: Option<&Key>) -> object_store::Result<ListResult> {
-        self.inner.list_with_delimiter(prefix).await
-    }
-
-    async fn copy_opts(
-        &self,
-        from: &Key,
-        to: &Key,
-        options: CopyOptions,
-    ) -> object_store::Result<()> {
-        self.inner.copy_opts(from, to, options).await
-    }
-}
-
-#[derive(Debug)]
-struct FaultyUpload {
-    inner: Box<dyn MultipartUpload>,
-    failed: bool,
-}
-
-#[async_trait]
-impl MultipartUpload for FaultyUpload {
-    fn put_part(&mut self, data: PutPayload) -> UploadPart {
-        if self.failed {
-            self.failed = false;
-            return Box::pin(async {
-                Err(object_store::Error::Generic {
-                    store: "S3",
-                    source: "500 part lost (injected)".into(),
-                })
-            });
-        }
-        self.inner.put_part(data)
-    }
-
-    async fn complete(&mut self) -> object_store::Result<PutResult> {
-        self.inner.complete().await
-    }
-
-    async fn abort(&mut self) -> object_store::Result<()> {
-        self.inner.abort().await
-    }
-}
-
 #[test]
 fn transient_faults_are_retried_and_permanent_ones_reported() {
     let Some(moto) = Moto::start() else { return };
     moto.bucket("faults");
     let base = moto.object("s3://faults/x.bin");
     let store = |fail: usize, denied: bool| -> ObjectUrl {
-        // The same client, behind the fault injector.
-        let inner: Arc<dyn ObjectStore> = Arc::new(
-            object_store::aws::AmazonS3Builder::from_env()
-                .with_bucket_name("faults")
-                .with_endpoint(moto.endpoint())
-                .with_allow_http(true)
-                .build()
-                .unwrap(),
-        );
-        base.with_store(Arc::new(Faulty {
-            inner,
-            fail,
-            denied,
-            calls: AtomicUsize::new(0),
-        }))
+        // The same client, over an HTTP layer that injects faults below object_store's retries.
+        let options = StoreOptions {
+            http: Some(Arc::new(Faulty::new(fail, denied))),
+            ..moto.options()
+        };
+        ObjectUrl::parse("s3://faults/x.bin", &options).unwrap()
     };
 
     // Two transient failures, then success: retried (3 attempts).
@@ -585,8 +292,8 @@ fn transient_faults_are_retried_and_permanent_ones_reported() {
     let flaky = store(2, false);
     assert_eq!(flaky.get().unwrap().as_ref(), b"hello");
 
-    // A multipart upload (20 MiB, three parts) whose first part fails: retried as a whole,
-    // and the object is complete.
+    // A multipart upload (20 MiB, three parts) whose first request and first part fail once:
+    // each is retried by object_store, and the object is complete.
     let dir = scratch("s3_faults");
     let big = dir.join("big.bin");
     let data: Vec<u8> = (0..20u32 << 20).map(|i| (i % 251) as u8).collect();
@@ -685,4 +392,72 @@ fn bad_credentials_and_missing_objects_fail_fast_with_the_url() {
         "took {:?}",
         started.elapsed()
     );
+}
+
+#[test]
+fn globs_follow_one_rule_in_embed_inputs_and_sql_tables() {
+    let Some(moto) = Moto::start() else { return };
+    moto.bucket("globs");
+    let dir = scratch("s3_globs");
+    let files = fasta_inputs(&dir);
+    upload_all(&moto, &files, "s3://globs/in");
+    upload(&moto, &files[0], "s3://globs/in/sub/deeper.fasta");
+    upload(&moto, &files[0], "s3://globs/in/a-1.fasta");
+
+    // `*` stays within a segment, `?` is one character, `**` crosses segments.
+    let inputs = |location: &str| -> Vec<String> {
+        let inputs = esmbed::input::Inputs::open_locations(
+            &[location.to_string()],
+            esmbed::input::InputOptions::default(),
+            &moto.options(),
+            None,
+        )
+        .unwrap();
+        inputs.files.iter().map(|f| f.name()).collect()
+    };
+    assert_eq!(
+        inputs("s3://globs/in/*.fa*"),
+        [
+            "s3://globs/in/a-1.fasta",
+            "s3://globs/in/a.fasta",
+            "s3://globs/in/b.fasta.gz"
+        ]
+    );
+    assert_eq!(
+        inputs("s3://globs/in/a-?.fasta"),
+        ["s3://globs/in/a-1.fasta"]
+    );
+    assert_eq!(
+        inputs("s3://globs/in/**/deep*"),
+        ["s3://globs/in/sub/deeper.fasta"]
+    );
+
+    // The same locations as SQL tables, in this process, with the same store settings.
+    let ctx = esmbed::sql::session(
+        None,
+        &esmbed::sql::SessionOptions {
+            store: moto.options(),
+            ..Default::default()
+        },
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let count = |location: &str| -> String {
+        runtime.block_on(async {
+            let sql = format!(
+                "CREATE OR REPLACE EXTERNAL TABLE t STORED AS FASTA LOCATION '{location}'; \
+                 SELECT count(*) FROM t"
+            );
+            let results = esmbed::sql::run_script(&ctx, &sql).await.unwrap();
+            let last = results.last().unwrap();
+            esmbed::sql::display::cells(&last.schema, &last.batches).unwrap()[0][0].clone()
+        })
+    };
+    // a.fasta and a-1.fasta hold 35 records each, b.fasta.gz 25.
+    assert_eq!(count("s3://globs/in/*.fa*"), "95");
+    assert_eq!(count("s3://globs/in/a-?.fasta"), "35");
+    assert_eq!(count("s3://globs/in/**/deep*"), "35");
 }
