@@ -262,6 +262,88 @@ pub struct Inputs {
     pub schema: SchemaRef,
 }
 
+/// The input files one location names: a URL's objects, a directory's files (sorted, hidden
+/// ones left out) or one file; each with its format (`--format`, or detected from the content).
+fn locate(
+    location: &str,
+    options: &InputOptions,
+    store: &StoreOptions,
+) -> crate::Result<Vec<InputFile>> {
+    if crate::storage::is_url(location) {
+        return list_objects(location, options, store);
+    }
+    let mut files = Vec::new();
+    let path = PathBuf::from(location.strip_prefix("file://").unwrap_or(location));
+    let path = &path;
+    if path.is_dir() {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| crate::Error::io(path.display().to_string(), e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && !is_hidden(p))
+            .collect();
+        entries.sort();
+        for p in entries {
+            let format = options
+                .format
+                .map(Ok)
+                .unwrap_or_else(|| detect_format(&p))?;
+            files.push(InputFile {
+                path: p,
+                format,
+                object: None,
+            });
+        }
+    } else {
+        if !path.exists() {
+            return Err(crate::Error::BadInput {
+                input: path.display().to_string(),
+                reason: "no such file".into(),
+            });
+        }
+        let format = options
+            .format
+            .map(Ok)
+            .unwrap_or_else(|| detect_format(path))?;
+        files.push(InputFile {
+            path: path.clone(),
+            format,
+            object: None,
+        });
+    }
+    Ok(files)
+}
+
+/// The one schema every input shares (FASTA's, or the Parquet files' own), or the first file
+/// whose columns differ.
+fn common_schema(files: &[InputFile], options: &InputOptions) -> crate::Result<SchemaRef> {
+    let mut schema: Option<(SchemaRef, String)> = None;
+    for file in files {
+        let this = match file.format {
+            InputFormat::Fasta => fasta::schema(),
+            InputFormat::Parquet => {
+                let (schema, _) = parquet::open(file, 1)?;
+                parquet::check_sequence_column(&schema, &options.seq_column, &file.name())?;
+                schema
+            }
+        };
+        let this = Arc::new(Schema::new(this.fields().clone()));
+        match &schema {
+            None => schema = Some((this, file.name())),
+            Some((first, first_name)) if first != &this => {
+                return Err(crate::Error::BadInput {
+                    input: file.name(),
+                    reason: format!(
+                        "its columns differ from those of {first_name}; inputs of one job must share one schema \
+                         (run separate jobs, or write one output directory per schema)"
+                    ),
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(schema.expect("at least one file").0)
+}
+
 impl Inputs {
     /// Resolve and check the given local paths; see [`Inputs::open_locations`].
     pub fn open(paths: &[PathBuf], options: InputOptions) -> crate::Result<Self> {
@@ -281,50 +363,8 @@ impl Inputs {
         shard: Option<Shard>,
     ) -> crate::Result<Self> {
         let mut files = Vec::new();
-        let mut paths = Vec::new();
         for location in locations {
-            if crate::storage::is_url(location) {
-                files.extend(list_objects(location, &options, store)?);
-                continue;
-            }
-            let path = PathBuf::from(location.strip_prefix("file://").unwrap_or(location));
-            paths.push(path.clone());
-            let path = &path;
-            if path.is_dir() {
-                let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
-                    .map_err(|e| crate::Error::io(path.display().to_string(), e))?
-                    .filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|p| p.is_file() && !is_hidden(p))
-                    .collect();
-                entries.sort();
-                for p in entries {
-                    let format = options
-                        .format
-                        .map(Ok)
-                        .unwrap_or_else(|| detect_format(&p))?;
-                    files.push(InputFile {
-                        path: p,
-                        format,
-                        object: None,
-                    });
-                }
-            } else {
-                if !path.exists() {
-                    return Err(crate::Error::BadInput {
-                        input: path.display().to_string(),
-                        reason: "no such file".into(),
-                    });
-                }
-                let format = options
-                    .format
-                    .map(Ok)
-                    .unwrap_or_else(|| detect_format(path))?;
-                files.push(InputFile {
-                    path: path.clone(),
-                    format,
-                    object: None,
-                });
-            }
+            files.extend(locate(location, &options, store)?);
         }
         if let Some(shard) = shard {
             files = files
@@ -343,32 +383,7 @@ impl Inputs {
                 },
             });
         }
-        let mut schema: Option<(SchemaRef, String)> = None;
-        for file in &files {
-            let this = match file.format {
-                InputFormat::Fasta => fasta::schema(),
-                InputFormat::Parquet => {
-                    let (schema, _) = parquet::open(file, 1)?;
-                    parquet::check_sequence_column(&schema, &options.seq_column, &file.name())?;
-                    schema
-                }
-            };
-            let this = Arc::new(Schema::new(this.fields().clone()));
-            match &schema {
-                None => schema = Some((this, file.name())),
-                Some((first, first_name)) if first != &this => {
-                    return Err(crate::Error::BadInput {
-                        input: file.name(),
-                        reason: format!(
-                            "its columns differ from those of {first_name}; inputs of one job must share one schema \
-                             (run separate jobs, or write one output directory per schema)"
-                        ),
-                    })
-                }
-                Some(_) => {}
-            }
-        }
-        let (schema, _) = schema.expect("at least one file");
+        let schema = common_schema(&files, &options)?;
         let seq =
             schema
                 .field_with_name(&options.seq_column)
