@@ -101,12 +101,27 @@ pub enum Error {
     },
 
     /// A tensor the model needs is absent from the checkpoint.
-    #[error("model {source_name}: tensor `{tensor}` is missing from the checkpoint (is this an ESM-2 model?)")]
+    #[error("model {source_name}: tensor `{tensor}` is missing from the checkpoint (is this an ESM-2 model?); looked for {}", tried.join(", "))]
     MissingTensor {
         /// The path or hub id the user gave.
         source_name: String,
         /// The tensor's name, as esmbed looks for it (HF naming, without the `esm.` prefix).
         tensor: String,
+        /// Every name transformers would accept for it ([`crate::model::names::aliases`]).
+        tried: Vec<String>,
+    },
+
+    /// One parameter under two names in one checkpoint, with different values.
+    #[error("model {source_name}: `{first}` and `{second}` are both the parameter `{parameter}` but hold              different values; esmbed does not pick one: remove one of them from the checkpoint (or re-save              it with transformers)")]
+    ConflictingTensors {
+        /// The path or hub id the user gave.
+        source_name: String,
+        /// The parameter (canonical name).
+        parameter: String,
+        /// One name in the file.
+        first: String,
+        /// The other.
+        second: String,
     },
 
     /// A tensor has another shape than the config implies.
@@ -319,6 +334,7 @@ impl Error {
             Model { .. } | MissingTensor { .. } | TensorShape { .. } | Hub { .. } => {
                 ErrorKind::Model
             }
+            ConflictingTensors { .. } => ErrorKind::Model,
             OutOfMemory { .. } | Device(_) | NoDevice(_) => ErrorKind::Model,
             InvalidOption(_) | OutputExists { .. } | ResumeMismatch { .. } => ErrorKind::Usage,
             Io { .. } | NotFound { .. } | Remote { .. } | Store { .. } | Parquet { .. } => {

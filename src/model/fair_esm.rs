@@ -74,6 +74,7 @@ pub(super) fn config(
         .ok_or_else(|| Error::MissingTensor {
             source_name: source_name.to_string(),
             tensor: "embeddings.word_embeddings.weight".into(),
+            tried: vec!["encoder.sentence_encoder.embed_tokens.weight".into()],
         })?;
     let hidden = match store {
         Store::Pth(pth) => pth

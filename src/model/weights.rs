@@ -20,6 +20,7 @@ use candle_core::{DType, Device, Tensor};
 use super::config::EsmConfig;
 use super::fair_esm;
 use super::hub::HubOptions;
+use super::names;
 use crate::error::{Error, Result};
 
 /// Where to load a model from, as the user named it.
@@ -183,10 +184,7 @@ impl Checkpoint {
                 ),
             ));
         };
-        let names = file_names(&store)
-            .into_iter()
-            .filter_map(|name| Some((hf_name(&name)?, name)))
-            .collect();
+        let names = resolve_names(&store, names::group(file_names(&store)), source_name)?;
         Ok(Self {
             source_name: source_name.to_string(),
             config,
@@ -206,11 +204,20 @@ impl Checkpoint {
             )
         })?;
         let store = Store::Pth(pth);
-        let names: HashMap<String, String> = file_names(&store)
+        let hf: HashMap<String, String> = file_names(&store)
             .into_iter()
             .filter_map(|name| Some((fair_esm::hf_name(&name)?, name)))
             .collect();
-        let config = fair_esm::config(path, &names, &store, &source_name)?;
+        let config = fair_esm::config(path, &hf, &store, &source_name)?;
+        // fair-esm names mapped to HF's, then HF's rules (one inv_freq for the model).
+        let mut groups: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for (hf_name, file_name) in &hf {
+            if let Some(c) = names::canonical(hf_name) {
+                groups.entry(c).or_default().push(file_name.clone());
+            }
+        }
+        groups.values_mut().for_each(|v| v.sort());
+        let names = resolve_names(&store, groups, &source_name)?;
         config
             .validate()
             .map_err(|reason| Error::model(&source_name, reason))?;
@@ -253,14 +260,21 @@ impl Checkpoint {
         Ok(format!("sha256:{:x}", hasher.finalize()))
     }
 
-    /// Whether a tensor exists (normalized name).
+    /// Whether a tensor exists. Any name transformers accepts for it works
+    /// ([`names::canonical`]): `esm.`-prefixed, legacy `gamma`/`beta`, per-layer `inv_freq`.
     pub fn contains(&self, name: &str) -> bool {
-        self.names.contains_key(name)
+        self.file_name(name).is_some()
+    }
+
+    /// The name in the file of the tensor `name` (any accepted name).
+    fn file_name(&self, name: &str) -> Option<&String> {
+        let canonical = names::canonical(name).unwrap_or_else(|| name.to_string());
+        self.names.get(&canonical)
     }
 
     /// Shape of a tensor without loading it.
     pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        let file_name = self.names.get(name)?;
+        let file_name = self.file_name(name)?;
         match &self.store {
             Store::Safetensors(st) => st.get(file_name).ok().map(|v| v.shape().to_vec()),
             Store::Pth(pth) => pth
@@ -295,12 +309,10 @@ impl Checkpoint {
         let missing = || Error::MissingTensor {
             source_name: self.source_name.clone(),
             tensor: name.to_string(),
+            tried: names::aliases(name),
         };
-        let file_name = self.names.get(name).ok_or_else(missing)?;
-        let tensor = match &self.store {
-            Store::Safetensors(st) => st.load(file_name, &Device::Cpu)?,
-            Store::Pth(pth) => pth.get(file_name)?.ok_or_else(missing)?,
-        };
+        let file_name = self.file_name(name).ok_or_else(missing)?;
+        let tensor = read(&self.store, file_name)?.ok_or_else(missing)?;
         Ok(tensor.to_dtype(dtype)?.to_device(device)?)
     }
 
@@ -339,34 +351,62 @@ fn file_names(store: &Store) -> Vec<String> {
     }
 }
 
-/// Normalize an HF checkpoint name: drop the `esm.` prefix of `EsmForMaskedLM` checkpoints and
-/// the heads esmbed does not use.
-fn hf_name(name: &str) -> Option<String> {
-    let name = name.strip_prefix("esm.").unwrap_or(name);
-    let used = name.starts_with("embeddings.word_embeddings.")
-        || name.starts_with("encoder.")
-        || name.ends_with("inv_freq");
-    used.then(|| name.to_string())
+/// A tensor as the file names it, on the CPU in its stored dtype.
+fn read(store: &Store, file_name: &str) -> Result<Option<Tensor>> {
+    Ok(match store {
+        Store::Safetensors(st) => Some(st.load(file_name, &Device::Cpu)?),
+        Store::Pth(pth) => pth.get(file_name)?,
+    })
+}
+
+/// Canonical name → the file name to read it from. Where several file names resolve to one
+/// parameter ([`names::group`]), they must hold the same values: else the checkpoint is refused,
+/// naming both (esmbed never picks one silently).
+fn resolve_names(
+    store: &Store,
+    groups: std::collections::BTreeMap<String, Vec<String>>,
+    source_name: &str,
+) -> Result<HashMap<String, String>> {
+    let mut resolved = HashMap::with_capacity(groups.len());
+    for (canonical, file_names) in groups {
+        let first = &file_names[0];
+        if file_names.len() > 1 {
+            let values = |name: &str| -> Result<Option<(Vec<usize>, Vec<f32>)>> {
+                let Some(t) = read(store, name)? else {
+                    return Ok(None);
+                };
+                let t = t.to_dtype(DType::F32)?;
+                Ok(Some((
+                    t.dims().to_vec(),
+                    t.flatten_all()?.to_vec1::<f32>()?,
+                )))
+            };
+            let reference = values(first)?;
+            for other in &file_names[1..] {
+                let same = match (&reference, values(other)?) {
+                    (Some((da, a)), Some((db, b))) => {
+                        *da == db && a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits())
+                    }
+                    _ => false,
+                };
+                if !same {
+                    return Err(Error::ConflictingTensors {
+                        source_name: source_name.to_string(),
+                        parameter: canonical,
+                        first: first.clone(),
+                        second: other.clone(),
+                    });
+                }
+            }
+        }
+        resolved.insert(canonical, first.clone());
+    }
+    Ok(resolved)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hf_names_drop_prefix_and_heads() {
-        assert_eq!(
-            hf_name("esm.encoder.layer.0.attention.self.key.weight").as_deref(),
-            Some("encoder.layer.0.attention.self.key.weight")
-        );
-        assert_eq!(hf_name("lm_head.bias"), None);
-        assert_eq!(
-            hf_name("esm.rotary_embeddings.inv_freq").as_deref(),
-            Some("rotary_embeddings.inv_freq")
-        );
-        assert_eq!(hf_name("esm.contact_head.regression.weight"), None);
-        assert_eq!(hf_name("esm.embeddings.position_embeddings.weight"), None);
-    }
 
     #[test]
     fn parses_sources() {

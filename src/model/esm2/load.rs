@@ -8,6 +8,7 @@ use candle_nn::{LayerNorm, Linear};
 use super::{prepare_device, Block, Esm2};
 use crate::error::{Error, Result};
 use crate::model::config::EsmConfig;
+use crate::model::names;
 use crate::model::weights::Checkpoint;
 
 impl Esm2 {
@@ -35,27 +36,11 @@ impl Esm2 {
 
         let word_embeddings = load("embeddings.word_embeddings.weight", &[config.vocab_size, h])?;
         let half = config.head_dim() / 2;
-        let computed = computed_inv_freq(&config);
-        let shared = shared_inv_freq(checkpoint, half)?;
-        let mut rotary_host: Vec<Vec<f32>> = Vec::new();
+        let inv_freq = model_inv_freq(checkpoint, half)?;
         let mut blocks = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("encoder.layer.{i}");
-            let attn = format!("{p}.attention.self");
-            let qkv = fused_qkv(checkpoint, &attn, dtype, device)?;
-            // The checkpoint's inv_freq when present: ESM-2 was trained in fp16 and its stored
-            // buffer differs from a recomputation enough to matter at long positions.
-            let inv_freq = match layer_inv_freq(checkpoint, &attn, half)? {
-                Some(v) => v,
-                None => shared.clone().unwrap_or_else(|| computed.clone()),
-            };
-            let rotary = match rotary_host.iter().position(|v| *v == inv_freq) {
-                Some(index) => index,
-                None => {
-                    rotary_host.push(inv_freq);
-                    rotary_host.len() - 1
-                }
-            };
+            let qkv = fused_qkv(checkpoint, &format!("{p}.attention.self"), dtype, device)?;
             blocks.push(Block {
                 attn_norm: norm(&format!("{p}.attention.LayerNorm"))?,
                 qkv,
@@ -63,14 +48,11 @@ impl Esm2 {
                 ffn_norm: norm(&format!("{p}.LayerNorm"))?,
                 fc1: linear(&format!("{p}.intermediate.dense"), ffn, h)?,
                 fc2: linear(&format!("{p}.output.dense"), h, ffn)?,
-                rotary,
+                rotary: 0,
             });
         }
         let final_norm = norm("encoder.emb_layer_norm_after")?;
-        let rotary = rotary_host
-            .into_iter()
-            .map(|v| Tensor::from_vec(v, half, device))
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        let rotary = vec![Tensor::from_vec(inv_freq, half, device)?];
         Ok(Self {
             config,
             word_embeddings,
@@ -159,16 +141,6 @@ fn fused_qkv(checkpoint: &Checkpoint, attn: &str, dtype: DType, device: &Device)
     ))
 }
 
-/// A block's own `rotary_embeddings.inv_freq`, if the checkpoint stores one.
-fn layer_inv_freq(checkpoint: &Checkpoint, attn: &str, half: usize) -> Result<Option<Vec<f32>>> {
-    let name = format!("{attn}.rotary_embeddings.inv_freq");
-    if !checkpoint.contains(&name) {
-        return Ok(None);
-    }
-    let t = checkpoint.load(&name, &[half], DType::F32, &Device::Cpu)?;
-    Ok(Some(t.to_vec1::<f32>()?))
-}
-
 /// `1 / base^(2i/d)`, in f32 as HF's `RotaryEmbedding.__init__` computes it.
 pub(super) fn computed_inv_freq(config: &EsmConfig) -> Vec<f32> {
     let d = config.head_dim();
@@ -179,25 +151,14 @@ pub(super) fn computed_inv_freq(config: &EsmConfig) -> Vec<f32> {
         .collect()
 }
 
-/// A single `inv_freq` shared by all layers, as newer transformers versions save it: at model
-/// level (`rotary_embeddings.inv_freq`) or under a literal wildcard key
-/// (`encoder.layer.*.attention.self.rotary_embeddings.inv_freq`).
-fn shared_inv_freq(checkpoint: &Checkpoint, half: usize) -> Result<Option<Vec<f32>>> {
-    let per_layer = |n: &str| {
-        n.strip_prefix("encoder.layer.")
-            .and_then(|rest| rest.split('.').next())
-            .is_some_and(|index| index.parse::<usize>().is_ok())
-    };
-    let mut names: Vec<&str> = checkpoint
-        .tensor_names()
-        .filter(|n| n.ends_with("inv_freq") && !per_layer(n))
-        .collect();
-    names.sort_unstable();
-    let name = names.first().map(|n| n.to_string());
-    name.map(|name| {
-        Ok(checkpoint
-            .load(&name, &[half], DType::F32, &Device::Cpu)?
-            .to_vec1::<f32>()?)
-    })
-    .transpose()
+/// The model's rotary frequencies: the checkpoint's (transformers keeps one buffer for all
+/// layers, under any of the names [`names::INV_FREQ`] stands for), else computed as transformers
+/// computes them. The stored ones matter: ESM-2 was trained in fp16 and its saved buffer differs
+/// from a recomputation enough to matter at long positions.
+fn model_inv_freq(checkpoint: &Checkpoint, half: usize) -> Result<Vec<f32>> {
+    if !checkpoint.contains(names::INV_FREQ) {
+        return Ok(computed_inv_freq(&checkpoint.config));
+    }
+    let t = checkpoint.load(names::INV_FREQ, &[half], DType::F32, &Device::Cpu)?;
+    Ok(t.to_vec1::<f32>()?)
 }
