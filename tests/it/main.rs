@@ -12,6 +12,7 @@ mod cli;
 mod engine;
 mod hub;
 mod invariance;
+mod naming;
 mod oom;
 mod real_fasta;
 mod reference;
