@@ -341,6 +341,22 @@ fn shards_from_index(index: &Path, source_name: &str) -> Result<Vec<PathBuf>> {
     let mut files: Vec<&String> = parsed.weight_map.values().collect();
     files.sort();
     files.dedup();
+    // Shards are files beside the index: a name that leaves the directory is refused.
+    if let Some(bad) = files.iter().find(|f| {
+        Path::new(f.as_str()).components().count() != 1
+            || !matches!(
+                Path::new(f.as_str()).components().next(),
+                Some(std::path::Component::Normal(_))
+            )
+    }) {
+        return Err(Error::model(
+            source_name,
+            format!(
+                "{}: shard {bad:?} is not a file name in the model directory",
+                index.display()
+            ),
+        ));
+    }
     Ok(files.into_iter().map(|f| dir.join(f)).collect())
 }
 

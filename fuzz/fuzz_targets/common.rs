@@ -1,0 +1,41 @@
+//! Shared by the fuzz targets: a per-process scratch directory for inputs that esmbed reads from
+//! files (its readers take paths, as a job does).
+
+use std::path::PathBuf;
+
+/// `name` in this process's scratch directory, holding `data`.
+pub fn scratch_file(name: &str, data: &[u8]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("esmbed-fuzz-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, data).unwrap();
+    path
+}
+
+/// Read every row of a local input as a job does (format checks, schema checks, the sequence and
+/// id columns, the input policy on each sequence). Errors are fine; panics are bugs.
+pub fn read_all(path: PathBuf, format: Option<esmbed::input::InputFormat>) {
+    let options = esmbed::input::InputOptions {
+        format,
+        ..Default::default()
+    };
+    let Ok(inputs) = esmbed::input::Inputs::open(&[path], options) else {
+        return;
+    };
+    let policy = esmbed::prepare::InputPolicy {
+        tokenizer: esmbed::Tokenizer::default(),
+        max_length: 50,
+        long: esmbed::prepare::LongPolicy::Window,
+    };
+    let Ok(batches) = inputs.read(0) else { return };
+    for batch in batches {
+        let Ok(batch) = batch else { return };
+        let rows = inputs.rows(batch);
+        for i in 0..rows.len() {
+            if let Some(sequence) = rows.sequences.is_valid(i).then(|| rows.sequences.value(i)) {
+                let _ = policy.prepare(sequence);
+            }
+            let _ = rows.id(i);
+        }
+    }
+}
