@@ -148,3 +148,21 @@ fn a_missing_tensor_lists_the_names_tried() {
     );
     assert!(err.contains("looked for"), "{err}");
 }
+
+#[test]
+fn shard_names_stay_in_the_model_directory() {
+    let dir = scratch("naming-escape");
+    let src = fixture_dir("tiny_h16");
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let index =
+        r#"{"weight_map": {"embeddings.word_embeddings.weight": "../tiny_h16/model.safetensors"}}"#;
+    std::fs::write(dir.join("model.safetensors.index.json"), index).unwrap();
+    let err = load(&dir)
+        .err()
+        .expect("an escaping shard is refused")
+        .to_string();
+    assert!(
+        err.contains("not a file name in the model directory"),
+        "{err}"
+    );
+}
