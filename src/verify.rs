@@ -73,7 +73,7 @@ pub fn compare(
     }
     // Per-token states of the last layer, pack by pack.
     let last = checkpoint.config.num_hidden_layers;
-    for group in pack(&sequences, budget) {
+    for group in pack(sequences, budget) {
         let batch = group.batch;
         let r = reference.model().forward(&batch, &[last])?.remove(0);
         let s = subject

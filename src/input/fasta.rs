@@ -56,7 +56,7 @@ impl<'a> FastaBatches<'a> {
         name: &str,
         batch_rows: usize,
     ) -> crate::Result<Self> {
-        let reader = maybe_gunzip(reader).map_err(|e| crate::Error::io(&name, e))?;
+        let reader = maybe_gunzip(reader).map_err(|e| crate::Error::io(name, e))?;
         Ok(Self {
             reader: noodles_fasta::io::Reader::new(reader),
             name: name.to_string(),

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use crate::common::*;
-use esmbed::engine::{PackEmbedder, Request};
+use esmbed::engine::PackEmbedder;
 use esmbed::sql::service::{BadRows, EmbedService, ServiceOptions};
 use esmbed::sql::{self, SessionOptions};
 use esmbed::{Device, Embedder};
