@@ -6,9 +6,9 @@ pub mod attention;
 pub mod config;
 pub mod esm2;
 #[cfg(feature = "cuda")]
-pub mod flash;
+pub(crate) mod flash;
 #[cfg(feature = "cuda")]
-pub mod gemm;
+pub(crate) mod gemm;
 pub mod hub;
 #[cfg(feature = "cuda")]
 pub mod kernels;
@@ -17,4 +17,6 @@ pub mod weights;
 
 pub use config::EsmConfig;
 pub use esm2::Esm2;
+#[cfg(feature = "cuda")]
+pub use gemm::DeviceOutOfMemory;
 pub use weights::{Checkpoint, ModelSource};
