@@ -53,7 +53,7 @@ fn stages(c: &mut Criterion) {
         max_length: 1022,
         long: LongPolicy::Truncate,
     };
-    let tokenizer = Tokenizer::default();
+    let policy = options.policy(Tokenizer::default());
     group.bench_function("parse_tokenize_pack", |b| {
         b.iter(|| {
             let input: Arc<str> = Arc::from("bench");
@@ -69,12 +69,7 @@ fn stages(c: &mut Criterion) {
                         input: input.clone(),
                         record: i as u64 + 1,
                     };
-                    part.add_row(
-                        Some(sequences.value(i)),
-                        origin,
-                        None,
-                        &options.policy(tokenizer),
-                    );
+                    part.add_row(Some(sequences.value(i)), origin, None, &policy);
                     if part.len() == 10_000 {
                         let next = PartBuilder::new(part.index() + 1, part.next_position());
                         packs += std::mem::replace(&mut part, next).finish(&options).1.len();

@@ -62,8 +62,6 @@ pub fn pool(
     let fused_mean = if pooling.mean && crate::model::kernels::applies(hidden) {
         let starts: Vec<u32> = (0..b).map(|i| batch.range(i).start as u32 + 1).collect();
         let residues: Vec<u32> = counts.iter().map(|&c| c as u32).collect();
-        let starts = Tensor::from_vec(starts, b, device)?;
-        let residues = Tensor::from_vec(residues, b, device)?;
         Some(to_host(&crate::model::kernels::segment_mean(
             hidden, &starts, &residues,
         )?)?)

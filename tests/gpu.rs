@@ -154,3 +154,25 @@ fn fused_kernels_match_f32_at_esm2_widths() {
         }
     }
 }
+
+/// The device running out of memory is found by the error's type: the driver's
+/// `CUDA_ERROR_OUT_OF_MEMORY` and esmbed's own [`esmbed::model::DeviceOutOfMemory`] (cuBLASLt),
+/// wrapped in context or not; other driver errors are device failures.
+#[test]
+fn out_of_memory_errors_are_typed() {
+    use candle_core::cuda_backend::cudarc::cublaslt::{result::CublasError, sys::cublasStatus_t};
+    use candle_core::cuda_backend::cudarc::driver::{sys::CUresult, DriverError};
+    use candle_core::cuda_backend::CudaError;
+
+    let driver = |r| candle_core::Error::from(CudaError::Cuda(DriverError(r)));
+    let oom = driver(CUresult::CUDA_ERROR_OUT_OF_MEMORY).context("a pack");
+    assert!(esmbed::Error::from(oom).is_out_of_memory());
+    let other = esmbed::Error::from(driver(CUresult::CUDA_ERROR_INVALID_VALUE));
+    assert!(!other.is_out_of_memory());
+    let lt = esmbed::model::DeviceOutOfMemory {
+        operation: "a GEMM".into(),
+        status: CublasError(cublasStatus_t::CUBLAS_STATUS_ALLOC_FAILED),
+    };
+    let lt = candle_core::Error::Cuda(Box::new(lt));
+    assert!(esmbed::Error::from(lt).is_out_of_memory());
+}

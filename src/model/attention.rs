@@ -38,13 +38,40 @@ impl PackLayout {
     }
 }
 
+impl PackLayout {
+    /// `cu_seqlens` and the longest sequence for the varlen kernels, after checking that the
+    /// sequences tile `tokens` rows from 0 without gaps and none is longer than `max_len` (the
+    /// kernels trust both).
+    #[cfg(feature = "cuda")]
+    fn varlen(&self, tokens: usize) -> Result<(&Tensor, usize)> {
+        let mut end = 0;
+        for &(start, len) in &self.segments {
+            if start != end || len > self.max_len {
+                return Err(crate::Error::internal(format!(
+                    "pack layout: segment ({start}, {len}) after {end} tokens, longest {}",
+                    self.max_len
+                )));
+            }
+            end = start + len;
+        }
+        let boundaries = self.cu_seqlens.elem_count();
+        if self.segments.is_empty() || end != tokens || boundaries != self.segments.len() + 1 {
+            return Err(crate::Error::internal(format!(
+                "pack layout: {} segments of {end} tokens ({boundaries} boundaries) for {tokens} rows",
+                self.segments.len()
+            )));
+        }
+        Ok((&self.cu_seqlens, self.max_len))
+    }
+}
+
 /// Attention for `q`, `k`, `v` of shape `[T, heads, head_dim]` (`q` already scaled), returning
 /// `[T, heads, head_dim]`.
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, layout: &PackLayout) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if q.device().is_cuda() {
-        if let Some(out) = super::flash::attend_varlen(q, k, v, &layout.cu_seqlens, layout.max_len)?
-        {
+        let (cu_seqlens, max_len) = layout.varlen(q.dim(0)?)?;
+        if let Some(out) = super::flash::attend_varlen(q, k, v, cu_seqlens, max_len)? {
             return Ok(out);
         }
     }

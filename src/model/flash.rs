@@ -10,8 +10,9 @@ use candle_core::{DType, Tensor};
 use crate::error::Result;
 
 /// Attention of `q`, `k`, `v` `[T, heads, d]` on a CUDA device, `cu_seqlens` (u32) on the same
-/// device. f32 inputs, which the kernels do not take, go through the exact per-segment path.
-pub fn attend_varlen(
+/// device, checked by the caller against `T` and `max_len` ([`super::attention`]'s layout). f32
+/// inputs, which the kernels do not take, go through the exact per-segment path.
+pub(crate) fn attend_varlen(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -21,7 +22,16 @@ pub fn attend_varlen(
     if !matches!(q.dtype(), DType::BF16 | DType::F16) {
         return Ok(None);
     }
-    let d = q.dim(2)?;
+    let (_, _, d) = q.dims3()?;
+    if k.dims() != q.dims() || v.dims() != q.dims() || cu_seqlens.dtype() != DType::U32 {
+        return Err(crate::Error::internal(format!(
+            "attention: q {:?}, k {:?}, v {:?}, cu_seqlens {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims(),
+            cu_seqlens.dtype()
+        )));
+    }
     let padded = d.div_ceil(32) * 32;
     // Strided views (q and k are halves of one rotated tensor) are fine for the kernel as long
     // as the head dimension is contiguous.
@@ -61,29 +71,32 @@ pub fn attend_varlen(
 /// an H200 with the 650M shape, that re-mapping made matmuls and elementwise ops 3-10x slower
 /// than the hardware allows. A threshold of "everything" makes the pool behave like PyTorch's
 /// caching allocator.
-pub fn keep_freed_memory(device: &candle_core::Device) -> Result<()> {
+pub(crate) fn keep_freed_memory(device: &candle_core::Device) -> Result<()> {
     use candle_core::cuda_backend::cudarc::driver::sys;
+    use candle_core::cuda_backend::WrapErr;
     let Ok(cuda) = device.as_cuda_device() else {
         return Ok(());
     };
     let stream = cuda.cuda_stream();
     let context = stream.context();
-    context.bind_to_thread().map_err(candle_core::Error::wrap)?;
+    context.bind_to_thread().w()?;
     let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: `context.cu_device()` is a valid device handle (the context is live) and `pool` is
+    // a live local the driver writes the pool's handle into.
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device()) }
+        .result()
+        .w()?;
     let mut threshold: u64 = u64::MAX;
-    // SAFETY: plain driver calls on the device this context belongs to; `pool` is written by
-    // the driver before use and `threshold` outlives the call.
+    // SAFETY: `pool` is the handle the driver just returned (checked above); the release
+    // threshold attribute is a `cuuint64_t`, read from `threshold`, which outlives the call.
     unsafe {
-        sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device())
-            .result()
-            .map_err(candle_core::Error::wrap)?;
         sys::cuMemPoolSetAttribute(
             pool,
             sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
             &mut threshold as *mut u64 as *mut std::ffi::c_void,
         )
-        .result()
-        .map_err(candle_core::Error::wrap)?;
     }
+    .result()
+    .w()?;
     Ok(())
 }

@@ -10,17 +10,55 @@
 //! Row-major `Y[T, N] = X[T, K] · W[N, K]ᵀ` is column-major `Yᵀ[N, T] = W · Xᵀ`: A = W
 //! (transposed), B = X, m = N, n = T, k = K; the bias runs along m.
 
+//!
+//! Every wrapper here checks the operands' lengths against the shape it launches with and every
+//! status cuBLASLt returns; a cuBLASLt allocation failure becomes a typed [`DeviceOutOfMemory`].
+
 use std::collections::HashMap;
 use std::ffi::c_void;
+use std::fmt;
 use std::mem::size_of;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::cuda_backend::cudarc::cublaslt::{result, sys};
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop,
+    CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, SyncOnDrop,
 };
-use candle_core::cuda_backend::{CudaDevice, DeviceId};
-use candle_core::DType;
+use candle_core::cuda_backend::{CudaDevice, DeviceId, WrapErr};
+use candle_core::{DType, WithDType};
+
+/// The device ran out of memory inside one of esmbed's own CUDA library calls (cuBLASLt's
+/// `CUBLAS_STATUS_ALLOC_FAILED`). It travels as `candle_core::Error::Cuda`, where
+/// [`crate::Error`]'s conversion finds it by type: the pack is split and retried.
+#[derive(Debug, thiserror::Error)]
+#[error("{operation}: {status}")]
+pub struct DeviceOutOfMemory {
+    /// What was being run, e.g. the GEMM and its shape.
+    pub operation: String,
+    /// The library's status.
+    pub status: result::CublasError,
+}
+
+/// Any other failed cuBLASLt call.
+#[derive(Debug, thiserror::Error)]
+#[error("{operation} failed: {status}")]
+struct CublasLtFailed {
+    operation: String,
+    status: result::CublasError,
+}
+
+/// A failed cuBLASLt status as a candle error, sorted by type: allocation failures are
+/// [`DeviceOutOfMemory`].
+fn lt_error(status: result::CublasError, operation: impl fmt::Display) -> candle_core::Error {
+    let operation = operation.to_string();
+    let error: Box<dyn std::error::Error + Send + Sync> =
+        if status.0 == sys::cublasStatus_t::CUBLAS_STATUS_ALLOC_FAILED {
+            Box::new(DeviceOutOfMemory { operation, status })
+        } else {
+            Box::new(CublasLtFailed { operation, status })
+        };
+    candle_core::Error::Cuda(error).bt()
+}
 
 /// Workspace for cuBLASLt's split-K and stream-K kernels (NVIDIA's recommendation for Hopper).
 const WORKSPACE_BYTES: usize = 32 << 20;
@@ -40,6 +78,9 @@ fn workspace_bytes() -> usize {
 /// per pack; a long job sees a few thousand).
 const MAX_CACHED_ALGOS: usize = 4096;
 
+/// Candidates asked of the heuristic (`ESMBED_LT_ALGO` picks among them).
+const CANDIDATES: usize = 8;
+
 /// A cuBLASLt handle, its workspace and the chosen algorithms, for one device.
 struct Lt {
     handle: sys::cublasLtHandle_t,
@@ -50,14 +91,28 @@ struct Lt {
 // SAFETY: cuBLASLt handles may be used from any thread; each device's work goes to candle's one
 // stream for that device, so the workspace is never used by two GEMMs at once.
 unsafe impl Send for Lt {}
+// SAFETY: as for `Send`; the algorithm cache is behind a mutex, the handle is only read.
 unsafe impl Sync for Lt {}
 
+/// A GEMM as cuBLASLt sees it: column-major `D[m, n]`, inner dimension `k`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct Key {
+struct Problem {
     dtype: DType,
     m: u64,
     n: u64,
     k: u64,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Problem { dtype, m, n, k } = self;
+        write!(f, "cuBLASLt GEMM {m}x{n}x{k} {dtype:?}")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Key {
+    problem: Problem,
     residual: bool,
     align: [u32; 4],
 }
@@ -71,8 +126,10 @@ fn lt(dev: &CudaDevice) -> candle_core::Result<Arc<Lt>> {
     if let Some(lt) = handles.get(&dev.id()) {
         return Ok(lt.clone());
     }
-    let handle = result::create_handle().map_err(candle_core::Error::wrap)?;
-    // SAFETY: scratch memory, only ever written by cuBLASLt.
+    let handle = result::create_handle().map_err(|e| lt_error(e, "creating a cuBLASLt handle"))?;
+    // A failed allocation is the driver's CUDA_ERROR_OUT_OF_MEMORY, which `crate::Error` sorts
+    // as out of memory by its type.
+    // SAFETY: scratch memory, only ever written and read by cuBLASLt.
     let workspace = unsafe { dev.alloc::<u8>(workspace_bytes().max(1))? };
     let lt = Arc::new(Lt {
         handle,
@@ -83,18 +140,33 @@ fn lt(dev: &CudaDevice) -> candle_core::Result<Arc<Lt>> {
     Ok(lt)
 }
 
-/// A device pointer and its element offset, as the GEMM sees an operand.
-pub struct Operand<'a, T> {
-    pub slice: &'a CudaSlice<T>,
-    pub offset: usize,
+/// A device allocation and the element offset where an operand starts in it.
+pub(crate) struct Operand<'a, T> {
+    pub(crate) slice: &'a CudaSlice<T>,
+    pub(crate) offset: usize,
+}
+
+impl<T> Operand<'_, T> {
+    /// That `len` elements from the offset lie inside the allocation, on `stream`'s device.
+    fn check(&self, what: &str, len: usize, stream: &CudaStream) -> candle_core::Result<()> {
+        if self.slice.context().cu_ctx() != stream.context().cu_ctx() {
+            candle_core::bail!("linear: {what} is on another device");
+        }
+        match self.offset.checked_add(len) {
+            Some(end) if end <= self.slice.len() => Ok(()),
+            _ => candle_core::bail!(
+                "linear: {what} needs {len} elements from {}, its allocation has {}",
+                self.offset,
+                self.slice.len()
+            ),
+        }
+    }
 }
 
 /// `out[T, N] = x[T, K] · w[N, K]ᵀ + bias[N] (+ residual[T, N])`, all contiguous row-major,
-/// `T` = bf16 or f16 (`dtype`).
-#[allow(clippy::too_many_arguments)]
-pub fn linear<T>(
+/// `T` = bf16 or f16. Every operand's length is checked against the shape first.
+pub(crate) fn linear<T: WithDType + DeviceRepr>(
     dev: &CudaDevice,
-    dtype: DType,
     x: Operand<'_, T>,
     w: Operand<'_, T>,
     bias: Operand<'_, T>,
@@ -102,18 +174,18 @@ pub fn linear<T>(
     out: &mut CudaSlice<T>,
     (tokens, n, k): (usize, usize, usize),
 ) -> candle_core::Result<()> {
-    let data_type = match dtype {
-        DType::BF16 => sys::cudaDataType_t::CUDA_R_16BF,
-        DType::F16 => sys::cudaDataType_t::CUDA_R_16F,
-        other => candle_core::bail!("cuBLASLt path takes bf16/f16, not {other:?}"),
-    };
+    let data_type = data_type(T::DTYPE)?;
     let stream = dev.cuda_stream();
+    check_operands(
+        &stream,
+        [&x, &w, &bias],
+        residual.as_ref(),
+        out,
+        (tokens, n, k),
+    )?;
     // This device's context current, for creating its handle and for the GEMM: cuBLASLt reads
     // the device's properties from the calling thread's context.
-    stream
-        .context()
-        .bind_to_thread()
-        .map_err(candle_core::Error::wrap)?;
+    stream.context().bind_to_thread().w()?;
     let lt = lt(dev)?;
     let (a_ptr, _a) = ptr(&w, &stream);
     let (b_ptr, _b) = ptr(&x, &stream);
@@ -122,196 +194,301 @@ pub fn linear<T>(
     let (d_ptr, _d) = out.device_ptr_mut(&stream);
     let c_ptr = residual.as_ref().map_or(d_ptr, |r| r.0);
     let align = |p: u64| (1u64 << p.trailing_zeros().min(8)) as u32;
-    let (m, n_cols, kk) = (n as u64, tokens as u64, k as u64);
+    let problem = Problem {
+        dtype: T::DTYPE,
+        m: n as u64,
+        n: tokens as u64,
+        k: k as u64,
+    };
     let key = Key {
-        dtype,
-        m,
-        n: n_cols,
-        k: kk,
+        problem,
         residual: residual.is_some(),
         align: [align(a_ptr), align(b_ptr), align(c_ptr), align(d_ptr)],
     };
-
-    // SAFETY: descriptors are created, used and destroyed here; every pointer is a live device
-    // allocation of the sizes the layouts describe (checked by the callers' shapes).
+    let layouts = Layouts::new(data_type, problem)?;
+    let desc = Desc::new(bias_ptr)?;
+    let algo = algorithm(&lt, &desc, &layouts, &key)?;
+    let alpha = 1f32;
+    let beta = if residual.is_some() { 1f32 } else { 0f32 };
+    let (ws_ptr, _ws) = lt.workspace.device_ptr(&stream);
+    // SAFETY: the handle, descriptor, layouts and algorithm are live (dropped after the call);
+    // A, B, C, D and the bias are device allocations of this context, held by their guards, with
+    // at least the elements the layouts describe (`check_operands`); the workspace holds at least
+    // `workspace_bytes()`; `alpha` and `beta` are host scalars (the default pointer mode) read
+    // before the call returns; the stream is this device's, its context current.
     unsafe {
-        let a_layout = Layout::new(data_type, kk, m, kk as i64)?;
-        let b_layout = Layout::new(data_type, kk, n_cols, kk as i64)?;
-        let d_layout = Layout::new(data_type, m, n_cols, m as i64)?;
-        let desc = Desc::new()?;
-        desc.set(
-            sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
-            &1i32, // CUBLAS_OP_T: W is [N, K] row-major
-        )?;
-        desc.set(
-            sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
-            &0i32, // CUBLAS_OP_N
-        )?;
-        desc.set(
-            sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
-            &(sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS as u32),
-        )?;
-        desc.set(
-            sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-            &bias_ptr,
-        )?;
-
-        let cached = lt.algos.lock().expect("algorithm cache").get(&key).copied();
-        let algo = match cached {
-            Some(algo) => algo,
-            None => {
-                let pref = Pref::new()?;
-                pref.set(
-                    sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                    &(workspace_bytes() as u64),
-                )?;
-                for (attr, a) in [
-                    sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
-                    sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-                    sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
-                    sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
-                ]
-                .into_iter()
-                .zip(key.align)
-                {
-                    pref.set(attr, &a)?;
-                }
-                let mut found = [std::mem::zeroed::<sys::cublasLtMatmulHeuristicResult_t>(); 8];
-                let mut count = 0i32;
-                let status = sys::cublasLtMatmulAlgoGetHeuristic(
-                    lt.handle,
-                    desc.0,
-                    a_layout.0,
-                    b_layout.0,
-                    d_layout.0,
-                    d_layout.0,
-                    pref.0,
-                    found.len() as i32,
-                    found.as_mut_ptr(),
-                    &mut count,
-                );
-                if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS || count < 1 {
-                    candle_core::bail!(
-                        "cuBLASLt has no algorithm for a {m}x{n_cols}x{kk} {dtype:?} GEMM: {status:?}"
-                    );
-                }
-                let pick = knob("ESMBED_LT_ALGO").unwrap_or(0).min(count as usize - 1);
-                let heuristic = found[pick];
-                if super::profile::enabled() {
-                    let get = |attr| {
-                        let mut v = 0u32;
-                        let mut written = 0usize;
-                        sys::cublasLtMatmulAlgoConfigGetAttribute(
-                            &heuristic.algo,
-                            attr,
-                            &mut v as *mut u32 as *mut c_void,
-                            size_of::<u32>(),
-                            &mut written,
-                        );
-                        v
-                    };
-                    use sys::cublasLtMatmulAlgoConfigAttributes_t as A;
-                    eprintln!(
-                        "gemm m={m} n={n_cols} k={kk} residual={} pick={pick}/{count} id={} tile={} splitk={} stages={} waves={:.2} ws={}",
-                        residual.is_some(),
-                        get(A::CUBLASLT_ALGO_CONFIG_ID),
-                        get(A::CUBLASLT_ALGO_CONFIG_TILE_ID),
-                        get(A::CUBLASLT_ALGO_CONFIG_SPLITK_NUM),
-                        get(A::CUBLASLT_ALGO_CONFIG_STAGES_ID),
-                        heuristic.wavesCount,
-                        heuristic.workspaceSize,
-                    );
-                }
-                let mut algos = lt.algos.lock().expect("algorithm cache");
-                if algos.len() >= MAX_CACHED_ALGOS {
-                    algos.clear();
-                }
-                algos.insert(key, heuristic.algo);
-                heuristic.algo
-            }
-        };
-
-        let alpha = 1f32;
-        let beta = if residual.is_some() { 1f32 } else { 0f32 };
-        let (ws_ptr, _ws) = lt.workspace.device_ptr(&stream);
         result::matmul(
             lt.handle,
             desc.0,
             &alpha as *const f32 as *const c_void,
             &beta as *const f32 as *const c_void,
             a_ptr as *const c_void,
-            a_layout.0,
+            layouts.a.0,
             b_ptr as *const c_void,
-            b_layout.0,
+            layouts.b.0,
             c_ptr as *const c_void,
-            d_layout.0,
+            layouts.d.0,
             d_ptr as *mut c_void,
-            d_layout.0,
+            layouts.d.0,
             &algo,
             ws_ptr as *mut c_void,
             workspace_bytes(),
             stream.cu_stream() as sys::cudaStream_t,
         )
-        .map_err(|e| {
-            // Spelled so that the pipeline's out-of-memory handling (split the pack and retry)
-            // recognizes it.
-            let oom = if e.0 == sys::cublasStatus_t::CUBLAS_STATUS_ALLOC_FAILED {
-                " (out of memory)"
-            } else {
-                ""
-            };
-            candle_core::Error::Msg(format!(
-                "cuBLASLt GEMM {m}x{n_cols}x{kk} {dtype:?} failed: {e:?}{oom}"
-            ))
-        })?;
     }
+    .map_err(|e| lt_error(e, problem))
+}
+
+fn data_type(dtype: DType) -> candle_core::Result<sys::cudaDataType_t> {
+    match dtype {
+        DType::BF16 => Ok(sys::cudaDataType_t::CUDA_R_16BF),
+        DType::F16 => Ok(sys::cudaDataType_t::CUDA_R_16F),
+        other => candle_core::bail!("cuBLASLt path takes bf16/f16, not {other:?}"),
+    }
+}
+
+/// The lengths the GEMM reads and writes against the allocations: `x` `[T, K]`, `w` `[N, K]`,
+/// `bias` `[N]`, `residual` and `out` `[T, N]`.
+fn check_operands<T>(
+    stream: &CudaStream,
+    [x, w, bias]: [&Operand<'_, T>; 3],
+    residual: Option<&Operand<'_, T>>,
+    out: &CudaSlice<T>,
+    (tokens, n, k): (usize, usize, usize),
+) -> candle_core::Result<()> {
+    let elements = |rows: usize, cols: usize| {
+        rows.checked_mul(cols)
+            .filter(|&e| i64::try_from(e).is_ok())
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!("linear: [{rows}, {cols}] is too large"))
+            })
+    };
+    let outputs = elements(tokens, n)?;
+    x.check("x", elements(tokens, k)?, stream)?;
+    w.check("w", elements(n, k)?, stream)?;
+    bias.check("bias", n, stream)?;
+    if let Some(r) = residual {
+        r.check("residual", outputs, stream)?;
+    }
+    let out = Operand {
+        slice: out,
+        offset: 0,
+    };
+    out.check("out", outputs, stream)
+}
+
+/// The device address of an operand's first element, and the guard that orders this use after
+/// earlier writes.
+fn ptr<'a, T>(o: &Operand<'a, T>, stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
+    let (p, guard) = o.slice.device_ptr(stream);
+    (p + (o.offset * size_of::<T>()) as u64, guard)
+}
+
+/// The algorithm for `key`: cached, or the heuristic's first candidate (`ESMBED_LT_ALGO`: another).
+fn algorithm(
+    lt: &Lt,
+    desc: &Desc,
+    layouts: &Layouts,
+    key: &Key,
+) -> candle_core::Result<sys::cublasLtMatmulAlgo_t> {
+    let cached = lt.algos.lock().expect("algorithm cache").get(key).copied();
+    if let Some(algo) = cached {
+        return Ok(algo);
+    }
+    let pref = Pref::new()?;
+    pref.set(
+        sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+        workspace_bytes() as u64,
+    )?;
+    for (attr, a) in [
+        sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+        sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+        sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+    ]
+    .into_iter()
+    .zip(key.align)
+    {
+        pref.set(attr, a)?;
+    }
+    let found = heuristic(lt, desc, layouts, &pref, key.problem)?;
+    let pick = knob("ESMBED_LT_ALGO").unwrap_or(0).min(found.len() - 1);
+    let chosen = found[pick];
+    if super::profile::enabled() {
+        log_choice(key, &chosen, pick, found.len())?;
+    }
+    let mut algos = lt.algos.lock().expect("algorithm cache");
+    if algos.len() >= MAX_CACHED_ALGOS {
+        algos.clear();
+    }
+    algos.insert(*key, chosen.algo);
+    Ok(chosen.algo)
+}
+
+/// The heuristic's candidates for the problem, best first; at least one, each usable.
+fn heuristic(
+    lt: &Lt,
+    desc: &Desc,
+    layouts: &Layouts,
+    pref: &Pref,
+    problem: Problem,
+) -> candle_core::Result<Vec<sys::cublasLtMatmulHeuristicResult_t>> {
+    // SAFETY: a plain C struct of integers, floats and a status enum whose 0 is
+    // CUBLAS_STATUS_SUCCESS: all-zero bytes are a valid value.
+    let mut found: [sys::cublasLtMatmulHeuristicResult_t; CANDIDATES] =
+        unsafe { std::mem::zeroed() };
+    let mut count = 0i32;
+    // SAFETY: handle, descriptor, layouts and preference are live; cuBLASLt writes at most
+    // `CANDIDATES` results into `found` and their number into `count`, both live locals.
+    let status = unsafe {
+        sys::cublasLtMatmulAlgoGetHeuristic(
+            lt.handle,
+            desc.0,
+            layouts.a.0,
+            layouts.b.0,
+            layouts.d.0,
+            layouts.d.0,
+            pref.0,
+            CANDIDATES as i32,
+            found.as_mut_ptr(),
+            &mut count,
+        )
+    };
+    let failed = |e| lt_error(e, format_args!("{problem}: algorithm heuristic"));
+    status.result().map_err(failed)?;
+    let count = usize::try_from(count).unwrap_or(0).min(CANDIDATES);
+    if count == 0 {
+        candle_core::bail!("{problem}: cuBLASLt has no algorithm for it");
+    }
+    let found = &found[..count];
+    for candidate in found {
+        candidate.state.result().map_err(failed)?;
+    }
+    Ok(found.to_vec())
+}
+
+/// `ESMBED_PROFILE`: which algorithm the heuristic chose, and its configuration.
+fn log_choice(
+    key: &Key,
+    chosen: &sys::cublasLtMatmulHeuristicResult_t,
+    pick: usize,
+    count: usize,
+) -> candle_core::Result<()> {
+    use sys::cublasLtMatmulAlgoConfigAttributes_t as A;
+    let get = |attr| algo_config(&chosen.algo, attr);
+    let Problem { m, n, k, .. } = key.problem;
+    eprintln!(
+        "gemm m={m} n={n} k={k} residual={} pick={pick}/{count} id={} tile={} splitk={} stages={} waves={:.2} ws={}",
+        key.residual,
+        get(A::CUBLASLT_ALGO_CONFIG_ID)?,
+        get(A::CUBLASLT_ALGO_CONFIG_TILE_ID)?,
+        get(A::CUBLASLT_ALGO_CONFIG_SPLITK_NUM)?,
+        get(A::CUBLASLT_ALGO_CONFIG_STAGES_ID)?,
+        chosen.wavesCount,
+        chosen.workspaceSize,
+    );
     Ok(())
 }
 
-/// The device address of an operand's first element (2-byte elements), and the guard that
-/// orders this use after earlier writes.
-fn ptr<'a, T>(o: &Operand<'a, T>, stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
-    let (p, guard) = o.slice.device_ptr(stream);
-    (p + o.offset as u64 * 2, guard)
+/// One 32-bit configuration attribute of an algorithm (ID, TILE_ID, SPLITK_NUM, STAGES_ID).
+fn algo_config(
+    algo: &sys::cublasLtMatmulAlgo_t,
+    attr: sys::cublasLtMatmulAlgoConfigAttributes_t,
+) -> candle_core::Result<u32> {
+    let mut value = 0u32;
+    let mut written = 0usize;
+    // SAFETY: `algo` is a live algorithm; cuBLASLt writes at most `size_of::<u32>()` bytes into
+    // `value` (it rejects an attribute of another size) and the size into `written`.
+    let status = unsafe {
+        sys::cublasLtMatmulAlgoConfigGetAttribute(
+            algo,
+            attr,
+            &mut value as *mut u32 as *mut c_void,
+            size_of::<u32>(),
+            &mut written,
+        )
+    };
+    status
+        .result()
+        .map_err(|e| lt_error(e, format_args!("reading cuBLASLt's {attr:?}")))?;
+    Ok(value)
 }
+
+/// The values a descriptor or preference attribute may take here: plain integers without
+/// padding, whose every byte cuBLASLt may read.
+trait Attribute: Copy {}
+impl Attribute for i32 {}
+impl Attribute for u32 {}
+impl Attribute for u64 {}
 
 /// Owned cuBLASLt descriptors, destroyed on drop.
 struct Layout(sys::cublasLtMatrixLayout_t);
 struct Desc(sys::cublasLtMatmulDesc_t);
 struct Pref(sys::cublasLtMatmulPreference_t);
 
+/// The column-major layouts of `A` (`W`, `k × m`, transposed by the descriptor), `B` (`X`,
+/// `k × n`) and `C`/`D` (`m × n`).
+struct Layouts {
+    a: Layout,
+    b: Layout,
+    d: Layout,
+}
+
+impl Layouts {
+    fn new(t: sys::cudaDataType, p: Problem) -> candle_core::Result<Self> {
+        Ok(Self {
+            a: Layout::new(t, p.k, p.m)?,
+            b: Layout::new(t, p.k, p.n)?,
+            d: Layout::new(t, p.m, p.n)?,
+        })
+    }
+}
+
 impl Layout {
-    fn new(t: sys::cudaDataType, rows: u64, cols: u64, ld: i64) -> candle_core::Result<Self> {
+    /// A dense column-major `rows × cols` matrix (leading dimension `rows`).
+    fn new(t: sys::cudaDataType, rows: u64, cols: u64) -> candle_core::Result<Self> {
+        let ld = i64::try_from(rows).map_err(candle_core::Error::wrap)?;
         result::create_matrix_layout(t, rows, cols, ld)
             .map(Self)
-            .map_err(candle_core::Error::wrap)
+            .map_err(|e| lt_error(e, "creating a cuBLASLt matrix layout"))
     }
 }
 
 impl Desc {
-    fn new() -> candle_core::Result<Self> {
-        result::create_matmul_desc(
+    /// `D = op(A) · B + bias (+ C)` with A transposed, in f32, the bias at `bias` (device).
+    fn new(bias: u64) -> candle_core::Result<Self> {
+        use sys::cublasLtMatmulDescAttributes_t as A;
+        let desc = result::create_matmul_desc(
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             sys::cudaDataType_t::CUDA_R_32F,
         )
         .map(Self)
-        .map_err(candle_core::Error::wrap)
+        .map_err(|e| lt_error(e, "creating a cuBLASLt matmul descriptor"))?;
+        desc.set(A::CUBLASLT_MATMUL_DESC_TRANSA, 1i32)?; // CUBLAS_OP_T: W is [N, K] row-major
+        desc.set(A::CUBLASLT_MATMUL_DESC_TRANSB, 0i32)?; // CUBLAS_OP_N
+        let epilogue = sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS as u32;
+        desc.set(A::CUBLASLT_MATMUL_DESC_EPILOGUE, epilogue)?;
+        desc.set(A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias)?;
+        Ok(desc)
     }
 
-    /// # Safety
-    /// `value` must have the type cuBLASLt documents for `attr`.
-    unsafe fn set<V>(
+    fn set<V: Attribute>(
         &self,
         attr: sys::cublasLtMatmulDescAttributes_t,
-        value: &V,
+        value: V,
     ) -> candle_core::Result<()> {
-        result::set_matmul_desc_attribute(
-            self.0,
-            attr,
-            value as *const V as *const c_void,
-            size_of::<V>(),
-        )
-        .map_err(candle_core::Error::wrap)
+        // SAFETY: a live descriptor; cuBLASLt copies `size_of::<V>()` bytes from `value`, a live
+        // padding-free integer, and rejects a size that is not the attribute's. The bias pointer
+        // is only stored here; `linear` vouches for it when the GEMM runs.
+        unsafe {
+            result::set_matmul_desc_attribute(
+                self.0,
+                attr,
+                &value as *const V as *const c_void,
+                size_of::<V>(),
+            )
+        }
+        .map_err(|e| lt_error(e, format_args!("setting cuBLASLt's {attr:?}")))
     }
 }
 
@@ -319,43 +496,73 @@ impl Pref {
     fn new() -> candle_core::Result<Self> {
         result::create_matmul_pref()
             .map(Self)
-            .map_err(candle_core::Error::wrap)
+            .map_err(|e| lt_error(e, "creating a cuBLASLt matmul preference"))
     }
 
-    /// # Safety
-    /// `value` must have the type cuBLASLt documents for `attr`.
-    unsafe fn set<V>(
+    fn set<V: Attribute>(
         &self,
         attr: sys::cublasLtMatmulPreferenceAttributes_t,
-        value: &V,
+        value: V,
     ) -> candle_core::Result<()> {
-        result::set_matmul_pref_attribute(
-            self.0,
-            attr,
-            value as *const V as *const c_void,
-            size_of::<V>(),
-        )
-        .map_err(candle_core::Error::wrap)
+        // SAFETY: a live preference; cuBLASLt copies `size_of::<V>()` bytes from `value`, a live
+        // padding-free integer, and rejects a size that is not the attribute's.
+        unsafe {
+            result::set_matmul_pref_attribute(
+                self.0,
+                attr,
+                &value as *const V as *const c_void,
+                size_of::<V>(),
+            )
+        }
+        .map_err(|e| lt_error(e, format_args!("setting cuBLASLt's {attr:?}")))
     }
 }
 
 impl Drop for Layout {
     fn drop(&mut self) {
-        // SAFETY: created by `Layout::new`, destroyed once.
+        // SAFETY: created by `Layout::new`, destroyed once. A failure leaks a descriptor and is
+        // not worth a panic in drop.
         let _ = unsafe { result::destroy_matrix_layout(self.0) };
     }
 }
 
 impl Drop for Desc {
     fn drop(&mut self) {
-        // SAFETY: created by `Desc::new`, destroyed once.
+        // SAFETY: created by `Desc::new`, destroyed once (a failure only leaks it).
         let _ = unsafe { result::destroy_matmul_desc(self.0) };
     }
 }
 
 impl Drop for Pref {
     fn drop(&mut self) {
-        // SAFETY: created by `Pref::new`, destroyed once.
+        // SAFETY: created by `Pref::new`, destroyed once (a failure only leaks it).
         let _ = unsafe { result::destroy_matmul_pref(self.0) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(s: sys::cublasStatus_t) -> result::CublasError {
+        result::CublasError(s)
+    }
+
+    /// Host-only: the driver's own out-of-memory error is checked in tests/gpu.rs (formatting it
+    /// needs the CUDA driver).
+    #[test]
+    fn cublaslt_alloc_failure_is_out_of_memory_by_type() {
+        let oom = lt_error(
+            status(sys::cublasStatus_t::CUBLAS_STATUS_ALLOC_FAILED),
+            "a GEMM",
+        );
+        assert!(crate::Error::from(oom.context("layer 3")).is_out_of_memory());
+        let other = lt_error(
+            status(sys::cublasStatus_t::CUBLAS_STATUS_INVALID_VALUE),
+            "a GEMM",
+        );
+        let other = crate::Error::from(other);
+        assert!(!other.is_out_of_memory());
+        assert!(matches!(other, crate::Error::Device(_)));
     }
 }

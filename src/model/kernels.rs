@@ -20,8 +20,10 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, StorageRef, Tensor,
+    CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, StorageRef, Tensor, WithDType,
 };
+
+use std::mem::size_of;
 
 use candle_nn::Linear;
 
@@ -247,13 +249,32 @@ fn offsets(l: &Layout) -> candle_core::Result<(usize, usize)> {
         .ok_or_else(|| candle_core::Error::Msg("fused kernels need contiguous inputs".into()))
 }
 
-/// A contiguous view of `s` as `T` (bf16, f16, f32 or u32).
+/// A contiguous view of `s` as `T` (bf16, f16, f32 or u32), inside its allocation.
 fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> candle_core::Result<CudaView<'a, T>> {
     let (start, end) = offsets(l)?;
-    Ok(s.as_cuda_slice::<T>()?.slice(start..end))
+    let slice = s.as_cuda_slice::<T>()?;
+    slice.try_slice(start..end).ok_or_else(|| {
+        candle_core::Error::Msg(format!(
+            "fused kernels: elements {start}..{end} outside an allocation of {}",
+            slice.len()
+        ))
+    })
 }
 
-/// `s` as a GEMM operand: the whole allocation and where the contiguous tensor starts.
+/// That a tensor of `T` starts 16-byte aligned in its allocation (the kernels' vector accesses;
+/// candle's allocations themselves are 256-byte aligned).
+fn check_aligned<T>(l: &Layout, what: &str) -> candle_core::Result<()> {
+    if !(l.start_offset() * size_of::<T>()).is_multiple_of(16) {
+        candle_core::bail!(
+            "{what}: starts at element {}, not 16-byte aligned",
+            l.start_offset()
+        );
+    }
+    Ok(())
+}
+
+/// `s` as a GEMM operand: the whole allocation and where the contiguous tensor starts (the GEMM
+/// checks the lengths it reads against the allocation).
 fn operand<'a, T: CudaDType>(
     s: &'a CudaStorage,
     l: &Layout,
@@ -265,12 +286,27 @@ fn operand<'a, T: CudaDType>(
     })
 }
 
-/// The CUDA storage behind a read guard.
-fn cuda<'a>(storage: &'a StorageRef<'_>) -> candle_core::Result<&'a CudaStorage> {
+/// The CUDA storage behind a read guard, on `dev`.
+fn cuda<'a>(storage: &'a StorageRef<'_>, dev: &CudaDevice) -> candle_core::Result<&'a CudaStorage> {
     match &**storage {
-        Storage::Cuda(s) => Ok(s),
+        Storage::Cuda(s) if s.device().id() == dev.id() => Ok(s),
+        Storage::Cuda(_) => candle_core::bail!("fused kernels: operands on different devices"),
         _ => candle_core::bail!("esmbed's fused kernels run on CUDA only"),
     }
+}
+
+/// A size as the kernels' 32-bit argument.
+fn arg32(value: usize, what: &str) -> candle_core::Result<u32> {
+    u32::try_from(value).map_err(|_| {
+        candle_core::Error::Msg(format!("fused kernels: {what} {value} exceeds 32 bits"))
+    })
+}
+
+/// `rows · cols` elements, without overflow.
+fn elements(rows: usize, cols: usize) -> candle_core::Result<usize> {
+    rows.checked_mul(cols).ok_or_else(|| {
+        candle_core::Error::Msg(format!("fused kernels: [{rows}, {cols}] overflows"))
+    })
 }
 
 /// A grid-stride launch of `threads` threads in blocks of 256.
@@ -284,7 +320,7 @@ fn grid(threads: usize) -> LaunchConfig {
 
 /// An op whose output is computed the same way for bf16 and f16 storage (`T`).
 trait Typed {
-    fn typed<T: CudaDType + DeviceRepr>(
+    fn typed<T: CudaDType + DeviceRepr + WithDType>(
         &self,
         dev: &CudaDevice,
         dtype: DType,
@@ -314,20 +350,24 @@ fn run_typed(
     Ok((storage, shape))
 }
 
+/// Rotary on the first `heads2` heads of `2 * half` (queries then keys), f32 `cos`/`sin` tables
+/// `[T, half]`.
+#[derive(Clone, Copy)]
+struct Rotary<'a> {
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+    heads2: usize,
+    half: usize,
+}
+
 /// What runs on a Linear's output before anyone reads it.
 #[derive(Clone, Copy)]
 enum Post<'a> {
     None,
     /// Exact GELU in place.
     Gelu,
-    /// Rotary on the first `heads2` heads of `2 * half` (queries then keys), f32 `cos`/`sin`
-    /// tables `[T, half]`.
-    Rotary {
-        cos: &'a Tensor,
-        sin: &'a Tensor,
-        heads2: usize,
-        half: usize,
-    },
+    /// Rotary in place.
+    Rotary(Rotary<'a>),
 }
 
 /// `post(x · wᵀ + b (+ residual))` on cuBLASLt plus at most one in-place kernel.
@@ -339,7 +379,7 @@ struct LinearOp<'a> {
 }
 
 impl Typed for LinearOp<'_> {
-    fn typed<T: CudaDType + DeviceRepr>(
+    fn typed<T: CudaDType + DeviceRepr + WithDType>(
         &self,
         dev: &CudaDevice,
         dtype: DType,
@@ -363,18 +403,17 @@ impl Typed for LinearOp<'_> {
                 if layout.shape().dims2()? != (tokens, n) {
                     candle_core::bail!("linear: residual {:?} for [{tokens}, {n}]", layout.shape());
                 }
-                Some(operand::<T>(cuda(storage)?, layout)?)
+                Some(operand::<T>(cuda(storage, dev)?, layout)?)
             }
             None => None,
         };
         // SAFETY: every element is written by the GEMM before anything reads it.
-        let mut out = unsafe { dev.alloc::<T>(tokens * n)? };
+        let mut out = unsafe { dev.alloc::<T>(elements(tokens, n)?)? };
         gemm::linear(
             dev,
-            dtype,
             operand::<T>(x, xl)?,
-            operand::<T>(cuda(&w_guard.0)?, w_guard.1)?,
-            operand::<T>(cuda(&b_guard.0)?, b_guard.1)?,
+            operand::<T>(cuda(&w_guard.0, dev)?, w_guard.1)?,
+            operand::<T>(cuda(&b_guard.0, dev)?, b_guard.1)?,
             residual,
             &mut out,
             (tokens, n, k),
@@ -389,76 +428,8 @@ impl Typed for LinearOp<'_> {
         };
         match self.post {
             Post::None => {}
-            Post::Gelu => {
-                let total = tokens * n;
-                let (name, threads) = if n.is_multiple_of(8) {
-                    ("gelu8", total / 8)
-                } else {
-                    ("gelu1", total)
-                };
-                let func = dev.get_or_load_custom_func(
-                    &format!("{}_{name}", prefix(dtype)?),
-                    MODULE,
-                    ptx()?,
-                )?;
-                let count = threads as u64;
-                let mut builder = func.builder();
-                builder.arg(&mut out);
-                builder.arg(&count);
-                // SAFETY: (x, n) with `n` vectors of the dtype, in place.
-                unsafe { builder.launch(grid(threads)) }.w()?;
-            }
-            Post::Rotary {
-                cos,
-                sin,
-                heads2,
-                half,
-            } => {
-                if !half.is_multiple_of(2) || heads2 * 2 * half > n {
-                    candle_core::bail!("rotary: {heads2} heads of {} in rows of {n}", 2 * half);
-                }
-                let cos_guard = cos.storage_and_layout();
-                let sin_guard = sin.storage_and_layout();
-                for l in [cos_guard.1, sin_guard.1] {
-                    if l.shape().dims2()? != (tokens, half) {
-                        candle_core::bail!("rotary tables {:?} for [{tokens}, {half}]", l.shape());
-                    }
-                }
-                let cos = view::<f32>(cuda(&cos_guard.0)?, cos_guard.1)?;
-                let sin = view::<f32>(cuda(&sin_guard.0)?, sin_guard.1)?;
-                // The four-pairs-per-thread kernel wherever its 8/16-byte accesses line up.
-                let wide = half.is_multiple_of(4) && n.is_multiple_of(4);
-                let name = if wide { "rotary4" } else { "rotary" };
-                let func = dev.get_or_load_custom_func(
-                    &format!("{}_{name}", prefix(dtype)?),
-                    MODULE,
-                    ptx()?,
-                )?;
-                let (t32, h32, half32, row32) =
-                    (tokens as u32, heads2 as u32, half as u32, n as u32);
-                let mut builder = func.builder();
-                builder.arg(&mut out);
-                builder.arg(&cos);
-                builder.arg(&sin);
-                builder.arg(&t32);
-                builder.arg(&h32);
-                builder.arg(&half32);
-                builder.arg(&row32);
-                let cfg = if wide {
-                    let per_token = (heads2 * half / 4).next_multiple_of(32).min(512);
-                    LaunchConfig {
-                        grid_dim: (tokens.clamp(1, 1 << 20) as u32, 1, 1),
-                        block_dim: (per_token as u32, 1, 1),
-                        shared_mem_bytes: 0,
-                    }
-                } else {
-                    grid(tokens * heads2 * half / 2)
-                };
-                // SAFETY: (qkv, cos, sin, tokens, heads2, half, row), shapes checked above; the
-                // wide kernel's vector accesses are aligned because half and the row length are
-                // multiples of 4 and the tensors start at allocations.
-                unsafe { builder.launch(cfg) }.w()?;
-            }
+            Post::Gelu => gelu(dev, dtype, &mut out, n)?,
+            Post::Rotary(r) => rotary(dev, dtype, &mut out, (tokens, n), r)?,
         }
         if let Some(started) = started {
             dev.cuda_stream().synchronize().w()?;
@@ -470,6 +441,104 @@ impl Typed for LinearOp<'_> {
         }
         Ok(out)
     }
+}
+
+/// Exact GELU in place on `out`, rows of `n`.
+fn gelu<T: DeviceRepr>(
+    dev: &CudaDevice,
+    dtype: DType,
+    out: &mut CudaSlice<T>,
+    n: usize,
+) -> candle_core::Result<()> {
+    let total = out.len();
+    let (name, threads) = if n.is_multiple_of(8) && total.is_multiple_of(8) {
+        ("gelu8", total / 8)
+    } else {
+        ("gelu1", total)
+    };
+    let func =
+        dev.get_or_load_custom_func(&format!("{}_{name}", prefix(dtype)?), MODULE, ptx()?)?;
+    let count = threads as u64;
+    let mut builder = func.builder();
+    builder.arg(out);
+    builder.arg(&count);
+    // SAFETY: the kernel takes (x, count) and touches `count` 16-byte vectors (gelu8) or
+    // elements (gelu1) of `x`: exactly the `total` elements `out` holds. `out` is a whole
+    // allocation of the kernel's dtype (`prefix(dtype)` matches `T`), so 16-byte aligned.
+    unsafe { builder.launch(grid(threads)) }.w()?;
+    Ok(())
+}
+
+/// Rotary in place on the query and key heads of `out`, `[tokens, n]`.
+fn rotary<T: DeviceRepr>(
+    dev: &CudaDevice,
+    dtype: DType,
+    out: &mut CudaSlice<T>,
+    (tokens, n): (usize, usize),
+    Rotary {
+        cos,
+        sin,
+        heads2,
+        half,
+    }: Rotary<'_>,
+) -> candle_core::Result<()> {
+    let rotated = heads2.checked_mul(2 * half);
+    if half == 0 || !half.is_multiple_of(2) || !n.is_multiple_of(2) || rotated.is_none_or(|r| r > n)
+    {
+        candle_core::bail!("rotary: {heads2} heads of {} in rows of {n}", 2 * half);
+    }
+    if out.len() != elements(tokens, n)? {
+        candle_core::bail!("rotary: {} elements for [{tokens}, {n}]", out.len());
+    }
+    let cos_guard = cos.storage_and_layout();
+    let sin_guard = sin.storage_and_layout();
+    // The four-pairs-per-thread kernel wherever its 8/16-byte accesses line up.
+    let wide = half.is_multiple_of(4) && n.is_multiple_of(4);
+    for l in [cos_guard.1, sin_guard.1] {
+        if l.shape().dims2()? != (tokens, half) {
+            candle_core::bail!("rotary tables {:?} for [{tokens}, {half}]", l.shape());
+        }
+        if wide {
+            check_aligned::<f32>(l, "rotary table")?;
+        }
+    }
+    let cos = view::<f32>(cuda(&cos_guard.0, dev)?, cos_guard.1)?;
+    let sin = view::<f32>(cuda(&sin_guard.0, dev)?, sin_guard.1)?;
+    let name = if wide { "rotary4" } else { "rotary" };
+    let func =
+        dev.get_or_load_custom_func(&format!("{}_{name}", prefix(dtype)?), MODULE, ptx()?)?;
+    let t32 = arg32(tokens, "tokens")?;
+    let (h32, half32, row32) = (
+        arg32(heads2, "heads")?,
+        arg32(half, "half")?,
+        arg32(n, "row")?,
+    );
+    let mut builder = func.builder();
+    builder.arg(out);
+    builder.arg(&cos);
+    builder.arg(&sin);
+    builder.arg(&t32);
+    builder.arg(&h32);
+    builder.arg(&half32);
+    builder.arg(&row32);
+    let cfg = if wide {
+        let per_token = (heads2 * half / 4).next_multiple_of(32).min(512);
+        LaunchConfig {
+            grid_dim: (tokens.clamp(1, 1 << 20) as u32, 1, 1),
+            block_dim: (per_token as u32, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    } else {
+        grid(tokens * heads2 * half / 2)
+    };
+    // SAFETY: (qkv, cos, sin, tokens, heads2, half, row): for each token t < tokens the kernels
+    // touch elements t·row + [0, heads2·2·half) of `out` (tokens × row elements, heads2·2·half
+    // ≤ row, checked) and t·half + [0, half) of the f32 tables (views checked [tokens, half]).
+    // Alignment: `out` is a whole allocation and row and half are even (4-byte pairs); for the
+    // wide kernel both are multiples of 4 (8-byte accesses) and the tables start 16-byte
+    // aligned (checked).
+    unsafe { builder.launch(cfg) }.w()?;
+    Ok(())
 }
 
 impl CustomOp1 for LinearOp<'_> {
@@ -495,7 +564,7 @@ struct LayerNormOp<'a> {
 }
 
 impl Typed for LayerNormOp<'_> {
-    fn typed<T: CudaDType + DeviceRepr>(
+    fn typed<T: CudaDType + DeviceRepr + WithDType>(
         &self,
         dev: &CudaDevice,
         dtype: DType,
@@ -510,11 +579,20 @@ impl Typed for LayerNormOp<'_> {
         }
         let w_guard = self.w.storage_and_layout();
         let b_guard = self.b.storage_and_layout();
-        let w = view::<T>(cuda(&w_guard.0)?, w_guard.1)?;
-        let b = view::<T>(cuda(&b_guard.0)?, b_guard.1)?;
+        for (what, l) in [("input", xl), ("weight", w_guard.1), ("bias", b_guard.1)] {
+            check_aligned::<T>(l, what)?;
+        }
+        for l in [w_guard.1, b_guard.1] {
+            if l.shape().dims() != [cols] {
+                candle_core::bail!("layer_norm: parameters {:?} for rows of {cols}", l.shape());
+            }
+        }
+        let w = view::<T>(cuda(&w_guard.0, dev)?, w_guard.1)?;
+        let b = view::<T>(cuda(&b_guard.0, dev)?, b_guard.1)?;
         let x = view::<T>(x, xl)?;
+        let (rows32, cols8) = (arg32(rows, "rows")?, (cols / 8) as u32);
         // SAFETY: every element is written by the kernel before anything reads it.
-        let mut out = unsafe { dev.alloc::<T>(rows * cols)? };
+        let mut out = unsafe { dev.alloc::<T>(elements(rows, cols)?)? };
         let vectors = LAYER_NORM_VECTORS
             .into_iter()
             .find(|v| cols <= 32 * 8 * v)
@@ -524,7 +602,6 @@ impl Typed for LayerNormOp<'_> {
             MODULE,
             ptx()?,
         )?;
-        let (rows32, cols8) = (rows as u32, (cols / 8) as u32);
         let mut builder = func.builder();
         builder.arg(&x);
         builder.arg(&w);
@@ -539,8 +616,11 @@ impl Typed for LayerNormOp<'_> {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: (x, w, b, out, rows, cols / 8, eps); `layer_norm` made every operand start
-        // 16-byte aligned.
+        // SAFETY: (x, w, b, out, rows, cols / 8, eps): warp r < rows reads the cols / 8 16-byte
+        // vectors of row r of `x` (a checked [rows, cols] view) and of `w` and `b` ([cols],
+        // checked) and writes row r of `out` (rows × cols elements); every operand starts
+        // 16-byte aligned (checked; `out` is a whole allocation), and all are of the kernel's
+        // dtype (`prefix(dtype)` matches `T`, the views' type).
         unsafe { builder.launch(cfg) }.w()?;
         Ok(out)
     }
@@ -560,7 +640,12 @@ impl CustomOp1 for LayerNormOp<'_> {
     }
 }
 
-struct SegmentMeanOp;
+/// Means of row ranges of a `[rows, H]` tensor. Built only by [`segment_mean`], after it checked
+/// the ranges against `rows` on the host.
+struct SegmentMeanOp {
+    rows: usize,
+    segments: usize,
+}
 
 impl CustomOp3 for SegmentMeanOp {
     fn name(&self) -> &'static str {
@@ -589,8 +674,16 @@ impl CustomOp3 for SegmentMeanOp {
         cl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let dev = h.device();
-        let (_, cols) = hl.shape().dims2()?;
-        let segments = sl.shape().elem_count();
+        let (rows, cols) = hl.shape().dims2()?;
+        let segments = self.segments;
+        if rows != self.rows || sl.shape().dims() != [segments] || cl.shape().dims() != [segments] {
+            candle_core::bail!(
+                "segment_mean: {:?} rows, {:?} starts, {:?} counts",
+                hl.shape(),
+                sl.shape(),
+                cl.shape()
+            );
+        }
         let func = dev.get_or_load_custom_func(
             &format!("{}_segment_mean", prefix(h.dtype())?),
             MODULE,
@@ -598,8 +691,13 @@ impl CustomOp3 for SegmentMeanOp {
         )?;
         let starts = view::<u32>(starts, sl)?;
         let counts = view::<u32>(counts, cl)?;
+        let (grid_x, grid_y) = (arg32(segments, "segments")?, cols.div_ceil(128));
+        if grid_y > 65535 {
+            candle_core::bail!("segment_mean: rows of {cols} are too wide");
+        }
+        let cols32 = arg32(cols, "cols")?;
         // SAFETY: every element is written by the kernel before it is read.
-        let out = unsafe { dev.alloc::<f32>(segments * cols)? };
+        let out = unsafe { dev.alloc::<f32>(elements(segments, cols)?)? };
         let (bf16_rows, f16_rows);
         let mut builder = func.builder();
         match h.dtype() {
@@ -615,14 +713,17 @@ impl CustomOp3 for SegmentMeanOp {
         builder.arg(&starts);
         builder.arg(&counts);
         builder.arg(&out);
-        let cols32 = cols as u32;
         builder.arg(&cols32);
         let cfg = LaunchConfig {
-            grid_dim: (segments as u32, cols.div_ceil(128) as u32, 1),
+            grid_dim: (grid_x, grid_y as u32, 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: the kernel takes (hidden, starts, counts, out, cols), as passed here.
+        // SAFETY: (hidden, starts, counts, out, cols): block (s, ·), s < segments, reads
+        // `starts`/`counts` [segments] (checked views) and rows starts[s] .. starts[s] +
+        // counts[s] ≤ rows of `hidden` (a checked [rows, cols] view of the kernel's dtype; the
+        // ranges were checked on the host by `segment_mean`, which uploaded them), and writes
+        // row s of `out` (segments × cols).
         unsafe { builder.launch(cfg) }.w()?;
         Ok((
             CudaStorage {
@@ -635,21 +736,45 @@ impl CustomOp3 for SegmentMeanOp {
 }
 
 /// Mean of rows `starts[i] .. starts[i] + counts[i]` of `hidden` (`[T, H]`, bf16/f16), in f32:
-/// `[B, H]`.
-pub fn segment_mean(hidden: &Tensor, starts: &Tensor, counts: &Tensor) -> Result<Tensor> {
+/// `[B, H]`. The ranges must lie inside the `T` rows.
+pub(crate) fn segment_mean(hidden: &Tensor, starts: &[u32], counts: &[u32]) -> Result<Tensor> {
+    let (rows, cols) = hidden.dims2()?;
+    let inside = starts.len() == counts.len()
+        && starts
+            .iter()
+            .zip(counts)
+            .all(|(&s, &c)| s as usize + c as usize <= rows);
+    if !inside {
+        return Err(crate::Error::internal(format!(
+            "segment_mean: {} starts and {} counts, not all inside {rows} rows",
+            starts.len(),
+            counts.len()
+        )));
+    }
+    let device = hidden.device();
+    if starts.is_empty() {
+        return Ok(Tensor::zeros((0, cols), DType::F32, device)?);
+    }
+    let op = SegmentMeanOp {
+        rows,
+        segments: starts.len(),
+    };
+    let starts = Tensor::from_slice(starts, starts.len(), device)?;
+    let counts = Tensor::from_slice(counts, counts.len(), device)?;
     Ok(hidden
         .contiguous()?
-        .apply_op3_no_bwd(starts, counts, &SegmentMeanOp)?)
+        .apply_op3_no_bwd(&starts, &counts, &op)?)
 }
 
 /// Whether the fused kernels apply to `x`.
-pub fn applies(x: &Tensor) -> bool {
+pub(crate) fn applies(x: &Tensor) -> bool {
     x.device().is_cuda() && matches!(x.dtype(), DType::BF16 | DType::F16)
 }
 
 /// A contiguous `t` whose first element is 16-byte aligned (the kernels' vector accesses).
 fn aligned(t: &Tensor) -> Result<Tensor> {
-    let ok = t.is_contiguous() && t.layout().start_offset().is_multiple_of(8);
+    let bytes = t.layout().start_offset() * t.dtype().size_in_bytes();
+    let ok = t.is_contiguous() && bytes.is_multiple_of(16);
     Ok(if ok { t.clone() } else { t.copy()? })
 }
 
@@ -668,7 +793,7 @@ fn apply(x: &Tensor, layer: &Linear, residual: Option<&Tensor>, post: Post<'_>) 
 }
 
 /// `residual + x · wᵀ + b`, one rounding.
-pub fn linear_residual(x: &Tensor, layer: &Linear, residual: &Tensor) -> Result<Tensor> {
+pub(crate) fn linear_residual(x: &Tensor, layer: &Linear, residual: &Tensor) -> Result<Tensor> {
     apply(x, layer, Some(&residual.contiguous()?), Post::None)
 }
 
@@ -687,13 +812,13 @@ pub fn linear_rotary(
     heads2: usize,
     half: usize,
 ) -> Result<Tensor> {
-    let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
-    let post = Post::Rotary {
+    let (cos, sin) = (aligned(cos)?, aligned(sin)?);
+    let post = Post::Rotary(Rotary {
         cos: &cos,
         sin: &sin,
         heads2,
         half,
-    };
+    });
     apply(x, layer, None, post)
 }
 

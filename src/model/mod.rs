@@ -7,9 +7,9 @@ pub mod config;
 pub mod esm2;
 mod fair_esm;
 #[cfg(feature = "cuda")]
-pub mod flash;
+pub(crate) mod flash;
 #[cfg(feature = "cuda")]
-pub mod gemm;
+pub(crate) mod gemm;
 pub mod hub;
 #[cfg(feature = "cuda")]
 pub mod kernels;
@@ -20,4 +20,6 @@ pub mod weights;
 pub use config::EsmConfig;
 pub use esm2::Esm2;
 pub use hub::HubOptions;
+#[cfg(feature = "cuda")]
+pub use gemm::DeviceOutOfMemory;
 pub use weights::{Checkpoint, ModelSource};
