@@ -7,7 +7,7 @@ set -u
 E="bash .gpu/run.sh esmbed"
 R=$OUT/r; mkdir -p $R
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $R/gpu.txt
-timeout 200 bash .gpu/run.sh gpu-tests --test-threads 1 > $R/gpu-tests.log 2>&1; echo "gpu tests: exit $?" >> $R/gpu-tests.log
+if [[ -f .gpu/gpu-tests.xz ]]; then timeout 200 bash .gpu/run.sh gpu-tests --test-threads 1 > $R/gpu-tests.log 2>&1; echo "gpu tests: exit $?" >> $R/gpu-tests.log; fi
 for m in tiny_h16 tiny_h64 tiny_h16_bf16 naming/legacy_gamma_beta naming/sharded_model_level naming/bare_bin naming/no_inv_freq; do
   timeout 60 $E verify --model tests/fixtures/$m --device cuda --json >> $R/verify.jsonl 2>> $R/verify.log
 done

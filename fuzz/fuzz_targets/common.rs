@@ -31,8 +31,8 @@ pub fn read_all(path: PathBuf, format: Option<esmbed::input::InputFormat>) {
     for batch in batches {
         let Ok(batch) = batch else { return };
         let rows = inputs.rows(batch);
-        for i in 0..rows.len() {
-            if let Some(sequence) = rows.sequences.is_valid(i).then(|| rows.sequences.value(i)) {
+        for (i, sequence) in rows.sequences.iter().enumerate() {
+            if let Some(sequence) = sequence {
                 let _ = policy.prepare(sequence);
             }
             let _ = rows.id(i);
