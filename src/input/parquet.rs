@@ -10,7 +10,10 @@ use super::InputFile;
 use crate::storage::ObjectChunks;
 
 use arrow::datatypes::{DataType, SchemaRef};
-use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use parquet::arrow::arrow_reader::{
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReader,
+    ParquetRecordBatchReaderBuilder,
+};
 
 use super::SourceBatch;
 
@@ -34,13 +37,15 @@ fn open_reader<R: ChunkReader + 'static>(
     name: &str,
     batch_rows: usize,
 ) -> crate::Result<(SchemaRef, ParquetBatches)> {
-    let builder = ParquetRecordBatchReaderBuilder::try_new(reader).map_err(|e| crate::Error::BadInput {
+    let unreadable = |e: parquet::errors::ParquetError| crate::Error::BadInput {
         input: name.to_string(),
         reason: format!(
-            "not a readable Parquet file ({e}); a file cut short by a crashed writer has no footer: \
-             regenerate it"
+            "not a readable Parquet file ({e}); a file cut short by a crashed writer has no \
+             footer: regenerate it"
         ),
-    })?;
+    };
+    let metadata = footer(&reader, name).map_err(unreadable)?;
+    let builder = ParquetRecordBatchReaderBuilder::new_with_metadata(reader, metadata);
     let schema = builder.schema().clone();
     let reader = builder
         .with_batch_size(batch_rows.max(1))
@@ -56,6 +61,30 @@ fn open_reader<R: ChunkReader + 'static>(
             name: name.to_string(),
         },
     ))
+}
+
+/// The file's footer, with the Arrow schema writers embed in it (`ARROW:schema`: exact column
+/// types, e.g. large strings or time zones). arrow-ipc 59 panics on some corrupt embedded schemas
+/// instead of returning an error (found by `fuzz/`'s `parquet` target: an integer type of an
+/// unsupported width); such a file is read by its Parquet schema alone, with a warning, rather
+/// than taking the job down.
+fn footer<R: ChunkReader>(reader: &R, name: &str) -> parquet::errors::Result<ArrowReaderMetadata> {
+    let with_arrow = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        ArrowReaderMetadata::load(reader, ArrowReaderOptions::new())
+    }));
+    match with_arrow {
+        Ok(metadata) => metadata,
+        Err(_) => {
+            tracing::warn!(
+                "{name}: the Arrow schema embedded in the footer is corrupt; reading the file by its \
+                 Parquet schema"
+            );
+            ArrowReaderMetadata::load(
+                reader,
+                ArrowReaderOptions::new().with_skip_arrow_metadata(true),
+            )
+        }
+    }
 }
 
 /// Check that `column` exists and holds strings.

@@ -19,7 +19,7 @@ pub mod weights;
 
 pub use config::EsmConfig;
 pub use esm2::Esm2;
-pub use hub::HubOptions;
 #[cfg(feature = "cuda")]
 pub use gemm::DeviceOutOfMemory;
+pub use hub::HubOptions;
 pub use weights::{Checkpoint, ModelSource};

@@ -10,6 +10,7 @@ mod bad_inputs;
 mod bad_models;
 mod cli;
 mod engine;
+mod hostile;
 mod hub;
 mod invariance;
 mod naming;

@@ -1,0 +1,29 @@
+//! Regressions found by fuzzing (`fuzz/`): each input that once crashed esmbed, now a clear error
+//! or a working input.
+
+use crate::common::*;
+
+#[test]
+fn a_corrupt_arrow_schema_in_a_parquet_footer_is_not_a_crash() {
+    // fuzz/parquet: the footer's ARROW:schema declares an integer of width 0, on which
+    // arrow-ipc 59 panics. esmbed reads the file by its Parquet schema instead; here that schema
+    // has an integer `sequence` column, which is the user's error to fix.
+    let input = fixture_dir("bad/corrupt_arrow_schema.parquet");
+    let out = scratch("hostile-arrow").join("out.parquet");
+    let model = fixture_dir("tiny_h16");
+    let (code, _, stderr) = esmbed([
+        "embed",
+        input.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--no-progress",
+    ]);
+    assert_eq!(code, 3, "{stderr}");
+    assert!(
+        stderr.contains("Arrow schema embedded in the footer is corrupt"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("sequences must be strings"), "{stderr}");
+}
