@@ -18,7 +18,7 @@ for t in "${targets[@]}"; do
   mkdir -p "$work"
   log=../target/fuzz-$t.log
   # -rss_limit_mb: an allocation proportional to a size field rather than to the input is a bug.
-  cargo +nightly fuzz run --dev "$t" "$work" "corpus/$t" -- \
+  RUST_BACKTRACE=0 cargo +nightly fuzz run --dev "$t" "$work" "corpus/$t" -- \
     -max_total_time="$seconds" -rss_limit_mb=1024 -malloc_limit_mb=512 -timeout=10 -max_len=65536 \
     >"$log" 2>&1 || { echo "$t: FAILED (see $log)"; tail -30 "$log"; exit 1; }
   echo "$t: $(grep -E '^Done|^#[0-9]+.*(DONE|pulse)' "$log" | tail -1)"

@@ -59,6 +59,7 @@ fn open_reader<R: ChunkReader + 'static>(
         ParquetBatches {
             reader,
             name: name.to_string(),
+            failed: false,
         },
     ))
 }
@@ -118,13 +119,33 @@ pub fn check_sequence_column(schema: &SchemaRef, column: &str, name: &str) -> cr
 pub struct ParquetBatches {
     reader: ParquetRecordBatchReader,
     name: String,
+    /// A page could not be decoded: nothing more is read.
+    failed: bool,
 }
 
 impl Iterator for ParquetBatches {
     type Item = crate::Result<SourceBatch>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let batch = self.reader.next()?;
+        if self.failed {
+            return None;
+        }
+        // parquet 59 panics on some corrupt pages instead of returning an error (found by
+        // `fuzz/`'s `parquet` target: a dictionary page declaring no values but holding bytes, a
+        // division by zero); a corrupt file is the input's fault, not a reason to take the job down.
+        let reader = &mut self.reader;
+        let batch = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader.next())) {
+            Ok(batch) => batch?,
+            Err(_) => {
+                self.failed = true;
+                return Some(Err(crate::Error::BadInput {
+                    input: self.name.clone(),
+                    reason: "corrupt data: the Parquet reader could not decode a page; regenerate \
+                             the file"
+                        .into(),
+                }));
+            }
+        };
         Some(
             batch
                 .map(|batch| SourceBatch {

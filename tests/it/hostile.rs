@@ -27,3 +27,28 @@ fn a_corrupt_arrow_schema_in_a_parquet_footer_is_not_a_crash() {
     );
     assert!(stderr.contains("sequences must be strings"), "{stderr}");
 }
+
+#[test]
+fn corrupt_pages_are_an_error_not_a_crash() {
+    // fuzz/parquet: pages on which parquet 59 / arrow-buffer 59 panic (a negative column-chunk
+    // offset, a bit-reader overrun, a validity bitmap shorter than its length). The job stops with
+    // the file named and the fix, exit code 3.
+    let model = fixture_dir("tiny_h16");
+    let dir = scratch("hostile-pages");
+    for i in 1..=3 {
+        let input = fixture_dir(&format!("bad/corrupt_pages_{i}.parquet"));
+        let out = dir.join(format!("out{i}.parquet"));
+        let (code, _, stderr) = esmbed([
+            "embed",
+            input.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "--no-progress",
+        ]);
+        assert_eq!(code, 3, "{i}: {stderr}");
+        assert!(stderr.contains("corrupt data"), "{i}: {stderr}");
+        assert!(!out.exists(), "{i}: no output from a failed job");
+    }
+}
