@@ -1,0 +1,249 @@
+//! The CUDA forward's own kernels (bf16/f16), compiled with NVRTC at first use, and the candle
+//! ops that pair them with the cuBLASLt GEMMs of [`super::gemm`].
+//!
+//! Measured with Nsight Compute and `ESMBED_PROFILE` on an H200 (650M shape): candle's broadcast
+//! bias add, its LayerNorm and its rotary kernel each cost several times the memory traffic they
+//! need. Per layer the forward is now: LayerNorm (one warp per row) → QKV GEMM with the bias in
+//! its epilogue, rotary in place on its output → FlashAttention → output GEMM with bias and
+//! residual in the epilogue → LayerNorm → FC1 GEMM with bias, exact GELU in place → FC2 GEMM
+//! with bias and residual. Every kernel computes in f32 and rounds once on store.
+//!
+//! The element-wise kernels run near the memory bandwidth (650M on an H200: GELU 8 %, rotary 4 %,
+//! the LayerNorms 4 % of GPU time); the rest is cuBLAS and FlashAttention (README, "Performance").
+//!
+//! bf16/f16 conversions are written out (bit operations and PTX `cvt`) so that the source needs
+//! no CUDA headers at run time.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, StorageRef, Tensor, WithDType,
+};
+
+use std::mem::size_of;
+
+use candle_nn::Linear;
+
+use super::gemm::{self, Operand};
+use crate::error::Result;
+
+const MODULE: &str = "esmbed_fused";
+
+/// The LayerNorm kernel's variants: 16-byte vectors per lane kept in registers (`V` in the source).
+const LAYER_NORM_VECTORS: [usize; 3] = [8, 12, 20];
+
+/// The widest LayerNorm row the kernels take (a multiple of 8): 5120, ESM-2 15B's hidden size.
+pub const MAX_LAYER_NORM_WIDTH: usize = 32 * 8 * LAYER_NORM_VECTORS[LAYER_NORM_VECTORS.len() - 1];
+
+const SOURCE: &str = include_str!("kernels.cu");
+
+fn ptx() -> candle_core::Result<&'static str> {
+    static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
+        std::sync::OnceLock::new();
+    PTX.get_or_init(|| {
+        // The virtual architecture of Ampere, the oldest GPU FlashAttention runs on (the packed
+        // two-value conversions need it); the driver JIT-compiles the PTX for the GPU present.
+        let options = candle_core::cuda_backend::cudarc::nvrtc::CompileOptions {
+            arch: Some("compute_80"),
+            ..Default::default()
+        };
+        candle_core::cuda_backend::cudarc::nvrtc::compile_ptx_with_opts(SOURCE, options)
+            .map(|p| p.to_src())
+            .map_err(|e| format!("{e:?}"))
+    })
+    .as_deref()
+    .map_err(|e| candle_core::Error::Msg(format!("compiling esmbed's fused kernels: {e}")))
+}
+
+fn prefix(dtype: DType) -> candle_core::Result<&'static str> {
+    match dtype {
+        DType::BF16 => Ok("bf16"),
+        DType::F16 => Ok("f16"),
+        other => candle_core::bail!("fused kernels take bf16/f16, not {other:?}"),
+    }
+}
+
+/// Where a contiguous tensor lies in its storage (the kernels take no strided inputs).
+fn offsets(l: &Layout) -> candle_core::Result<(usize, usize)> {
+    l.contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("fused kernels need contiguous inputs".into()))
+}
+
+/// A contiguous view of `s` as `T` (bf16, f16, f32 or u32), inside its allocation.
+fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> candle_core::Result<CudaView<'a, T>> {
+    let (start, end) = offsets(l)?;
+    let slice = s.as_cuda_slice::<T>()?;
+    slice.try_slice(start..end).ok_or_else(|| {
+        candle_core::Error::Msg(format!(
+            "fused kernels: elements {start}..{end} outside an allocation of {}",
+            slice.len()
+        ))
+    })
+}
+
+/// That a tensor of `T` starts 16-byte aligned in its allocation (the kernels' vector accesses;
+/// candle's allocations themselves are 256-byte aligned).
+fn check_aligned<T>(l: &Layout, what: &str) -> candle_core::Result<()> {
+    if !(l.start_offset() * size_of::<T>()).is_multiple_of(16) {
+        candle_core::bail!(
+            "{what}: starts at element {}, not 16-byte aligned",
+            l.start_offset()
+        );
+    }
+    Ok(())
+}
+
+/// `s` as a GEMM operand: the whole allocation and where the contiguous tensor starts (the GEMM
+/// checks the lengths it reads against the allocation).
+fn operand<'a, T: CudaDType>(
+    s: &'a CudaStorage,
+    l: &Layout,
+) -> candle_core::Result<Operand<'a, T>> {
+    let (start, _) = offsets(l)?;
+    Ok(Operand {
+        slice: s.as_cuda_slice::<T>()?,
+        offset: start,
+    })
+}
+
+/// The CUDA storage behind a read guard, on `dev`.
+fn cuda<'a>(storage: &'a StorageRef<'_>, dev: &CudaDevice) -> candle_core::Result<&'a CudaStorage> {
+    match &**storage {
+        Storage::Cuda(s) if s.device().id() == dev.id() => Ok(s),
+        Storage::Cuda(_) => candle_core::bail!("fused kernels: operands on different devices"),
+        _ => candle_core::bail!("esmbed's fused kernels run on CUDA only"),
+    }
+}
+
+/// A size as the kernels' 32-bit argument.
+fn arg32(value: usize, what: &str) -> candle_core::Result<u32> {
+    u32::try_from(value).map_err(|_| {
+        candle_core::Error::Msg(format!("fused kernels: {what} {value} exceeds 32 bits"))
+    })
+}
+
+/// `rows · cols` elements, without overflow.
+fn elements(rows: usize, cols: usize) -> candle_core::Result<usize> {
+    rows.checked_mul(cols).ok_or_else(|| {
+        candle_core::Error::Msg(format!("fused kernels: [{rows}, {cols}] overflows"))
+    })
+}
+
+/// A grid-stride launch of `threads` threads in blocks of 256.
+fn grid(threads: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (threads.div_ceil(256).clamp(1, 1 << 16) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// An op whose output is computed the same way for bf16 and f16 storage (`T`).
+trait Typed {
+    fn typed<T: CudaDType + DeviceRepr + WithDType>(
+        &self,
+        dev: &CudaDevice,
+        dtype: DType,
+        x: &CudaStorage,
+        xl: &Layout,
+    ) -> candle_core::Result<CudaSlice<T>>;
+}
+
+/// Run `op` on `x` in its dtype, as a storage of `shape`.
+fn run_typed(
+    op: &impl Typed,
+    x: &CudaStorage,
+    xl: &Layout,
+    shape: Shape,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let dev = x.device();
+    let dtype = x.dtype();
+    let slice = match dtype {
+        DType::BF16 => CudaStorageSlice::BF16(op.typed::<half::bf16>(dev, dtype, x, xl)?),
+        DType::F16 => CudaStorageSlice::F16(op.typed::<half::f16>(dev, dtype, x, xl)?),
+        other => candle_core::bail!("fused kernels take bf16/f16, not {other:?}"),
+    };
+    let storage = CudaStorage {
+        slice,
+        device: dev.clone(),
+    };
+    Ok((storage, shape))
+}
+
+mod layer_norm;
+mod linear;
+mod segment_mean;
+
+use layer_norm::LayerNormOp;
+use linear::{LinearOp, Post, Rotary};
+pub(crate) use segment_mean::segment_mean;
+
+/// Whether the fused kernels apply to `x`.
+pub(crate) fn applies(x: &Tensor) -> bool {
+    x.device().is_cuda() && matches!(x.dtype(), DType::BF16 | DType::F16)
+}
+
+/// A contiguous `t` whose first element is 16-byte aligned (the kernels' vector accesses).
+fn aligned(t: &Tensor) -> Result<Tensor> {
+    let bytes = t.layout().start_offset() * t.dtype().size_in_bytes();
+    let ok = t.is_contiguous() && bytes.is_multiple_of(16);
+    Ok(if ok { t.clone() } else { t.copy()? })
+}
+
+/// `post(x · wᵀ + b (+ residual))` for an ESM-2 Linear (they all have a bias).
+fn apply(x: &Tensor, layer: &Linear, residual: Option<&Tensor>, post: Post<'_>) -> Result<Tensor> {
+    let b = layer
+        .bias()
+        .ok_or_else(|| candle_core::Error::Msg("fused Linear without a bias".into()))?;
+    let op = LinearOp {
+        w: layer.weight(),
+        b,
+        residual,
+        post,
+    };
+    Ok(x.contiguous()?.apply_op1_no_bwd(&op)?)
+}
+
+/// `residual + x · wᵀ + b`, one rounding.
+pub(crate) fn linear_residual(x: &Tensor, layer: &Linear, residual: &Tensor) -> Result<Tensor> {
+    apply(x, layer, Some(&residual.contiguous()?), Post::None)
+}
+
+/// `gelu_erf(x · wᵀ + b)`: the GEMM's output is rounded, then the GELU (HF's order).
+pub fn linear_gelu(x: &Tensor, layer: &Linear) -> Result<Tensor> {
+    apply(x, layer, None, Post::Gelu)
+}
+
+/// The fused query/key/value projection `x · wᵀ + b`, `[T, 3H]`, with rotary applied to the
+/// `heads2 = 2 · heads` query and key heads (head dim `2 · half`, `half` even) from f32 tables
+/// `[T, half]`.
+pub fn linear_rotary(
+    x: &Tensor,
+    layer: &Linear,
+    (cos, sin): (&Tensor, &Tensor),
+    heads2: usize,
+    half: usize,
+) -> Result<Tensor> {
+    let (cos, sin) = (aligned(cos)?, aligned(sin)?);
+    let post = Post::Rotary(Rotary {
+        cos: &cos,
+        sin: &sin,
+        heads2,
+        half,
+    });
+    apply(x, layer, None, post)
+}
+
+/// LayerNorm of the rows of `x` (`[T, H]`, `H` a multiple of 8, at most [`MAX_LAYER_NORM_WIDTH`]).
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let (w, b) = (aligned(w)?, aligned(b)?);
+    let op = LayerNormOp {
+        w: &w,
+        b: &b,
+        eps: eps as f32,
+    };
+    Ok(aligned(x)?.apply_op1_no_bwd(&op)?)
+}
