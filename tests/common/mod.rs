@@ -308,3 +308,19 @@ impl esmbed::engine::PackEmbedder for Faulty {
         self.inner.embed_request(batch, request)
     }
 }
+
+/// A copy of tiny_h16 whose safetensors went through `edit`.
+pub fn edited_model(
+    name: &str,
+    edit: impl FnOnce(&mut HashMap<String, candle_core::Tensor>),
+) -> std::path::PathBuf {
+    let dir = scratch(&format!("edited-{name}"));
+    let src = fixture_dir("tiny_h16");
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let mut tensors =
+        candle_core::safetensors::load(src.join("model.safetensors"), &esmbed::Device::Cpu)
+            .unwrap();
+    edit(&mut tensors);
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    dir
+}

@@ -1,25 +1,7 @@
 //! Broken checkpoints are errors that name the tensor or file at fault, never panics.
 
-use std::collections::HashMap;
-
-use crate::common::fixture_dir;
+use crate::common::{edited_model, fixture_dir};
 use esmbed::{Checkpoint, DType, Device, Esm2, ModelSource};
-
-/// A copy of tiny_h16 whose weights went through `edit`.
-fn edited_model(
-    name: &str,
-    edit: impl FnOnce(&mut HashMap<String, candle_core::Tensor>),
-) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("esmbed-bad-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let src = fixture_dir("tiny_h16");
-    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
-    let mut tensors =
-        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
-    edit(&mut tensors);
-    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
-    dir
-}
 
 fn load_error(dir: &std::path::Path) -> String {
     let checkpoint = match Checkpoint::open(&ModelSource::HfDir(dir.to_path_buf())) {

@@ -4,8 +4,6 @@
 //! `inv_freq` matches transformers' computed frequencies; one parameter under two names with
 //! different values is refused; a truly missing tensor names what was tried.
 
-use std::collections::HashMap;
-
 use crate::common::*;
 use esmbed::{Checkpoint, DType, Device, Esm2, ModelSource, PackedBatch};
 
@@ -74,26 +72,11 @@ fn without_inv_freq_the_frequencies_are_computed_as_transformers_does() {
     }
 }
 
-/// A copy of tiny_h16 whose safetensors went through `edit`.
-fn edited(
-    name: &str,
-    edit: impl FnOnce(&mut HashMap<String, candle_core::Tensor>),
-) -> std::path::PathBuf {
-    let dir = scratch(&format!("naming-{name}"));
-    let src = fixture_dir("tiny_h16");
-    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
-    let mut tensors =
-        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
-    edit(&mut tensors);
-    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
-    dir
-}
-
 #[test]
 fn one_parameter_under_two_names_must_agree() {
     let weight = "esm.encoder.layer.0.LayerNorm.weight";
     // The same values under both names: fine, and the numbers are the plain fixture's.
-    let same = edited("same", |t| {
+    let same = edited_model("same", |t| {
         let w = t[weight].clone();
         t.insert("esm.encoder.layer.0.LayerNorm.gamma".into(), w);
     });
@@ -101,7 +84,7 @@ fn one_parameter_under_two_names_must_agree() {
     assert!(hidden(&load(&same).unwrap(), &fixture) == hidden(&fixture.hf_model(), &fixture));
 
     // Different values: refused, naming both.
-    let differ = edited("differ", |t| {
+    let differ = edited_model("differ", |t| {
         let w = (t[weight].clone() + 1.0).unwrap();
         t.insert("esm.encoder.layer.0.LayerNorm.gamma".into(), w);
     });
@@ -114,7 +97,7 @@ fn one_parameter_under_two_names_must_agree() {
     assert!(err.contains("different values"), "{err}");
 
     // Per-layer inv_freq are one parameter: layers that disagree are refused too.
-    let inv = edited("inv", |t| {
+    let inv = edited_model("inv", |t| {
         let key = "esm.encoder.layer.2.attention.self.rotary_embeddings.inv_freq";
         let v = (t[key].clone() * 2.0).unwrap();
         t.insert(key.into(), v);
@@ -131,7 +114,7 @@ fn one_parameter_under_two_names_must_agree() {
 
 #[test]
 fn a_missing_tensor_lists_the_names_tried() {
-    let dir = edited("missing", |t| {
+    let dir = edited_model("missing", |t| {
         t.remove("esm.encoder.layer.0.attention.LayerNorm.weight");
     });
     let err = load(&dir)
