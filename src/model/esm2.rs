@@ -37,8 +37,6 @@ struct Block {
     ffn_norm: LayerNorm,
     fc1: Linear,
     fc2: Linear,
-    /// Index into [`Esm2::rotary`]: layers usually share one `inv_freq`.
-    rotary: usize,
 }
 
 /// An ESM-2 model on one device, in one dtype.
@@ -47,8 +45,8 @@ pub struct Esm2 {
     word_embeddings: Tensor,
     blocks: Vec<Block>,
     final_norm: LayerNorm,
-    /// Distinct rotary `inv_freq` vectors (f32, `[head_dim / 2]`).
-    rotary: Vec<Tensor>,
+    /// Rotary `inv_freq` (f32, `[head_dim / 2]`): one for every layer, as in transformers.
+    inv_freq: Tensor,
     device: Device,
     dtype: DType,
 }
@@ -84,7 +82,6 @@ impl Esm2 {
                     ffn_norm: norm(&b.ffn_norm)?,
                     fc1: linear(&b.fc1)?,
                     fc2: linear(&b.fc2)?,
-                    rotary: b.rotary,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -93,7 +90,7 @@ impl Esm2 {
             word_embeddings: copy(&self.word_embeddings)?,
             blocks,
             final_norm: norm(&self.final_norm)?,
-            rotary: self.rotary.iter().map(copy).collect::<Result<Vec<_>>>()?,
+            inv_freq: copy(&self.inv_freq)?,
             device: device.clone(),
             dtype: self.dtype,
         })
@@ -185,25 +182,16 @@ impl Esm2 {
         let positions: Vec<f32> = batch.positions().into_iter().map(|p| p as f32).collect();
         let positions = Tensor::from_vec(positions, (total, 1), &self.device)?;
         let fused = self.fused();
-        let rope: Vec<(Tensor, Tensor)> = self
-            .rotary
-            .iter()
-            .map(|inv_freq| {
-                // freqs = t ⊗ inv_freq and its cos/sin in f32 as HF does. The fused kernel reads
-                // the f32 tables; candle's rope wants them in the compute dtype.
-                let freqs = positions.broadcast_mul(&inv_freq.unsqueeze(0)?)?;
-                let (cos, sin) = (freqs.cos()?, freqs.sin()?);
-                Ok(if fused {
-                    (cos, sin)
-                } else {
-                    (cos.to_dtype(self.dtype)?, sin.to_dtype(self.dtype)?)
-                })
-            })
-            .collect::<Result<_>>()?;
+        // freqs = t ⊗ inv_freq and its cos/sin in f32 as HF does. The fused kernel reads the f32
+        // tables; candle's rope wants them in the compute dtype.
+        let freqs = positions.broadcast_mul(&self.inv_freq.unsqueeze(0)?)?;
+        let (mut cos, mut sin) = (freqs.cos()?, freqs.sin()?);
+        if !fused {
+            (cos, sin) = (cos.to_dtype(self.dtype)?, sin.to_dtype(self.dtype)?);
+        }
 
         for (index, block) in self.blocks.iter().enumerate().take(deepest) {
-            let (cos, sin) = &rope[block.rotary];
-            x = self.block_forward(block, &x, cos, sin, &layout)?;
+            x = self.block_forward(block, &x, &cos, &sin, &layout)?;
             let layer = index + 1;
             if layer == n {
                 x = self.layer_norm(&self.final_norm, &x)?;

@@ -48,17 +48,15 @@ impl Esm2 {
                 ffn_norm: norm(&format!("{p}.LayerNorm"))?,
                 fc1: linear(&format!("{p}.intermediate.dense"), ffn, h)?,
                 fc2: linear(&format!("{p}.output.dense"), h, ffn)?,
-                rotary: 0,
             });
         }
         let final_norm = norm("encoder.emb_layer_norm_after")?;
-        let rotary = vec![Tensor::from_vec(inv_freq, half, device)?];
         Ok(Self {
             config,
             word_embeddings,
             blocks,
             final_norm,
-            rotary,
+            inv_freq: Tensor::from_vec(inv_freq, half, device)?,
             device: device.clone(),
             dtype,
         })
@@ -102,7 +100,6 @@ impl Esm2 {
                     ffn_norm: norm()?,
                     fc1: linear(ffn, h)?,
                     fc2: linear(h, ffn)?,
-                    rotary: 0,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -112,7 +109,7 @@ impl Esm2 {
             word_embeddings: randn(&[config.vocab_size, h], 1.0)?,
             blocks,
             final_norm: norm()?,
-            rotary: vec![Tensor::from_vec(computed_inv_freq(config), half, device)?],
+            inv_freq: Tensor::from_vec(computed_inv_freq(config), half, device)?,
             device: device.clone(),
             dtype,
         })
