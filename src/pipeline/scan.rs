@@ -33,7 +33,8 @@ pub fn scan_ids(inputs: &Inputs, dedupe: bool) -> Result<(u64, Duplicates)> {
             let rows = inputs.rows(batch?);
             for i in 0..rows.len() {
                 if let Some(id) = rows.id(i).filter(|_| has_ids) {
-                    match seen.get(&hash128(&hashers, id)) {
+                    let key = hash128(&hashers, id);
+                    match seen.get(&key) {
                         Some(&first) if !dedupe => {
                             return Err(Error::DuplicateId {
                                 id: id.to_string(),
@@ -45,7 +46,7 @@ pub fn scan_ids(inputs: &Inputs, dedupe: bool) -> Result<(u64, Duplicates)> {
                             duplicates.insert(position, first);
                         }
                         None => {
-                            seen.insert(hash128(&hashers, id), position);
+                            seen.insert(key, position);
                         }
                     }
                 }
