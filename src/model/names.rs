@@ -62,10 +62,18 @@ pub fn aliases(canonical: &str) -> Vec<String> {
 /// Every file name of a checkpoint grouped under its canonical name (file names sorted, so the
 /// first is the one transformers prefers: layer 0's `inv_freq` before layer 1's).
 pub fn group<I: IntoIterator<Item = String>>(file_names: I) -> BTreeMap<String, Vec<String>> {
+    group_as(file_names.into_iter().map(|n| (n.clone(), n)))
+}
+
+/// [`group`] for checkpoints whose names are first mapped to HF's (fair-esm `.pt`): pairs of
+/// (HF name, name in the file), grouped by the HF name's canonical name.
+pub fn group_as<I: IntoIterator<Item = (String, String)>>(
+    names: I,
+) -> BTreeMap<String, Vec<String>> {
     let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for name in file_names {
-        if let Some(c) = canonical(&name) {
-            groups.entry(c).or_default().push(name);
+    for (hf_name, file_name) in names {
+        if let Some(c) = canonical(&hf_name) {
+            groups.entry(c).or_default().push(file_name);
         }
     }
     for names in groups.values_mut() {

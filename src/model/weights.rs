@@ -210,14 +210,7 @@ impl Checkpoint {
             .collect();
         let config = fair_esm::config(path, &hf, &store, &source_name)?;
         // fair-esm names mapped to HF's, then HF's rules (one inv_freq for the model).
-        let mut groups: std::collections::BTreeMap<String, Vec<String>> = Default::default();
-        for (hf_name, file_name) in &hf {
-            if let Some(c) = names::canonical(hf_name) {
-                groups.entry(c).or_default().push(file_name.clone());
-            }
-        }
-        groups.values_mut().for_each(|v| v.sort());
-        let names = resolve_names(&store, groups, &source_name)?;
+        let names = resolve_names(&store, names::group_as(hf), &source_name)?;
         config
             .validate()
             .map_err(|reason| Error::model(&source_name, reason))?;
