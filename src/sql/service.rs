@@ -179,7 +179,16 @@ impl EmbedService {
     pub fn embed(&self, sequences: &[Option<&str>], layer: usize) -> Result<(Vec<f32>, Vec<bool>)> {
         let (segments, tokens, windows) = self.prepare(sequences)?;
         let groups = pack(&tokens, self.options.tokens_per_batch);
-        let results = self.run(&groups, layer, &windows)?;
+        // Per-residue outputs only for the packs that hold a window of a long row.
+        let residues: Vec<bool> = groups
+            .iter()
+            .map(|g| {
+                g.members
+                    .iter()
+                    .any(|&m| windows.contains_key(&segments[m].row))
+            })
+            .collect();
+        let results = self.run(&groups, layer, &residues)?;
         let h = self.config.hidden_size;
         let mut out = vec![0f32; sequences.len() * h];
         let mut valid = vec![false; sequences.len()];
@@ -252,18 +261,20 @@ impl EmbedService {
         &self,
         groups: &[Group],
         layer: usize,
-        windows: &HashMap<usize, usize>,
+        residues: &[bool],
     ) -> Result<Vec<(CallPack, PackOutcome<CallPack>)>> {
         let (tx, rx) = mpsc::channel();
         let reply: crate::engine::pool::Reply<CallPack> = Arc::new(move |outcome| {
             let _ = tx.send(outcome); // a dropped receiver is a cancelled query, not a stop
             true
         });
-        let residues = !windows.is_empty();
         for (index, group) in groups.iter().enumerate() {
             let submission = Submission {
                 batch: group.batch.clone(),
-                request: Request::Layer { layer, residues },
+                request: Request::Layer {
+                    layer,
+                    residues: residues[index],
+                },
                 context: Arc::new(index),
                 reply: reply.clone(),
             };
