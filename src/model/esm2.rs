@@ -251,7 +251,7 @@ impl Esm2 {
         let d = self.config.head_dim();
 
         let normed = block.attn_norm.forward(x)?;
-        let qkv = block.qkv.forward(&normed)?;
+        let qkv = linear(&block.qkv, &normed)?;
         // Rotate queries and keys together: [T, 2·heads, d], positions per token.
         let qk = rope(
             &qkv.narrow(1, 0, 2 * h)?.reshape((total, 2 * heads, d))?,
@@ -262,10 +262,10 @@ impl Esm2 {
         let k = qk.narrow(1, heads, heads)?;
         let v = qkv.narrow(1, 2 * h, h)?.reshape((total, heads, d))?;
         let context = attention::attend(&q, &k, &v, layout)?.reshape((total, h))?;
-        let x = (x + block.out.forward(&context)?)?;
+        let x = (x + linear(&block.out, &context)?)?;
         let normed = block.ffn_norm.forward(&x)?;
-        let act = block.fc1.forward(&normed)?.gelu_erf()?;
-        Ok((x + block.fc2.forward(&act)?)?)
+        let act = linear(&block.fc1, &normed)?.gelu_erf()?;
+        Ok((x + linear(&block.fc2, &act)?)?)
     }
 
     /// The block on the fused CUDA kernels (see [`super::kernels`]); `cos`/`sin` are f32.
@@ -350,4 +350,22 @@ pub(super) fn prepare_device(device: &Device) -> Result<()> {
 fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let x = x.contiguous()?.unsqueeze(0)?;
     Ok(candle_nn::rotary_emb::rope_thd(&x, cos, sin)?.squeeze(0)?)
+}
+
+/// Fewest rows a CPU matmul runs with. The `gemm` crate takes other code paths for a handful of
+/// rows (a GEMV for one, other micro-kernels up to 16 on narrow layers), which round differently:
+/// a short sequence alone in a pack would not get the bits it gets among others. Padding such
+/// packs to this many rows keeps every sequence's output bitwise the same in any pack, which
+/// reusing the results of identical sequences relies on.
+const MIN_CPU_ROWS: usize = 32;
+
+/// `x · wᵀ + b`, with tiny CPU inputs padded to [`MIN_CPU_ROWS`] rows.
+fn linear(layer: &Linear, x: &Tensor) -> Result<Tensor> {
+    let rows = x.dim(0)?;
+    if !x.device().is_cpu() || rows >= MIN_CPU_ROWS {
+        return Ok(layer.forward(x)?);
+    }
+    let padding = Tensor::zeros((MIN_CPU_ROWS - rows, x.dim(1)?), x.dtype(), x.device())?;
+    let padded = Tensor::cat(&[x, &padding], 0)?;
+    Ok(layer.forward(&padded)?.narrow(0, 0, rows)?)
 }
