@@ -69,7 +69,7 @@ fn stages(c: &mut Criterion) {
                         input: input.clone(),
                         record: i as u64 + 1,
                     };
-                    part.add_row(Some(sequences.value(i)), origin, None, &policy);
+                    part.add_row(Some(sequences.value(i)), origin, None, &policy, None);
                     if part.len() == 10_000 {
                         let next = PartBuilder::new(part.index() + 1, part.next_position());
                         packs += std::mem::replace(&mut part, next).finish(&options).1.len();

@@ -68,6 +68,12 @@ pub struct EmbedArgs {
     #[arg(long)]
     pub dedupe: bool,
 
+    /// Embed every row, even rows whose sequence is identical to another's (default: identical
+    /// sequences, after case, whitespace, a trailing `*` and truncation, are embedded once and
+    /// the result copied; the output is bitwise the same). For benchmarking.
+    #[arg(long)]
+    pub no_reuse: bool,
+
     /// Continue an interrupted job (same command): finished parts are kept.
     #[arg(long)]
     pub resume: bool,
@@ -136,6 +142,8 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<JobSummary> {
         resume: args.resume,
         overwrite: args.overwrite,
         warm_up: !devices[0].is_cpu(),
+        reuse: !args.no_reuse,
+        reuse_memory: JobOptions::DEFAULT_REUSE_MEMORY,
     };
     let output = std::path::Path::new(&args.output);
     let mut spec = JobSpec::new(inputs, output, &embedders[0], model, options);
@@ -265,6 +273,12 @@ fn print_summary(s: &JobSummary, json: bool) {
         "esmbed: {} of {} sequences embedded → {}",
         s.embedded, s.rows, s.output
     );
+    if let Some(distinct) = s.distinct {
+        eprintln!(
+            "  {} rows, {} distinct sequences embedded ({} rows copied an identical sequence's result)",
+            s.rows, distinct, s.reused
+        );
+    }
     if let Some(errors) = &s.errors_output {
         eprintln!("  {} rows in {} (each with its reason)", s.errors, errors);
     }

@@ -64,6 +64,11 @@ pub struct SqlArgs {
     #[arg(long, default_value_t = sql::DEFAULT_BATCH_ROWS)]
     pub batch_rows: usize,
 
+    /// Embed every row, even rows identical to another row of the same call (default: identical
+    /// sequences of a call are embedded once; the result is the same). For benchmarking.
+    #[arg(long)]
+    pub no_reuse: bool,
+
     /// Partitions run at once (default: the number of CPU cores).
     #[arg(long)]
     pub partitions: Option<usize>,
@@ -181,6 +186,7 @@ fn start_service(args: &SqlArgs) -> anyhow::Result<EmbedService> {
                 BadRows::Error
             },
             warm_up: !devices[0].is_cpu(),
+            reuse: !args.no_reuse,
         },
     )?)
 }

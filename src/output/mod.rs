@@ -208,6 +208,9 @@ pub struct PartRecord {
     pub error_rows: u64,
     /// Residues embedded.
     pub residues: u64,
+    /// Output rows whose result was copied from an identical sequence's.
+    #[serde(default)]
+    pub reused: u64,
     /// Rows truncated.
     pub truncated: u64,
 }

@@ -8,6 +8,7 @@ use arrow::array::{ArrayRef, BooleanArray, Int32Array, RecordBatch, UInt32Array}
 use arrow::datatypes::SchemaRef;
 
 use super::plan::{PartPlan, RowPlan, Segment};
+use super::reuse::{HeldRow, ResultCache, RowSource};
 use crate::error::{Error, Result};
 use crate::output::columns::EmbeddingColumns;
 use crate::output::{ErrorRow, PartRecord};
@@ -30,6 +31,8 @@ struct Settled {
     truncated: Vec<bool>,
     /// Residues embedded.
     residues: u64,
+    /// Output rows copied from an identical sequence's result.
+    reused: u64,
     /// Error rows, by position.
     errors: Vec<ErrorRow>,
 }
@@ -175,12 +178,15 @@ impl PartAssembly {
     }
 
     /// The part's output rows (input order, as a batch of `schema`), its error rows (by
-    /// position) and its manifest record.
+    /// position) and its manifest record. Parts must finish in input order: results kept in
+    /// `cache` for later rows are taken and given here.
     pub fn finish(
         mut self,
         schema: &SchemaRef,
+        cache: &mut ResultCache,
     ) -> Result<(RecordBatch, Vec<ErrorRow>, PartRecord)> {
         self.merge_windows();
+        self.share_results(cache)?;
         let rows = self.settle();
         let mut columns = self.passthrough_columns(schema, &rows.keep)?;
         columns.push(Arc::new(Int32Array::from(rows.lengths)));
@@ -193,6 +199,7 @@ impl PartAssembly {
             output_rows: batch.num_rows() as u64,
             error_rows: rows.errors.len() as u64,
             residues: rows.residues,
+            reused: rows.reused,
             truncated: batch
                 .column_by_name("truncated")
                 .map(|c| {
@@ -202,6 +209,85 @@ impl PartAssembly {
                 .unwrap_or(0),
         };
         Ok((batch, rows.errors, record))
+    }
+
+    /// In row order: hold the results that later rows copy, and copy held results into the rows
+    /// that reuse them (a source row precedes its copies, in this part or an earlier one).
+    fn share_results(&mut self, cache: &mut ResultCache) -> Result<()> {
+        for row in 0..self.plan.rows.len() {
+            match self.plan.rows[row] {
+                RowPlan::Embed {
+                    source: RowSource::Compute { keep: Some(key) },
+                    ..
+                } => cache.hold(key, self.held_row(row)),
+                RowPlan::Embed {
+                    source: RowSource::Copy { key, last },
+                    ..
+                } => {
+                    let held = cache.copy(key, last).ok_or_else(|| {
+                        Error::internal("a reused sequence's result was not held (planner bug)")
+                    })?;
+                    self.put_row(row, held);
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Row `row`'s outputs, to hold for later copies.
+    fn held_row(&self, row: usize) -> HeldRow {
+        if let Some(reason) = self.failed.get(&(row as u32)) {
+            return HeldRow::Failed(reason.clone());
+        }
+        let h = self.columns.hidden;
+        let slice = |v: &Vec<f32>| {
+            if v.is_empty() {
+                Vec::new()
+            } else {
+                v[row * h..(row + 1) * h].to_vec()
+            }
+        };
+        HeldRow::Done {
+            mean: self.mean.iter().map(slice).collect(),
+            bos: self.bos.iter().map(slice).collect(),
+            residues: self
+                .residues
+                .iter()
+                .map(|r| r.get(row).cloned().flatten())
+                .collect(),
+        }
+    }
+
+    /// Give row `row` a held result.
+    fn put_row(&mut self, row: usize, held: HeldRow) {
+        let (mean, bos, residues) = match held {
+            HeldRow::Failed(reason) => {
+                self.failed.insert(row as u32, reason);
+                return;
+            }
+            HeldRow::Done {
+                mean,
+                bos,
+                residues,
+            } => (mean, bos, residues),
+        };
+        let h = self.columns.hidden;
+        for (to, from) in self
+            .mean
+            .iter_mut()
+            .zip(mean)
+            .chain(self.bos.iter_mut().zip(bos))
+        {
+            if !from.is_empty() {
+                to[row * h..(row + 1) * h].copy_from_slice(&from);
+            }
+        }
+        for (to, from) in self.residues.iter_mut().zip(residues) {
+            if let Some(slot) = to.get_mut(row) {
+                *slot = from;
+            }
+        }
     }
 
     /// Which rows are output rows (with their length columns) and which are errors: planned
@@ -216,6 +302,7 @@ impl PartAssembly {
                 length,
                 embedded,
                 truncated,
+                source,
                 ..
             } = *plan
             else {
@@ -232,6 +319,7 @@ impl PartAssembly {
                 });
                 continue;
             }
+            rows.reused += u64::from(matches!(source, RowSource::Copy { .. }));
             rows.keep.push(row as u32);
             rows.lengths.push(length as i32);
             rows.truncated.push(truncated);

@@ -22,6 +22,7 @@ pub mod assemble;
 pub mod plan;
 pub mod planner;
 pub mod progress;
+pub mod reuse;
 pub mod scan;
 pub mod spec;
 pub mod writer;
@@ -34,9 +35,10 @@ use std::time::Instant;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use self::plan::{Duplicates, PlanOptions};
+use self::plan::PlanOptions;
 use self::planner::{PackMeta, Planner, PlannerStats};
 use self::progress::Event;
+use self::scan::Scan;
 pub use self::spec::{JobSpec, ModelIdentity};
 use self::writer::WriterMsg;
 use crate::engine::{DevicePool, DeviceSummary, PackEmbedder, PoolOptions};
@@ -65,6 +67,18 @@ pub struct JobOptions {
     /// Run a pack of `tokens_per_batch` tokens of the longest sequences on every device first,
     /// so that a budget that does not fit fails at start-up (GPU jobs).
     pub warm_up: bool,
+    /// Embed identical sequences once and copy the result to every row of them
+    /// ([`reuse`]); the output is the same either way.
+    pub reuse: bool,
+    /// Most bytes of results held for later rows of the same sequence (beyond it, a repeated
+    /// sequence is computed again).
+    pub reuse_memory: usize,
+}
+
+impl JobOptions {
+    /// Default for [`JobOptions::reuse_memory`]: 1 GiB, the pooled results of ~200,000 distinct
+    /// repeated sequences of the 650M model at a time.
+    pub const DEFAULT_REUSE_MEMORY: usize = 1 << 30;
 }
 
 /// What a finished job did.
@@ -78,6 +92,10 @@ pub struct JobSummary {
     pub errors: u64,
     /// Rows truncated to `--max-length`.
     pub truncated: u64,
+    /// Distinct sequences among the rows that can be embedded (with reuse on).
+    pub distinct: Option<u64>,
+    /// Output rows whose result was copied from an identical sequence's.
+    pub reused: u64,
     /// Residues embedded.
     pub residues: u64,
     /// Tokens through the model (specials included), this run.
@@ -121,7 +139,7 @@ pub async fn run(
     cancel: Arc<AtomicBool>,
 ) -> Result<JobSummary> {
     let started = Instant::now();
-    let (manifest, total_rows, duplicates) = blocking({
+    let (manifest, scan) = blocking({
         let spec = spec.clone();
         move || open_output(&spec)
     })
@@ -133,9 +151,10 @@ pub async fn run(
         })
         .await?,
     );
-    (spec.progress)(Event::Started { rows: total_rows });
+    (spec.progress)(Event::Started { rows: scan.rows });
+    let distinct = scan.sequences.as_ref().map(|s| s.len() as u64);
     let manifest = Arc::new(Mutex::new(manifest));
-    let stages = run_stages(&spec, &pool, &manifest, duplicates, &cancel).await;
+    let stages = run_stages(&spec, &pool, &manifest, scan, &cancel).await;
     (spec.progress)(Event::Finished);
     let (planner, devices, parts_written) = match stages {
         Ok(stats) => stats,
@@ -167,6 +186,7 @@ pub async fn run(
     debug_assert_eq!(summary.rows, planner.rows);
     summary.parts_written = parts_written;
     summary.parts_resumed = planner.resumed;
+    summary.distinct = distinct;
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
 }
@@ -180,7 +200,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 
 /// Before any model work: the output's state (what is there, what an earlier run finished),
 /// then the pre-pass over the inputs; the staging directory and manifest are written last.
-fn open_output(spec: &JobSpec) -> Result<(Manifest, u64, Duplicates)> {
+fn open_output(spec: &JobSpec) -> Result<(Manifest, Scan)> {
     let (layout, opts) = (&spec.layout, &spec.options);
     if let Some(remote) = &spec.remote {
         remote.start(opts.overwrite, opts.resume)?;
@@ -209,8 +229,9 @@ fn open_output(spec: &JobSpec) -> Result<(Manifest, u64, Duplicates)> {
         }
         _ => Manifest::new(spec.identity.clone()),
     };
-    let (total_rows, duplicates) = scan::scan_ids(&spec.inputs, opts.dedupe)?;
-    if total_rows == 0 {
+    let policy = opts.plan.policy(spec.tokenizer);
+    let scan = scan::scan(&spec.inputs, opts.dedupe, opts.reuse.then_some(&policy))?;
+    if scan.rows == 0 {
         let names: Vec<String> = spec.inputs.files.iter().map(|f| f.name()).collect();
         return Err(Error::bad_input(
             names.join(", "),
@@ -219,7 +240,7 @@ fn open_output(spec: &JobSpec) -> Result<(Manifest, u64, Duplicates)> {
     }
     layout.prepare()?;
     manifest.save(&layout.manifest_path())?;
-    Ok((manifest, total_rows, duplicates))
+    Ok((manifest, scan))
 }
 
 fn start_pool(
@@ -261,7 +282,7 @@ async fn run_stages(
     spec: &JobSpec,
     pool: &Arc<DevicePool<PackMeta>>,
     manifest: &Arc<Mutex<Manifest>>,
-    duplicates: Duplicates,
+    scan: Scan,
     cancel: &Arc<AtomicBool>,
 ) -> Result<(PlannerStats, Vec<DeviceSummary>, usize)> {
     let (writer_tx, writer_rx) = mpsc::channel::<WriterMsg>(64 * pool.devices());
@@ -271,7 +292,8 @@ async fn run_stages(
         blocking(move || {
             Planner {
                 spec: &spec,
-                duplicates: &duplicates,
+                duplicates: &scan.duplicates,
+                sequences: scan.sequences,
                 done: &done,
                 cancel: &cancel,
                 pool: &pool,
@@ -325,6 +347,7 @@ fn summarize(
             s.errors += p.error_rows;
             s.residues += p.residues;
             s.truncated += p.truncated;
+            s.reused += p.reused;
             s
         });
     let tokens: u64 = devices.iter().map(|d| d.tokens).sum();

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use arrow::array::RecordBatch;
 
+use super::reuse::{sequence_key, ReusePlanner, RowSource};
 use crate::output::ErrorRow;
 use crate::pack::{pack, PackedBatch};
 use crate::prepare::InputPolicy;
@@ -73,8 +74,10 @@ pub enum RowPlan {
         embedded: usize,
         /// Whether it was cut to `max_length`.
         truncated: bool,
-        /// Number of segments (1, or the window count).
+        /// Number of segments (1, or the window count; 0 for a copied row).
         windows: usize,
+        /// Computed, or copied from an identical sequence's result.
+        source: RowSource,
     },
     /// In the errors output.
     Error,
@@ -164,12 +167,14 @@ impl PartBuilder {
     }
 
     /// Add one row: `problem` is a reason found before tokenizing (reader problem, duplicate).
+    /// With `reuse`, a row whose sequence's result the writer holds is copied, not computed.
     pub fn add_row(
         &mut self,
         sequence: Option<&str>,
         origin: Origin,
         problem: Option<String>,
         policy: &InputPolicy,
+        reuse: Option<&mut ReusePlanner>,
     ) {
         if let Some(reason) = problem {
             return self.add_error(origin, reason);
@@ -182,13 +187,24 @@ impl PartBuilder {
             Err(reason) => return self.add_error(origin, reason),
         };
         let row = self.rows.len() as u32;
+        let source = match reuse {
+            Some(reuse) => reuse.decide(sequence_key(&prepared), prepared.embedded),
+            None => RowSource::Compute { keep: None },
+        };
+        let copied = matches!(source, RowSource::Copy { .. });
         let plan = RowPlan::Embed {
             length: prepared.length,
             embedded: prepared.embedded,
             truncated: prepared.truncated,
-            windows: prepared.segments.len(),
+            windows: if copied { 0 } else { prepared.segments.len() },
+            source,
         };
-        for (w, (offset, tokens)) in prepared.segments.into_iter().enumerate() {
+        let segments = if copied {
+            Vec::new()
+        } else {
+            prepared.segments
+        };
+        for (w, (offset, tokens)) in segments.into_iter().enumerate() {
             let segment = Segment {
                 row,
                 window: w as u32,
@@ -286,7 +302,13 @@ mod tests {
                 input: input.clone(),
                 record: i as u64 + 1,
             };
-            part.add_row(*seq, origin, None, &options.policy(Default::default()));
+            part.add_row(
+                *seq,
+                origin,
+                None,
+                &options.policy(Default::default()),
+                None,
+            );
         }
         part.finish(&options)
     }
@@ -310,7 +332,8 @@ mod tests {
                 length: 8,
                 embedded: 6,
                 truncated: true,
-                windows: 1
+                windows: 1,
+                source: RowSource::Compute { keep: None },
             }
         );
         let tokens: usize = packs.iter().map(|p| p.batch.total_tokens()).sum();

@@ -10,8 +10,9 @@ use arrow::array::Array;
 
 use tokio::sync::mpsc;
 
-use super::plan::{Duplicates, Origin, PartBuilder, Segment};
+use super::plan::{Duplicates, Origin, PartBuilder, RowPlan, Segment};
 use super::progress::Event;
+use super::reuse::{sequence_key, ReusePlanner, RowSize, RowSource, SequenceCounts};
 use super::writer::{self, WriterMsg};
 use super::JobSpec;
 use crate::engine::{DevicePool, Request, Submission};
@@ -42,6 +43,8 @@ pub struct Planner<'a> {
     pub spec: &'a JobSpec,
     /// Later duplicates of ids (with `--dedupe`).
     pub duplicates: &'a Duplicates,
+    /// Rows per distinct sequence, when results are reused.
+    pub sequences: Option<SequenceCounts>,
     /// Parts finished by an earlier run.
     pub done: &'a HashSet<usize>,
     /// Set when the job stops.
@@ -54,8 +57,15 @@ pub struct Planner<'a> {
 
 impl Planner<'_> {
     /// Plan every part; closes the pool's queue when done, whatever the outcome.
-    pub fn run(&self) -> Result<PlannerStats> {
+    pub fn run(mut self) -> Result<PlannerStats> {
         let _close = self.pool.close_on_drop();
+        let mut reuse = self.sequences.take().map(|counts| {
+            ReusePlanner::new(
+                counts,
+                row_size(&self.spec.columns),
+                self.spec.options.reuse_memory,
+            )
+        });
         let mut stats = PlannerStats::default();
         let reply = writer::reply(self.writer_tx.clone());
         let mut part = PartBuilder::new(0, 0);
@@ -83,6 +93,11 @@ impl Planner<'_> {
                         stats.rows += 1;
                         if skipping {
                             part.add_skipped();
+                            if let (Some(reuse), true) = (&mut reuse, rows.sequences.is_valid(i)) {
+                                if let Ok(prepared) = policy.prepare(rows.sequences.value(i)) {
+                                    reuse.skip(sequence_key(&prepared));
+                                }
+                            }
                             continue;
                         }
                         let origin = Origin {
@@ -96,7 +111,7 @@ impl Planner<'_> {
                             })
                         });
                         let sequence = rows.sequences.is_valid(i).then(|| rows.sequences.value(i));
-                        part.add_row(sequence, origin, problem, &policy);
+                        part.add_row(sequence, origin, problem, &policy, reuse.as_mut());
                         self.check_strict(&part)?;
                     }
                     start += take;
@@ -148,8 +163,21 @@ impl Planner<'_> {
             return true;
         }
         let (plan, packs) = part.finish(&self.spec.options.plan);
+        let copied = plan
+            .rows
+            .iter()
+            .filter(|r| {
+                matches!(
+                    r,
+                    RowPlan::Embed {
+                        source: RowSource::Copy { .. },
+                        ..
+                    }
+                )
+            })
+            .count();
         progress(Event::Advanced {
-            rows: plan.errors.len() as u64,
+            rows: (plan.errors.len() + copied) as u64,
             residues_per_second: 0.0,
         });
         if self.writer_tx.blocking_send(WriterMsg::Plan(plan)).is_err() {
@@ -168,5 +196,16 @@ impl Planner<'_> {
                 reply: reply.clone(),
             })
         })
+    }
+}
+
+/// Bytes of one row's held result, as the writer holds it (f32 vectors).
+fn row_size(columns: &crate::output::columns::EmbeddingColumns) -> RowSize {
+    let vector = columns.hidden * std::mem::size_of::<f32>();
+    let layers = columns.layers.len();
+    let p = columns.pooling;
+    RowSize {
+        pooled: layers * vector * (usize::from(p.mean) + usize::from(p.bos)),
+        per_residue: if p.per_residue { layers * vector } else { 0 },
     }
 }

@@ -1,7 +1,9 @@
-//! The writer stage: assemble parts as results arrive, commit each when complete (part file,
-//! then the manifest that lists it), and at the end make the output visible.
+//! The writer stage: assemble parts as results arrive, commit each when it and every earlier
+//! part are complete (part file, then the manifest that lists it), and at the end make the
+//! output visible. Parts commit in input order because a row may copy the result of an
+//! identical sequence in an earlier part ([`super::reuse`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -13,6 +15,7 @@ use super::assemble::PartAssembly;
 use super::plan::{PartPlan, Segment};
 use super::planner::PackMeta;
 use super::progress::Event;
+use super::reuse::ResultCache;
 use super::JobSpec;
 use crate::engine::pool::Reply;
 use crate::engine::PackOutcome;
@@ -100,6 +103,9 @@ pub fn write_parts(
             .with_metadata([(output::METADATA_KEY.to_string(), spec.metadata.clone())].into()),
     );
     let mut parts: HashMap<usize, PartAssembly> = HashMap::new();
+    // Planned parts not yet committed, in input order.
+    let mut order: VecDeque<usize> = VecDeque::new();
+    let mut cache = ResultCache::default();
     let mut written = 0;
     let started = Instant::now();
     let mut residues_done = 0u64;
@@ -107,11 +113,12 @@ pub fn write_parts(
         if cancel.load(Ordering::SeqCst) {
             break;
         }
-        let (index, rows, residues) = match msg {
+        let (rows, residues) = match msg {
             WriterMsg::Plan(plan) => {
                 let index = plan.index;
+                order.push_back(index);
                 parts.insert(index, PartAssembly::new(plan, spec.columns.clone()));
-                (index, 0, 0)
+                (0, 0)
             }
             WriterMsg::Done {
                 part,
@@ -122,7 +129,7 @@ pub fn write_parts(
                 let assembly = parts.get_mut(&part).expect("plan precedes results");
                 assembly.add(&segments, &batch, &pooled);
                 let rows = segments.iter().filter(|s| s.window == 0).count();
-                (part, rows, batch.residue_counts().iter().sum::<usize>())
+                (rows, batch.residue_counts().iter().sum::<usize>())
             }
             WriterMsg::Failed {
                 part,
@@ -131,7 +138,7 @@ pub fn write_parts(
             } => {
                 let assembly = parts.get_mut(&part).expect("plan precedes results");
                 assembly.fail(segment, reason);
-                (part, usize::from(segment.window == 0), 0)
+                (usize::from(segment.window == 0), 0)
             }
         };
         if rows > 0 {
@@ -142,14 +149,18 @@ pub fn write_parts(
                     / started.elapsed().as_secs_f64().max(1e-9),
             });
         }
-        if parts.get(&index).is_some_and(PartAssembly::is_complete) {
-            let assembly = parts.remove(&index).expect("present");
-            if let Err(e) = commit_part(spec, &schema, index, assembly, manifest) {
+        while let Some(&next) = order.front() {
+            if !parts.get(&next).is_some_and(PartAssembly::is_complete) {
+                break;
+            }
+            order.pop_front();
+            let assembly = parts.remove(&next).expect("present");
+            if let Err(e) = commit_part(spec, &schema, next, assembly, &mut cache, manifest) {
                 cancel.store(true, Ordering::SeqCst);
                 return Err(e);
             }
             written += 1;
-            (spec.progress)(Event::PartCommitted { index });
+            (spec.progress)(Event::PartCommitted { index: next });
         }
     }
     Ok(written)
@@ -160,10 +171,11 @@ fn commit_part(
     schema: &SchemaRef,
     index: usize,
     assembly: PartAssembly,
+    cache: &mut ResultCache,
     manifest: &Mutex<Manifest>,
 ) -> Result<()> {
     let layout = &spec.layout;
-    let (batch, errors, record) = assembly.finish(schema)?;
+    let (batch, errors, record) = assembly.finish(schema, cache)?;
     // Errors first: a committed part file implies its errors are committed too.
     if !errors.is_empty() {
         output::write_parquet(

@@ -6,10 +6,12 @@
 //! same [`pack`] helper, and submitted to the pool, where the device workers take its packs
 //! alongside those of other partitions, so every GPU stays busy while DataFusion reads and
 //! writes. Results come back to the caller, which restores row order (and averages the windows
-//! of long sequences, as the job's writer does).
+//! of long sequences, as the job's writer does). Rows of a call whose sequence is identical to
+//! an earlier row's (after the input policy) are embedded once, as in a job
+//! ([`crate::pipeline::reuse`]).
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 
 use crate::embed::Embedder;
@@ -18,6 +20,7 @@ use crate::engine::{Request, Submission};
 use crate::error::{Error, Result};
 use crate::model::EsmConfig;
 use crate::pack::{pack, Group};
+use crate::pipeline::reuse::sequence_key;
 use crate::prepare::{InputPolicy, LongPolicy, WindowSums};
 use crate::tokenize::Tokenizer;
 
@@ -46,6 +49,8 @@ pub struct ServiceOptions {
     /// Run a full pack on every device at start (GPU sessions), so a budget that does not fit
     /// fails at once.
     pub warm_up: bool,
+    /// Embed identical sequences of a call once (the result is the same either way).
+    pub reuse: bool,
 }
 
 impl Default for ServiceOptions {
@@ -56,6 +61,7 @@ impl Default for ServiceOptions {
             long: LongPolicy::Truncate,
             bad_rows: BadRows::Error,
             warm_up: false,
+            reuse: true,
         }
     }
 }
@@ -70,6 +76,8 @@ pub struct EmbedService {
     options: ServiceOptions,
     /// The model's hyper-parameters (width, layers).
     config: EsmConfig,
+    /// Rows that copied an identical row's result, over all calls.
+    reused: AtomicU64,
 }
 
 impl std::fmt::Debug for EmbedService {
@@ -86,6 +94,17 @@ impl std::fmt::Debug for EmbedService {
 struct Segment {
     row: usize,
     offset: usize,
+}
+
+/// The model inputs of a call.
+#[derive(Debug, Default)]
+struct CallInputs {
+    segments: Vec<Segment>,
+    tokens: Vec<Vec<u32>>,
+    /// Residues of each row embedded in windows.
+    windows: HashMap<usize, usize>,
+    /// `(row, earlier row with the identical sequence)`.
+    copies: Vec<(usize, usize)>,
 }
 
 impl EmbedService {
@@ -135,7 +154,13 @@ impl EmbedService {
             policy,
             options,
             config,
+            reused: AtomicU64::new(0),
         })
+    }
+
+    /// Rows that copied the result of an identical sequence in the same call, so far.
+    pub fn reused_rows(&self) -> u64 {
+        self.reused.load(Ordering::Relaxed)
     }
 
     /// Width of the embeddings.
@@ -177,7 +202,12 @@ impl EmbedService {
     /// zeros where the result is null, and the validity of each row. Blocks until the devices are
     /// done: call it from a blocking thread.
     pub fn embed(&self, sequences: &[Option<&str>], layer: usize) -> Result<(Vec<f32>, Vec<bool>)> {
-        let (segments, tokens, windows) = self.prepare(sequences)?;
+        let CallInputs {
+            segments,
+            tokens,
+            windows,
+            copies,
+        } = self.prepare(sequences)?;
         let groups = pack(&tokens, self.options.tokens_per_batch);
         // Per-residue outputs only for the packs that hold a window of a long row.
         let residues: Vec<bool> = groups
@@ -224,19 +254,20 @@ impl EmbedService {
         for (row, sums) in sums {
             out[row * h..(row + 1) * h].copy_from_slice(&sums.finish().1);
         }
+        for &(row, source) in &copies {
+            out.copy_within(source * h..(source + 1) * h, row * h);
+            valid[row] = valid[source];
+        }
+        self.reused
+            .fetch_add(copies.len() as u64, Ordering::Relaxed);
         Ok((out, valid))
     }
 
-    /// The model inputs of a call: each segment's row and offset, its tokens, and the length of
-    /// each row embedded in windows.
-    #[allow(clippy::type_complexity)]
-    fn prepare(
-        &self,
-        sequences: &[Option<&str>],
-    ) -> Result<(Vec<Segment>, Vec<Vec<u32>>, HashMap<usize, usize>)> {
-        let mut segments = Vec::with_capacity(sequences.len());
-        let mut tokens = Vec::with_capacity(sequences.len());
-        let mut windows = HashMap::new();
+    /// The model inputs of a call: each segment's row and offset, its tokens, the length of
+    /// each row embedded in windows, and the rows that repeat an earlier row's sequence.
+    fn prepare(&self, sequences: &[Option<&str>]) -> Result<CallInputs> {
+        let mut inputs = CallInputs::default();
+        let mut first: HashMap<u128, usize> = HashMap::new();
         for (row, sequence) in sequences.iter().enumerate() {
             let Some(sequence) = sequence else { continue };
             let prepared = match self.policy.prepare(sequence) {
@@ -244,15 +275,26 @@ impl EmbedService {
                 Err(_) if self.options.bad_rows == BadRows::Null => continue,
                 Err(reason) => return Err(row_error(row, sequence, &reason)),
             };
+            if self.options.reuse {
+                match first.entry(sequence_key(&prepared)) {
+                    std::collections::hash_map::Entry::Occupied(source) => {
+                        inputs.copies.push((row, *source.get()));
+                        continue;
+                    }
+                    std::collections::hash_map::Entry::Vacant(slot) => {
+                        slot.insert(row);
+                    }
+                }
+            }
             if prepared.segments.len() > 1 {
-                windows.insert(row, prepared.length);
+                inputs.windows.insert(row, prepared.length);
             }
             for (offset, t) in prepared.segments {
-                segments.push(Segment { row, offset });
-                tokens.push(t);
+                inputs.segments.push(Segment { row, offset });
+                inputs.tokens.push(t);
             }
         }
-        Ok((segments, tokens, windows))
+        Ok(inputs)
     }
 
     /// Submit the packs and collect every result; a sequence that does not fit even alone fails

@@ -250,24 +250,41 @@ pub fn run_job(
     tokens_per_batch: usize,
     rows_per_part: usize,
 ) -> esmbed::Result<esmbed::pipeline::JobSummary> {
+    run_job_with(input, output, model, workers, |o| {
+        o.plan.tokens_per_batch = tokens_per_batch;
+        o.rows_per_part = rows_per_part;
+    })
+}
+
+/// [`run_job`] with the job's options as `edit` leaves them.
+pub fn run_job_with(
+    input: &std::path::Path,
+    output: &std::path::Path,
+    model: &esmbed::Embedder,
+    workers: Vec<std::sync::Arc<dyn esmbed::engine::PackEmbedder>>,
+    edit: impl FnOnce(&mut esmbed::pipeline::JobOptions),
+) -> esmbed::Result<esmbed::pipeline::JobSummary> {
     use esmbed::input::{InputOptions, Inputs};
     use esmbed::pipeline::plan::{LongPolicy, PlanOptions};
     use esmbed::pipeline::{JobOptions, JobSpec, ModelIdentity};
     let inputs = Inputs::open(&[input.to_path_buf()], InputOptions::default()).unwrap();
-    let options = JobOptions {
+    let mut options = JobOptions {
         plan: PlanOptions {
-            tokens_per_batch,
+            tokens_per_batch: 4096,
             max_length: 1022,
             long: LongPolicy::Truncate,
         },
-        rows_per_part,
+        rows_per_part: 1000,
         strict: false,
         dedupe: false,
         output_dtype: Default::default(),
         resume: false,
         overwrite: true,
         warm_up: false,
+        reuse: true,
+        reuse_memory: JobOptions::DEFAULT_REUSE_MEMORY,
     };
+    edit(&mut options);
     let identity = ModelIdentity {
         name: "fixture".into(),
         fingerprint: "test".into(),

@@ -18,6 +18,7 @@ mod oom;
 mod real_fasta;
 mod reference;
 mod resume;
+mod reuse;
 mod s3;
 mod sql;
 mod workers;

@@ -147,6 +147,38 @@ fn sigkill_then_resume_equals_an_uninterrupted_run() {
 }
 
 #[test]
+fn a_resumed_job_with_repeated_sequences_equals_an_uninterrupted_run_without_reuse() {
+    let dir = scratch("kill-reuse");
+    let (input, _) = crate::reuse::repeated_fasta(&dir, 400, 5);
+    let reference = dir.join("reference.parquet");
+    let no_reuse = [&args(&input, &reference)[..], &["--no-reuse".to_string()]].concat();
+    let (code, _, stderr) = esmbed(no_reuse);
+    assert_eq!(code, 0, "{stderr}");
+    let expected = read_parquet(&reference);
+
+    let out = dir.join("killed.parquet");
+    let a = args(&input, &out);
+    let mut child = spawn_slow(&a);
+    let layout = esmbed::output::OutputLayout::new(&out);
+    wait_for_parts(&layout.manifest_path(), 3);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (code, _, stderr) = esmbed([&a[..], &["--resume".to_string()]].concat());
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("resumed:"), "{stderr}");
+    assert!(stderr.contains("distinct sequences embedded"), "{stderr}");
+    let got = read_parquet(&out);
+    assert_eq!(strings(&got, "id"), strings(&expected, "id"));
+    let bits = |b: &arrow::array::RecordBatch| -> Vec<Vec<u32>> {
+        vectors(b, "embedding")
+            .iter()
+            .map(|v| v.iter().map(|x| x.to_bits()).collect())
+            .collect()
+    };
+    assert_eq!(bits(&got), bits(&expected));
+}
+
+#[test]
 fn sigterm_stops_cleanly_and_says_how_to_resume() {
     let dir = scratch("term");
     let input = input(&dir, 300);
