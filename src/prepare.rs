@@ -19,6 +19,57 @@ pub enum LongPolicy {
     Window,
 }
 
+/// Why a row is in the errors output, in a word: the errors file's `problem` column (to count
+/// or filter by) and `--dry-run`'s tally. The `reason` beside it says what exactly, and the fix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Problem {
+    /// The reader could not make a row of the record.
+    Unreadable,
+    /// The sequence is null.
+    NullSequence,
+    /// A character outside the alphabet (see `--unknown`).
+    InvalidResidue,
+    /// No residues.
+    EmptySequence,
+    /// Longer than `--max-length` under `--long error`.
+    TooLong,
+    /// An id seen before, under `--dedupe`.
+    DuplicateId,
+    /// Did not fit on any device even alone.
+    OutOfMemory,
+}
+
+impl Problem {
+    /// The name in the errors file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Problem::Unreadable => "unreadable",
+            Problem::NullSequence => "null_sequence",
+            Problem::InvalidResidue => "invalid_residue",
+            Problem::EmptySequence => "empty_sequence",
+            Problem::TooLong => "too_long",
+            Problem::DuplicateId => "duplicate_id",
+            Problem::OutOfMemory => "out_of_memory",
+        }
+    }
+}
+
+/// A row the policy cannot embed: what kind of problem, and the reason for the user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// The kind.
+    pub problem: Problem,
+    /// What is wrong and what to do.
+    pub reason: String,
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
 /// How text becomes model inputs.
 #[derive(Debug, Clone, Copy)]
 pub struct InputPolicy {
@@ -45,11 +96,17 @@ pub struct Prepared {
 }
 
 impl InputPolicy {
-    /// Tokenize `sequence` and apply the length policy. `Err` is the reason the row cannot be
+    /// Tokenize `sequence` and apply the length policy. `Err` is why the row cannot be
     /// embedded (a character outside the alphabet, an empty sequence, too long under `--long
     /// error`).
-    pub fn prepare(&self, sequence: &str) -> Result<Prepared, String> {
-        let mut tokens = self.tokenizer.encode(sequence).map_err(|e| e.to_string())?;
+    pub fn prepare(&self, sequence: &str) -> Result<Prepared, Rejection> {
+        let mut tokens = self.tokenizer.encode(sequence).map_err(|e| Rejection {
+            problem: match e {
+                crate::tokenize::TokenizeError::InvalidResidue { .. } => Problem::InvalidResidue,
+                crate::tokenize::TokenizeError::Empty => Problem::EmptySequence,
+            },
+            reason: e.to_string(),
+        })?;
         let length = tokens.len() - 2;
         let max = self.max_length;
         let whole = |tokens, embedded, truncated| Prepared {
@@ -66,10 +123,13 @@ impl InputPolicy {
                 Tokenizer::truncate(&mut tokens, max);
                 Ok(whole(tokens, max, true))
             }
-            LongPolicy::Error => Err(format!(
-                "sequence has {length} residues, more than --max-length {max}; use --long \
-                 truncate (first {max} residues) or --long window, or raise --max-length"
-            )),
+            LongPolicy::Error => Err(Rejection {
+                problem: Problem::TooLong,
+                reason: format!(
+                    "sequence has {length} residues, more than --max-length {max}; use --long \
+                     truncate (first {max} residues) or --long window, or raise --max-length"
+                ),
+            }),
             LongPolicy::Window => {
                 let residues = &tokens[1..=length];
                 let segments = window_starts(length, max)
@@ -180,7 +240,8 @@ mod tests {
         assert_eq!((p.length, p.embedded, p.truncated), (6, 4, true));
         assert_eq!(p.segments[0].1.len(), 6);
         let e = policy(LongPolicy::Error).prepare("ACDEFG").unwrap_err();
-        assert!(e.contains("--max-length 4"), "{e}");
+        assert!(e.reason.contains("--max-length 4"), "{e}");
+        assert_eq!(e.problem, Problem::TooLong);
         let w = policy(LongPolicy::Window).prepare("ACDEFG").unwrap();
         let starts: Vec<usize> = w.segments.iter().map(|s| s.0).collect();
         assert_eq!(starts, vec![0, 2]);
@@ -192,7 +253,10 @@ mod tests {
                 .len()
                 == 1
         );
-        assert!(policy(LongPolicy::Truncate).prepare("AC1").is_err());
+        let e = policy(LongPolicy::Truncate).prepare("AC1").unwrap_err();
+        assert_eq!(e.problem, Problem::InvalidResidue);
+        let e = policy(LongPolicy::Truncate).prepare(" *").unwrap_err();
+        assert_eq!(e.problem, Problem::EmptySequence);
     }
 
     #[test]

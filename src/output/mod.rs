@@ -369,6 +369,8 @@ pub struct ErrorRow {
     pub input: String,
     /// 1-based record number within that file.
     pub record: u64,
+    /// The kind of problem.
+    pub problem: crate::prepare::Problem,
     /// What was wrong, and what to do.
     pub reason: String,
 }
@@ -380,6 +382,7 @@ pub fn errors_schema() -> SchemaRef {
         Field::new("position", DataType::UInt64, false),
         Field::new("input", DataType::Utf8, false),
         Field::new("record", DataType::UInt64, false),
+        Field::new("problem", DataType::Utf8, false),
         Field::new("reason", DataType::Utf8, false),
     ]))
 }
@@ -395,6 +398,9 @@ pub fn errors_batch(rows: &[ErrorRow]) -> RecordBatch {
             rows.iter().map(|r| r.input.as_str()),
         )),
         Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.record))),
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|r| r.problem.name()),
+        )),
         Arc::new(StringArray::from_iter_values(
             rows.iter().map(|r| r.reason.as_str()),
         )),

@@ -315,6 +315,7 @@ impl PartAssembly {
                     position: self.plan.first_position + row as u64,
                     input: origin.input.to_string(),
                     record: origin.record,
+                    problem: crate::prepare::Problem::OutOfMemory,
                     reason: reason.clone(),
                 });
                 continue;

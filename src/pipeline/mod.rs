@@ -36,7 +36,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use self::plan::PlanOptions;
-use self::planner::{PackMeta, Planner, PlannerStats};
+use self::planner::{JobSink, PackMeta, Planner, PlannerStats};
 use self::progress::Event;
 use self::scan::Scan;
 pub use self::spec::{JobSpec, ModelIdentity};
@@ -290,14 +290,18 @@ async fn run_stages(
     let planner = {
         let (spec, pool, cancel) = (spec.clone(), pool.clone(), cancel.clone());
         blocking(move || {
+            // The pool's queue closes when planning ends, whatever the outcome.
+            let _close = pool.close_on_drop();
             Planner {
                 spec: &spec,
                 duplicates: &scan.duplicates,
                 sequences: scan.sequences,
                 done: &done,
                 cancel: &cancel,
-                pool: &pool,
-                writer_tx,
+                sink: JobSink {
+                    pool: &pool,
+                    writer_tx,
+                },
             }
             .run()
         })

@@ -14,7 +14,7 @@ use arrow::array::RecordBatch;
 use super::reuse::{sequence_key, ReusePlanner, RowSource};
 use crate::output::ErrorRow;
 use crate::pack::{pack, PackedBatch};
-use crate::prepare::InputPolicy;
+use crate::prepare::{InputPolicy, Problem};
 pub use crate::prepare::LongPolicy;
 
 /// How rows become packs.
@@ -166,25 +166,25 @@ impl PartBuilder {
         }
     }
 
-    /// Add one row: `problem` is a reason found before tokenizing (reader problem, duplicate).
+    /// Add one row: `problem` is found before tokenizing (reader problem, duplicate id).
     /// With `reuse`, a row whose sequence's result the writer holds is copied, not computed.
     pub fn add_row(
         &mut self,
         sequence: Option<&str>,
         origin: Origin,
-        problem: Option<String>,
+        problem: Option<(Problem, String)>,
         policy: &InputPolicy,
         reuse: Option<&mut ReusePlanner>,
     ) {
-        if let Some(reason) = problem {
-            return self.add_error(origin, reason);
+        if let Some((problem, reason)) = problem {
+            return self.add_error(origin, problem, reason);
         }
         let Some(sequence) = sequence else {
-            return self.add_error(origin, "sequence is null".into());
+            return self.add_error(origin, Problem::NullSequence, "sequence is null".into());
         };
         let prepared = match policy.prepare(sequence) {
             Ok(p) => p,
-            Err(reason) => return self.add_error(origin, reason),
+            Err(e) => return self.add_error(origin, e.problem, e.reason),
         };
         let row = self.rows.len() as u32;
         let source = match reuse {
@@ -230,12 +230,13 @@ impl PartBuilder {
     }
 
     /// Add a row that goes to the errors output.
-    pub fn add_error(&mut self, origin: Origin, reason: String) {
+    pub fn add_error(&mut self, origin: Origin, problem: Problem, reason: String) {
         self.errors.push(ErrorRow {
             id: origin.id.clone(),
             position: self.next_position(),
             input: origin.input.to_string(),
             record: origin.record,
+            problem,
             reason,
         });
         self.origins.push(origin);

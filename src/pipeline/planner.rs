@@ -1,6 +1,7 @@
-//! The planner stage: read every input row, cut parts, plan and pack them, and submit the packs
-//! to the device pool. Part plans go to the writer before their packs, so it knows what to
-//! expect.
+//! The planner stage: read every input row, cut parts, plan and pack them, and hand each part
+//! to a [`PartSink`]: in a job, [`JobSink`] sends the part's plan to the writer before its packs
+//! go to the device pool, so the writer knows what to expect; `--dry-run` tallies them instead
+//! ([`super::dry_run`]), so its figures are the job's own.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,13 +11,14 @@ use arrow::array::Array;
 
 use tokio::sync::mpsc;
 
-use super::plan::{Duplicates, Origin, PartBuilder, RowPlan, Segment};
+use super::plan::{Duplicates, Origin, Pack, PartBuilder, PartPlan, RowPlan, Segment};
 use super::progress::Event;
 use super::reuse::{sequence_key, ReusePlanner, RowSize, RowSource, SequenceCounts};
 use super::writer::{self, WriterMsg};
 use super::JobSpec;
 use crate::engine::{DevicePool, Request, Submission};
 use crate::error::{Error, Result};
+use crate::prepare::Problem;
 
 /// What the pipeline knows of a pack in the device pool: its part and segments.
 pub struct PackMeta {
@@ -37,8 +39,44 @@ pub struct PlannerStats {
     pub resumed: usize,
 }
 
+/// Where planned parts go.
+pub trait PartSink {
+    /// A part's plan and its packs; false stops planning (the job stopped).
+    fn take(&mut self, plan: PartPlan, packs: Vec<Pack>) -> bool;
+}
+
+/// A job's sink: the plan to the writer, then the packs to the device pool.
+pub struct JobSink<'a> {
+    /// Where packs go.
+    pub pool: &'a DevicePool<PackMeta>,
+    /// Where part plans (and, through the pool's replies, results) go.
+    pub writer_tx: mpsc::Sender<WriterMsg>,
+}
+
+impl PartSink for JobSink<'_> {
+    fn take(&mut self, plan: PartPlan, packs: Vec<Pack>) -> bool {
+        if self.writer_tx.blocking_send(WriterMsg::Plan(plan)).is_err() {
+            return false;
+        }
+        let reply = writer::reply(self.writer_tx.clone());
+        packs.into_iter().all(|pack| {
+            self.pool.submit(Submission {
+                request: Request::Configured {
+                    residues: pack.needs_residues,
+                },
+                batch: pack.batch,
+                context: Arc::new(PackMeta {
+                    part: pack.part,
+                    segments: pack.segments,
+                }),
+                reply: reply.clone(),
+            })
+        })
+    }
+}
+
 /// The planner's view of the job.
-pub struct Planner<'a> {
+pub struct Planner<'a, S: PartSink> {
     /// The job.
     pub spec: &'a JobSpec,
     /// Later duplicates of ids (with `--dedupe`).
@@ -49,16 +87,13 @@ pub struct Planner<'a> {
     pub done: &'a HashSet<usize>,
     /// Set when the job stops.
     pub cancel: &'a AtomicBool,
-    /// Where packs go.
-    pub pool: &'a DevicePool<PackMeta>,
-    /// Where part plans (and, through the pool's replies, results) go.
-    pub writer_tx: mpsc::Sender<WriterMsg>,
+    /// Where planned parts go.
+    pub sink: S,
 }
 
-impl Planner<'_> {
-    /// Plan every part; closes the pool's queue when done, whatever the outcome.
+impl<S: PartSink> Planner<'_, S> {
+    /// Plan every part.
     pub fn run(mut self) -> Result<PlannerStats> {
-        let _close = self.pool.close_on_drop();
         let mut reuse = self.sequences.take().map(|counts| {
             ReusePlanner::new(
                 counts,
@@ -67,11 +102,11 @@ impl Planner<'_> {
             )
         });
         let mut stats = PlannerStats::default();
-        let reply = writer::reply(self.writer_tx.clone());
         let mut part = PartBuilder::new(0, 0);
-        let inputs = &self.spec.inputs;
-        let rows_per_part = self.spec.options.rows_per_part.max(1);
-        let policy = self.spec.options.plan.policy(self.spec.tokenizer);
+        let spec = self.spec;
+        let inputs = &spec.inputs;
+        let rows_per_part = spec.options.rows_per_part.max(1);
+        let policy = spec.options.plan.policy(spec.tokenizer);
         for index in 0..inputs.files.len() {
             let input: Arc<str> = Arc::from(inputs.files[index].name());
             let mut record = 0u64;
@@ -105,11 +140,17 @@ impl Planner<'_> {
                             input: input.clone(),
                             record,
                         };
-                        let problem = problems.get(&i).cloned().or_else(|| {
-                            self.duplicates.get(&part.next_position()).map(|first| {
-                                format!("duplicate id (first seen at position {first}); --dedupe kept the first")
-                            })
-                        });
+                        let problem = problems
+                            .get(&i)
+                            .map(|reason| (Problem::Unreadable, reason.clone()))
+                            .or_else(|| {
+                                self.duplicates.get(&part.next_position()).map(|first| {
+                                    (
+                                        Problem::DuplicateId,
+                                        format!("duplicate id (first seen at position {first}); --dedupe kept the first"),
+                                    )
+                                })
+                            });
                         let sequence = rows.sequences.is_valid(i).then(|| rows.sequences.value(i));
                         part.add_row(sequence, origin, problem, &policy, reuse.as_mut());
                         self.check_strict(&part)?;
@@ -118,7 +159,7 @@ impl Planner<'_> {
                     if part.len() == rows_per_part {
                         let next = PartBuilder::new(part.index() + 1, part.next_position());
                         let full = std::mem::replace(&mut part, next);
-                        if !self.flush(full, &mut stats, &reply) {
+                        if !self.flush(full, &mut stats) {
                             return Ok(stats);
                         }
                     }
@@ -126,7 +167,7 @@ impl Planner<'_> {
             }
         }
         if !part.is_empty() {
-            self.flush(part, &mut stats, &reply);
+            self.flush(part, &mut stats);
         }
         Ok(stats)
     }
@@ -144,13 +185,8 @@ impl Planner<'_> {
         }
     }
 
-    /// Hand a full part to the writer and its packs to the pool. False when the job stopped.
-    fn flush(
-        &self,
-        part: PartBuilder,
-        stats: &mut PlannerStats,
-        reply: &crate::engine::pool::Reply<PackMeta>,
-    ) -> bool {
+    /// Hand a full part to the sink. False when the job stopped.
+    fn flush(&mut self, part: PartBuilder, stats: &mut PlannerStats) -> bool {
         let index = part.index();
         stats.parts = index + 1;
         let progress = &self.spec.progress;
@@ -180,22 +216,7 @@ impl Planner<'_> {
             rows: (plan.errors.len() + copied) as u64,
             residues_per_second: 0.0,
         });
-        if self.writer_tx.blocking_send(WriterMsg::Plan(plan)).is_err() {
-            return false;
-        }
-        packs.into_iter().all(|pack| {
-            self.pool.submit(Submission {
-                request: Request::Configured {
-                    residues: pack.needs_residues,
-                },
-                batch: pack.batch,
-                context: Arc::new(PackMeta {
-                    part: pack.part,
-                    segments: pack.segments,
-                }),
-                reply: reply.clone(),
-            })
-        })
+        self.sink.take(plan, packs)
     }
 }
 

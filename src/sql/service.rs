@@ -194,7 +194,7 @@ impl EmbedService {
         match self.policy.prepare(sequence) {
             Ok(p) => Ok(Some(p.segments.iter().map(|(_, t)| t.len()).sum())),
             Err(_) if self.options.bad_rows == BadRows::Null => Ok(None),
-            Err(reason) => Err(row_error(row, sequence, &reason)),
+            Err(e) => Err(row_error(row, sequence, &e.reason)),
         }
     }
 
@@ -273,7 +273,7 @@ impl EmbedService {
             let prepared = match self.policy.prepare(sequence) {
                 Ok(p) => p,
                 Err(_) if self.options.bad_rows == BadRows::Null => continue,
-                Err(reason) => return Err(row_error(row, sequence, &reason)),
+                Err(e) => return Err(row_error(row, sequence, &e.reason)),
             };
             if self.options.reuse {
                 match first.entry(sequence_key(&prepared)) {
