@@ -18,6 +18,16 @@ pub fn label(device: &Device) -> String {
     }
 }
 
+/// The device's model name (`NVIDIA H200`); `None` on the CPU.
+pub fn name(device: &Device) -> Option<String> {
+    #[cfg(feature = "cuda")]
+    if let Ok(cuda) = device.as_cuda_device() {
+        return cuda.cuda_stream().context().name().ok();
+    }
+    let _ = device;
+    None
+}
+
 /// How many GPUs are visible (`CUDA_VISIBLE_DEVICES` applies); 0 without the `cuda` feature.
 pub fn cuda_device_count() -> usize {
     #[cfg(feature = "cuda")]

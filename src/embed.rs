@@ -286,14 +286,20 @@ pub fn free_device_memory(device: &Device) -> Option<usize> {
 
 /// The default token budget of a pack. On the CPU 4096 (larger packs do not run faster there).
 /// On a GPU, from the memory left once the weights are loaded: a pack's activations peak at about
-/// 48 bytes per hidden unit per token in bf16/f16 (the FFN's 4H intermediate, QKV, residual
-/// stream, with headroom for the allocator); 60 % of the free memory, between 4096 and 65536
-/// tokens, a multiple of 1024.
+/// [`crate::model::memory::ACTIVATION_UNITS_PER_TOKEN`] × 2 bytes per hidden unit per token in
+/// bf16/f16; 60 % of the free memory, between 4096 and 65536 tokens, a multiple of 1024.
 pub fn default_tokens_per_batch(device: &Device, hidden: usize, dtype: DType) -> usize {
-    let Some(free) = free_device_memory(device) else {
-        return 4096;
-    };
-    let bytes_per_token = 24 * hidden * dtype.size_in_bytes();
+    match free_device_memory(device) {
+        Some(free) => tokens_per_batch_for(free as u64, hidden, dtype),
+        None => 4096,
+    }
+}
+
+/// The default GPU token budget with `free` bytes left for activations (see
+/// [`default_tokens_per_batch`]).
+pub fn tokens_per_batch_for(free: u64, hidden: usize, dtype: DType) -> usize {
+    let bytes_per_token =
+        crate::model::memory::ACTIVATION_UNITS_PER_TOKEN * hidden * dtype.size_in_bytes();
     let fit = (free as f64 * 0.6 / bytes_per_token as f64) as usize;
     (fit.clamp(4096, 65536) / 1024) * 1024
 }

@@ -89,10 +89,22 @@ pub struct EmbedArgs {
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+
+    /// Plan the job without running it: read the input (no weights on a device) and print rows,
+    /// distinct sequences, residues, tokens, error rows by kind, packs, the output's estimated
+    /// size, the longest pack's estimated memory, and the run time where a throughput is known
+    /// (or measured with --bench). Writes nothing; exits 0 when the job would run.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// With --dry-run: load the model and time a few of the job's packs on the first device, for
+    /// the run-time estimate.
+    #[arg(long, requires = "dry_run")]
+    pub bench: bool,
 }
 
-/// Run the job; returns the summary.
-pub fn run(args: EmbedArgs) -> anyhow::Result<JobSummary> {
+/// Run the job (or, with `--dry-run`, plan it).
+pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
     let devices = super::parse_devices(&args.model.run.device)?;
     let dtype = super::parse_dtype(&args.model.run.dtype, &devices[0])?;
     if args.columns.max_length == 0 {
@@ -128,8 +140,33 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<JobSummary> {
     } else {
         None
     };
+    if args.dry_run && !args.bench {
+        return super::dry_run::run(&args, inputs, remote, &devices, dtype, rows_per_part);
+    }
     let (embedders, model, tokens_per_batch) = load(&args, &devices, dtype)?;
-    let options = JobOptions {
+    let options = job_options(&args, tokens_per_batch, rows_per_part, &devices);
+    let output = std::path::Path::new(&args.output);
+    let mut spec = JobSpec::new(inputs, output, &embedders[0], model, options);
+    if let Some(remote) = remote {
+        spec = spec.with_remote_output(remote);
+    }
+    if args.dry_run {
+        return super::dry_run::run_measured(&args, &spec, &embedders[0], &devices, dtype);
+    }
+    spec = spec.with_progress(super::progress::bar(!args.no_progress));
+    let summary = execute(spec, embedders)?;
+    print_summary(&summary, args.json);
+    Ok(())
+}
+
+/// The job's options from the command line.
+pub fn job_options(
+    args: &EmbedArgs,
+    tokens_per_batch: usize,
+    rows_per_part: usize,
+    devices: &[esmbed::Device],
+) -> JobOptions {
+    JobOptions {
         plan: PlanOptions {
             tokens_per_batch,
             max_length: args.columns.max_length,
@@ -144,16 +181,7 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<JobSummary> {
         warm_up: !devices[0].is_cpu(),
         reuse: !args.no_reuse,
         reuse_memory: JobOptions::DEFAULT_REUSE_MEMORY,
-    };
-    let output = std::path::Path::new(&args.output);
-    let mut spec = JobSpec::new(inputs, output, &embedders[0], model, options);
-    if let Some(remote) = remote {
-        spec = spec.with_remote_output(remote);
     }
-    spec = spec.with_progress(super::progress::bar(!args.no_progress));
-    let summary = execute(spec, embedders)?;
-    print_summary(&summary, args.json);
-    Ok(summary)
 }
 
 /// The model on every device, as the job's embedders, with its identity and the token budget
@@ -179,11 +207,7 @@ fn load(
     });
     let options = EmbedOptions {
         layers: args.columns.layers.clone(),
-        pooling: Pooling {
-            mean: true,
-            bos: args.columns.bos,
-            per_residue: args.columns.per_residue,
-        },
+        pooling: pooling(args),
         unknown: args.columns.unknown.into(),
         tokens_per_batch,
     };
@@ -206,6 +230,15 @@ fn load(
         ModelIdentity { name, fingerprint },
         tokens_per_batch,
     ))
+}
+
+/// The pooling the command line asks for.
+pub fn pooling(args: &EmbedArgs) -> Pooling {
+    Pooling {
+        mean: true,
+        bos: args.columns.bos,
+        per_residue: args.columns.per_residue,
+    }
 }
 
 /// Run the job on an async runtime, with SIGINT/SIGTERM asking it to stop cleanly.

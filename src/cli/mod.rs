@@ -1,6 +1,7 @@
 //! The command line: a thin front over the library. Parse, call, print.
 
 pub mod bench;
+pub mod dry_run;
 pub mod embed;
 pub mod inspect;
 pub mod progress;
@@ -263,6 +264,25 @@ pub fn load_model(
         replicas: Esm2::replicate_to(model, devices)?,
         name: source.display_name(),
         fingerprint,
+    })
+}
+
+/// A model's config, display name and fingerprint, without loading its weights (safetensors are
+/// mapped, not read; a `.pt` is opened for its tensor index).
+pub fn describe_model(spec: &str) -> anyhow::Result<(esmbed::EsmConfig, String, String)> {
+    use esmbed::{Checkpoint, ModelSource};
+    let source = ModelSource::parse(spec)?;
+    Ok(match &source {
+        ModelSource::Random(shape) => (
+            esmbed::EsmConfig::published(shape).expect("checked by parse"),
+            source.display_name(),
+            format!("random:{shape}:seed0"),
+        ),
+        _ => {
+            let checkpoint = Checkpoint::open(&source)?;
+            let fingerprint = checkpoint.fingerprint()?;
+            (checkpoint.config, source.display_name(), fingerprint)
+        }
     })
 }
 

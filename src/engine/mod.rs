@@ -57,6 +57,13 @@ pub trait PackEmbedder: Send + Sync {
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
+
+    /// Activation bytes a pack of one sequence of `tokens` tokens needs, and the memory free for
+    /// it now; `None` when unknown. Checked before a job's first pack.
+    fn memory_for(&self, tokens: usize) -> Option<(u64, u64)> {
+        let _ = tokens;
+        None
+    }
 }
 
 impl PackEmbedder for crate::Embedder {
@@ -70,5 +77,25 @@ impl PackEmbedder for crate::Embedder {
 
     fn synchronize(&self) -> Result<()> {
         Ok(self.model().device().synchronize()?)
+    }
+
+    fn memory_for(&self, tokens: usize) -> Option<(u64, u64)> {
+        use crate::model::memory;
+        let model = self.model();
+        let cpu = model.device().is_cpu();
+        let needed = memory::activations(
+            model.config(),
+            model.dtype(),
+            cpu,
+            tokens,
+            tokens,
+            self.layers().len(),
+        );
+        let free = if cpu {
+            memory::available_host_memory()?
+        } else {
+            crate::embed::free_device_memory(model.device())? as u64
+        };
+        Some((needed, free))
     }
 }

@@ -13,6 +13,7 @@ pub(crate) mod gemm;
 pub mod hub;
 #[cfg(feature = "cuda")]
 pub mod kernels;
+pub mod memory;
 pub mod names;
 pub mod profile;
 pub mod weights;

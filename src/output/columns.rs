@@ -29,6 +29,14 @@ pub enum OutputDType {
 }
 
 impl OutputDType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            OutputDType::F32 => 4,
+            OutputDType::F16 => 2,
+        }
+    }
+
     fn arrow(self) -> DataType {
         match self {
             OutputDType::F32 => DataType::Float32,

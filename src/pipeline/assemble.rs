@@ -91,6 +91,69 @@ impl PartAssembly {
         }
     }
 
+    /// `plan` assembled with made-up vectors (deterministic, spread like embeddings), as if every
+    /// row were computed: the part file a job would write, for `--dry-run`'s size estimate.
+    /// Rows with the same key (`keys`, by row) get the same vectors, as rows of the same
+    /// sequence do in a job.
+    pub fn synthetic(
+        mut plan: PartPlan,
+        columns: Arc<EmbeddingColumns>,
+        keys: &HashMap<u32, u128>,
+    ) -> Self {
+        let mut seeds = Vec::with_capacity(plan.rows.len());
+        for (row, plan) in plan.rows.iter_mut().enumerate() {
+            let key = match plan {
+                RowPlan::Embed {
+                    source: RowSource::Copy { key, .. },
+                    ..
+                } => Some(*key),
+                _ => keys.get(&(row as u32)).copied(),
+            };
+            // splitmix64 of the key: xorshift needs a well-mixed, non-zero state.
+            let mut z = key.map_or(row as u64, |k| (k as u64) ^ (k >> 64) as u64);
+            z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            seeds.push((z ^ (z >> 31)) | 1);
+            if let RowPlan::Embed { source, .. } = plan {
+                *source = RowSource::Compute { keep: None };
+            }
+        }
+        let mut part = Self::new(plan, columns);
+        // A sum of four uniforms: roughly normal, with the spread of exponents and mantissas
+        // that real embeddings have (what the compressor sees).
+        let value = |state: &mut u64| {
+            let mut sum = 0.0f32;
+            for _ in 0..4 {
+                *state ^= *state << 13;
+                *state ^= *state >> 7;
+                *state ^= *state << 17;
+                sum += (*state >> 40) as f32 / (1u64 << 24) as f32;
+            }
+            sum - 2.0
+        };
+        let h = part.columns.hidden;
+        for (row, &seed) in seeds.iter().enumerate() {
+            let RowPlan::Embed { embedded, .. } = part.plan.rows[row] else {
+                continue;
+            };
+            let mut state = seed;
+            for l in 0..part.columns.layers.len() {
+                for v in part.mean[l].iter_mut().skip(row * h).take(h) {
+                    *v = value(&mut state);
+                }
+                for v in part.bos[l].iter_mut().skip(row * h).take(h) {
+                    *v = value(&mut state);
+                }
+                if let Some(slot) = part.residues[l].get_mut(row) {
+                    *slot = Some((0..embedded * h).map(|_| value(&mut state)).collect());
+                }
+            }
+        }
+        part.remaining = 0;
+        part
+    }
+
     /// Segments still expected.
     pub fn remaining(&self) -> usize {
         self.remaining

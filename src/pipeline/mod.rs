@@ -19,6 +19,7 @@
 //! description ([`spec`]) and its progress events ([`progress`]).
 
 pub mod assemble;
+pub mod dry_run;
 pub mod plan;
 pub mod planner;
 pub mod progress;
@@ -140,8 +141,8 @@ pub async fn run(
 ) -> Result<JobSummary> {
     let started = Instant::now();
     let (manifest, scan) = blocking({
-        let spec = spec.clone();
-        move || open_output(&spec)
+        let (spec, devices) = (spec.clone(), devices.clone());
+        move || open_output(&spec, &devices)
     })
     .await?;
     let pool = Arc::new(
@@ -200,7 +201,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 
 /// Before any model work: the output's state (what is there, what an earlier run finished),
 /// then the pre-pass over the inputs; the staging directory and manifest are written last.
-fn open_output(spec: &JobSpec) -> Result<(Manifest, Scan)> {
+fn open_output(spec: &JobSpec, devices: &[Arc<dyn PackEmbedder>]) -> Result<(Manifest, Scan)> {
     let (layout, opts) = (&spec.layout, &spec.options);
     if let Some(remote) = &spec.remote {
         remote.start(opts.overwrite, opts.resume)?;
@@ -230,7 +231,7 @@ fn open_output(spec: &JobSpec) -> Result<(Manifest, Scan)> {
         _ => Manifest::new(spec.identity.clone()),
     };
     let policy = opts.plan.policy(spec.tokenizer);
-    let scan = scan::scan(&spec.inputs, opts.dedupe, opts.reuse.then_some(&policy))?;
+    let scan = scan::scan(&spec.inputs, opts.dedupe, &policy, opts.reuse)?;
     if scan.rows == 0 {
         let names: Vec<String> = spec.inputs.files.iter().map(|f| f.name()).collect();
         return Err(Error::bad_input(
@@ -238,9 +239,42 @@ fn open_output(spec: &JobSpec) -> Result<(Manifest, Scan)> {
             "no records: the input is empty",
         ));
     }
+    if let Some((tokens, at)) = &scan.longest {
+        check_longest_fits(*tokens, at, devices)?;
+    }
     layout.prepare()?;
     manifest.save(&layout.manifest_path())?;
     Ok((manifest, scan))
+}
+
+/// The longest model input must fit alone on some device (a pack of one sequence is the least
+/// the pool can run): say so before any model work, with the fix, not hours in.
+fn check_longest_fits(tokens: usize, at: &str, devices: &[Arc<dyn PackEmbedder>]) -> Result<()> {
+    let fits: Vec<_> = devices
+        .iter()
+        .map(|d| (d.label(), d.memory_for(tokens)))
+        .collect();
+    if fits
+        .iter()
+        .any(|(_, f)| f.is_none_or(|(needed, free)| needed <= free))
+    {
+        return Ok(());
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let (label, (needed, free)) = fits
+        .iter()
+        .map(|(l, f)| (l, f.expect("every device answered")))
+        .max_by_key(|(_, (_, free))| *free)
+        .expect("at least one device");
+    Err(Error::OutOfMemory {
+        detail: format!(
+            "the longest sequence ({tokens} tokens, {at}) needs about {:.1} GiB for its \
+             activations, and {label} has {:.1} GiB free: lower --max-length, use --long window \
+             (windows of --max-length residues), use a smaller model, or a device with more memory",
+            gib(needed),
+            gib(free)
+        ),
+    })
 }
 
 fn start_pool(

@@ -14,8 +14,8 @@ use arrow::array::RecordBatch;
 use super::reuse::{sequence_key, ReusePlanner, RowSource};
 use crate::output::ErrorRow;
 use crate::pack::{pack, PackedBatch};
-use crate::prepare::{InputPolicy, Problem};
 pub use crate::prepare::LongPolicy;
+use crate::prepare::{InputPolicy, Problem};
 
 /// How rows become packs.
 #[derive(Debug, Clone)]

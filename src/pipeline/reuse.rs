@@ -30,10 +30,17 @@ pub type SequenceCounts = HashMap<SequenceKey, u32>;
 
 /// The key of a prepared row: every segment's offset and tokens (token ids fit a byte).
 pub fn sequence_key(prepared: &Prepared) -> SequenceKey {
+    segments_key(prepared.segments.iter().map(|(o, t)| (*o, &t[..])))
+}
+
+/// [`sequence_key`] of a row's segments, `(offset, tokens)` in window order.
+pub fn segments_key<'a>(
+    segments: impl ExactSizeIterator<Item = (usize, &'a [u32])>,
+) -> SequenceKey {
     let mut hasher = Sha256::new();
-    hasher.update((prepared.segments.len() as u64).to_le_bytes());
-    for (offset, tokens) in &prepared.segments {
-        hasher.update((*offset as u64).to_le_bytes());
+    hasher.update((segments.len() as u64).to_le_bytes());
+    for (offset, tokens) in segments {
+        hasher.update((offset as u64).to_le_bytes());
         hasher.update((tokens.len() as u64).to_le_bytes());
         let bytes: Vec<u8> = tokens.iter().map(|&t| t as u8).collect();
         hasher.update(&bytes);

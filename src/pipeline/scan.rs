@@ -22,15 +22,24 @@ pub struct Scan {
     pub duplicates: Duplicates,
     /// Rows per distinct sequence among the rows that can be embedded (when asked for).
     pub sequences: Option<SequenceCounts>,
+    /// The longest model input (a sequence after truncation, or a window): its tokens and where
+    /// it is (`file record N`).
+    pub longest: Option<(usize, String)>,
 }
 
 /// Count all rows, and find duplicate ids (`position → first position` of later duplicates).
 /// Without `dedupe`, the first duplicate is an error naming both records. Ids are kept as 128-bit
-/// hashes: 10 million ids cost ~300 MB, not their text. With `sequences`, also count the rows of
-/// each distinct sequence as that policy prepares them (rows it rejects, and duplicate ids, are
-/// not counted).
-pub fn scan(inputs: &Inputs, dedupe: bool, sequences: Option<&InputPolicy>) -> Result<Scan> {
+/// hashes: 10 million ids cost ~300 MB, not their text. Rows are prepared with `policy`, to find
+/// the longest model input and, with `count_sequences`, to count the rows of each distinct
+/// sequence (rows the policy rejects, and duplicate ids, are not counted).
+pub fn scan(
+    inputs: &Inputs,
+    dedupe: bool,
+    policy: &InputPolicy,
+    count_sequences: bool,
+) -> Result<Scan> {
     let mut seen: HashMap<u128, u64> = HashMap::new();
+    let mut longest: Option<(usize, u64)> = None;
     let mut counts = SequenceCounts::new();
     let mut duplicates = Duplicates::new();
     let hashers = (std::hash::RandomState::new(), std::hash::RandomState::new());
@@ -74,9 +83,16 @@ pub fn scan(inputs: &Inputs, dedupe: bool, sequences: Option<&InputPolicy>) -> R
                     }
                 }
                 let sequence = rows.sequences.is_valid(i).then(|| rows.sequences.value(i));
-                if let (Some(policy), Some(sequence), true) = (sequences, sequence, countable) {
+                if let (Some(sequence), true) = (sequence, countable) {
                     if let Ok(prepared) = policy.prepare(sequence) {
-                        *counts.entry(sequence_key(&prepared)).or_default() += 1;
+                        let tokens = prepared.segments.iter().map(|s| s.1.len()).max();
+                        let tokens = tokens.unwrap_or(0);
+                        if longest.is_none_or(|(t, _)| tokens > t) {
+                            longest = Some((tokens, position));
+                        }
+                        if count_sequences {
+                            *counts.entry(sequence_key(&prepared)).or_default() += 1;
+                        }
                     }
                 }
                 position += 1;
@@ -86,7 +102,8 @@ pub fn scan(inputs: &Inputs, dedupe: bool, sequences: Option<&InputPolicy>) -> R
     Ok(Scan {
         rows: position,
         duplicates,
-        sequences: sequences.map(|_| counts),
+        sequences: count_sequences.then_some(counts),
+        longest: longest.map(|(tokens, at)| (tokens, locate(&file_starts, at))),
     })
 }
 
@@ -110,10 +127,19 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("esmbed-scan-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let text = ">a\nMK\n>b\nMKT\n>a\nMV\n>c\nM\n>b\nA\n";
-        let found = scan(&inputs(&dir, text), true, None).unwrap();
+        let policy = InputPolicy {
+            tokenizer: Default::default(),
+            max_length: 100,
+            long: Default::default(),
+        };
+        let found = scan(&inputs(&dir, text), true, &policy, false).unwrap();
         assert_eq!(found.rows, 5);
         assert_eq!(found.duplicates, Duplicates::from([(2, 0), (4, 1)]));
-        let err = scan(&inputs(&dir, text), false, None)
+        assert!(found.sequences.is_none());
+        let (tokens, at) = found.longest.unwrap();
+        assert_eq!(tokens, 5);
+        assert!(at.ends_with("in.fasta record 2"), "{at}");
+        let err = scan(&inputs(&dir, text), false, &policy, false)
             .unwrap_err()
             .to_string();
         assert!(
@@ -134,7 +160,7 @@ mod tests {
             max_length: 100,
             long: Default::default(),
         };
-        let found = scan(&inputs(&dir, text), true, Some(&policy)).unwrap();
+        let found = scan(&inputs(&dir, text), true, &policy, true).unwrap();
         let mut counts: Vec<u32> = found.sequences.unwrap().into_values().collect();
         counts.sort();
         assert_eq!(counts, [2, 2]);

@@ -7,11 +7,14 @@ use super::progress::{self, Progress};
 use super::JobOptions;
 use crate::embed::Embedder;
 use crate::input::Inputs;
+use crate::model::EsmConfig;
 use crate::output::columns::EmbeddingColumns;
 use crate::output::metadata::{FileMetadata, InputIdentity, JobIdentity, PoolingMeta, Settings};
 use crate::output::remote::RemoteOutput;
 use crate::output::OutputLayout;
+use crate::pool::Pooling;
 use crate::tokenize::Tokenizer;
+use candle_core::DType;
 
 /// Which model a job runs, for the output's metadata and resume checks.
 #[derive(Debug, Clone)]
@@ -54,6 +57,35 @@ impl std::fmt::Debug for JobSpec {
     }
 }
 
+/// What a job needs to know of its model: enough to describe the output without weights (the
+/// dry run describes a job before loading any).
+#[derive(Debug, Clone)]
+pub struct ModelView<'a> {
+    /// Hyper-parameters.
+    pub config: &'a EsmConfig,
+    /// Compute dtype.
+    pub dtype: DType,
+    /// Resolved layers, in the order requested.
+    pub layers: Vec<usize>,
+    /// Which outputs per layer.
+    pub pooling: Pooling,
+    /// The alphabet and the policy for unknown letters.
+    pub tokenizer: Tokenizer,
+}
+
+impl<'a> ModelView<'a> {
+    /// The view of a loaded embedder.
+    pub fn of(embedder: &'a Embedder) -> Self {
+        Self {
+            config: embedder.model().config(),
+            dtype: embedder.model().dtype(),
+            layers: embedder.layers().to_vec(),
+            pooling: embedder.pooling(),
+            tokenizer: *embedder.tokenizer(),
+        }
+    }
+}
+
 impl JobSpec {
     /// Describe a job: `inputs` embedded by `embedder` into `output`.
     pub fn new(
@@ -63,10 +95,21 @@ impl JobSpec {
         model: ModelIdentity,
         options: JobOptions,
     ) -> Self {
-        let config = embedder.model().config();
-        let pooling = embedder.pooling();
+        Self::for_model(inputs, output, &ModelView::of(embedder), model, options)
+    }
+
+    /// [`JobSpec::new`] for a model described by `view`.
+    pub fn for_model(
+        inputs: Inputs,
+        output: &std::path::Path,
+        view: &ModelView,
+        model: ModelIdentity,
+        options: JobOptions,
+    ) -> Self {
+        let config = view.config;
+        let pooling = view.pooling;
         let columns = Arc::new(EmbeddingColumns {
-            layers: embedder.layers().to_vec(),
+            layers: view.layers.clone(),
             last_layer: config.num_hidden_layers,
             pooling,
             hidden: config.hidden_size,
@@ -78,11 +121,11 @@ impl JobSpec {
                 bos: pooling.bos,
                 per_residue: pooling.per_residue,
             },
-            compute_dtype: format!("{:?}", embedder.model().dtype()).to_lowercase(),
+            compute_dtype: format!("{:?}", view.dtype).to_lowercase(),
             output_dtype: options.output_dtype,
             max_length: options.plan.max_length,
             long: options.plan.long,
-            unknown: format!("{:?}", embedder.tokenizer().unknown).to_lowercase(),
+            unknown: format!("{:?}", view.tokenizer.unknown).to_lowercase(),
         };
         let metadata = FileMetadata {
             esmbed_version: env!("CARGO_PKG_VERSION").into(),
@@ -117,7 +160,7 @@ impl JobSpec {
             columns,
             metadata: serde_json::to_string(&metadata).expect("metadata serializes"),
             identity,
-            tokenizer: *embedder.tokenizer(),
+            tokenizer: view.tokenizer,
             options,
             remote: None,
             progress: progress::silent(),

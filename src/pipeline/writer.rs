@@ -94,14 +94,7 @@ pub fn write_parts(
     manifest: &Mutex<Manifest>,
     cancel: &AtomicBool,
 ) -> Result<usize> {
-    // esmbed's metadata goes in the Arrow schema (pyarrow and Polars show it) and the footer.
-    let schema: SchemaRef = Arc::new(
-        spec.columns
-            .schema(&spec.inputs.passthrough_schema())
-            .as_ref()
-            .clone()
-            .with_metadata([(output::METADATA_KEY.to_string(), spec.metadata.clone())].into()),
-    );
+    let schema = output_schema(spec);
     let mut parts: HashMap<usize, PartAssembly> = HashMap::new();
     // Planned parts not yet committed, in input order.
     let mut order: VecDeque<usize> = VecDeque::new();
@@ -164,6 +157,18 @@ pub fn write_parts(
         }
     }
     Ok(written)
+}
+
+/// The schema of the job's part files. esmbed's metadata goes in the Arrow schema (pyarrow and
+/// Polars show it) and the footer.
+pub fn output_schema(spec: &JobSpec) -> SchemaRef {
+    Arc::new(
+        spec.columns
+            .schema(&spec.inputs.passthrough_schema())
+            .as_ref()
+            .clone()
+            .with_metadata([(output::METADATA_KEY.to_string(), spec.metadata.clone())].into()),
+    )
 }
 
 fn commit_part(

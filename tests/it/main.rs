@@ -9,6 +9,7 @@ mod common;
 mod bad_inputs;
 mod bad_models;
 mod cli;
+mod dry_run;
 mod engine;
 mod hostile;
 mod hub;

@@ -1,0 +1,582 @@
+//! `--dry-run`: a job's plan, without a model on a device. The job's own pre-pass and planner
+//! run (the [`super::planner::PartSink`] tallies parts instead of sending them to the devices),
+//! so rows, errors, packs and tokens are the job's exactly. Estimated from the plan: the output's
+//! size (a part written with made-up vectors, scaled), the peak memory of the longest pack, and,
+//! where a throughput is known or measured, the run time.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use candle_core::DType;
+use parquet::arrow::ArrowWriter;
+use serde::Serialize;
+
+use super::assemble::PartAssembly;
+use super::plan::{Pack, PartPlan, RowPlan};
+use super::planner::{PartSink, Planner};
+use super::reuse::{segments_key, ResultCache, RowSource};
+use super::JobSpec;
+use crate::engine::{PackEmbedder, Request};
+use crate::error::{Error, Result};
+use crate::model::memory::{self, MemoryEstimate};
+use crate::model::EsmConfig;
+use crate::output::{self, check_existing, Manifest};
+use crate::pack::packing_efficiency;
+
+/// What the dry run knows of the model and device, without weights on it.
+#[derive(Debug, Clone)]
+pub struct ModelFacts {
+    /// Hyper-parameters.
+    pub config: EsmConfig,
+    /// Compute dtype.
+    pub dtype: DType,
+    /// Whether it would run on the CPU (whose attention materializes scores).
+    pub cpu: bool,
+    /// The device's name (`NVIDIA H200`), for the known throughputs.
+    pub device_name: Option<String>,
+}
+
+/// An error row, as the job would write it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrorExample {
+    /// The record's id.
+    pub id: Option<String>,
+    /// Input file.
+    pub input: String,
+    /// 1-based record number in it.
+    pub record: u64,
+    /// Kind of problem.
+    pub problem: &'static str,
+    /// What is wrong, and what to do.
+    pub reason: String,
+}
+
+/// Throughput the time estimate uses.
+#[derive(Debug, Clone, Serialize)]
+pub struct Throughput {
+    /// Tokens per second (specials included).
+    pub tokens_per_second: f64,
+    /// Where the figure comes from.
+    pub source: String,
+}
+
+/// A job's plan and estimates.
+#[derive(Debug, Clone, Serialize)]
+pub struct DryRun {
+    /// Input rows.
+    pub rows: u64,
+    /// Rows the output would hold (rows that fail on the device, out of memory even alone,
+    /// would move to the errors).
+    pub output_rows: u64,
+    /// Distinct sequences among them (with reuse on).
+    pub distinct: Option<u64>,
+    /// Output rows that would copy an identical sequence's result.
+    pub reused: u64,
+    /// Residues embedded.
+    pub residues: u64,
+    /// Tokens through the model (specials included).
+    pub tokens: u64,
+    /// Rows truncated to `--max-length`.
+    pub truncated: u64,
+    /// Error rows.
+    pub errors: u64,
+    /// Error rows by kind (the errors file's `problem` column).
+    pub errors_by_problem: BTreeMap<&'static str, u64>,
+    /// The first error rows, as the errors file would list them.
+    pub error_examples: Vec<ErrorExample>,
+    /// Parts to run (parts a previous run finished are not counted, with `--resume`).
+    pub parts: usize,
+    /// Parts a previous run finished.
+    pub parts_resumed: usize,
+    /// Packs.
+    pub packs: u64,
+    /// Token budget of a pack.
+    pub tokens_per_batch: usize,
+    /// Real tokens / budgeted tokens.
+    pub packing_efficiency: f64,
+    /// Tokens of the fullest pack.
+    pub longest_pack_tokens: usize,
+    /// Tokens of the longest sequence (or window).
+    pub longest_sequence_tokens: usize,
+    /// The output's estimated size on disk, in bytes.
+    pub output_bytes: u64,
+    /// Estimated peak memory of the fullest pack: weights and activations.
+    pub memory: MemoryEstimate,
+    /// The throughput behind `estimated_seconds`.
+    pub throughput: Option<Throughput>,
+    /// Estimated model time.
+    pub estimated_seconds: Option<f64>,
+}
+
+/// Plan `spec` as its job would, without running it. Fails as the job would before model work
+/// (an existing output, duplicate ids, an empty input); writes nothing.
+pub fn dry_run(spec: &JobSpec, model: &ModelFacts) -> Result<DryRun> {
+    let done = finished_parts(spec)?;
+    let opts = &spec.options;
+    let policy = opts.plan.policy(spec.tokenizer);
+    let scan = super::scan::scan(&spec.inputs, opts.dedupe, &policy, opts.reuse)?;
+    if scan.rows == 0 {
+        return Err(Error::bad_input(
+            spec.inputs
+                .files
+                .iter()
+                .map(|f| f.name())
+                .collect::<Vec<_>>()
+                .join(", "),
+            "no records: the input is empty",
+        ));
+    }
+    let distinct = scan.sequences.as_ref().map(|s| s.len() as u64);
+    let mut tally = Tally::new(spec);
+    let stats = Planner {
+        spec,
+        duplicates: &scan.duplicates,
+        sequences: scan.sequences,
+        done: &done,
+        cancel: &AtomicBool::new(false),
+        sink: &mut tally,
+    }
+    .run()?;
+    let output_bytes = match tally.sample.take() {
+        Some(plan) => estimate_size(spec, plan, &tally, stats.parts - stats.resumed)?,
+        None => 0,
+    };
+    let outputs = spec.columns.layers.len();
+    let memory = memory::estimate(
+        &model.config,
+        model.dtype,
+        model.cpu,
+        tally.longest_pack,
+        tally.longest_sequence,
+        outputs,
+    );
+    let throughput = known_throughput(model);
+    Ok(DryRun {
+        rows: scan.rows,
+        output_rows: tally.output_rows,
+        distinct,
+        reused: tally.reused,
+        residues: tally.residues,
+        tokens: tally.tokens,
+        truncated: tally.truncated,
+        errors: tally.errors.values().sum(),
+        errors_by_problem: tally.errors,
+        error_examples: tally.examples,
+        parts: stats.parts - stats.resumed,
+        parts_resumed: stats.resumed,
+        packs: tally.packs,
+        tokens_per_batch: opts.plan.tokens_per_batch,
+        packing_efficiency: packing_efficiency(
+            tally.tokens as usize,
+            tally.packs as usize,
+            opts.plan.tokens_per_batch,
+        ),
+        longest_pack_tokens: tally.longest_pack,
+        longest_sequence_tokens: tally.longest_sequence,
+        output_bytes,
+        memory,
+        estimated_seconds: throughput
+            .as_ref()
+            .map(|t| tally.tokens as f64 / t.tokens_per_second),
+        throughput,
+    })
+}
+
+impl DryRun {
+    /// Replace the throughput by one measured on `device`: the first part's packs (up to 8,
+    /// after one to warm up), as the job would run them.
+    pub fn measure(&mut self, spec: &JobSpec, device: &dyn PackEmbedder) -> Result<()> {
+        let mut tally = Tally::default();
+        let done = finished_parts(spec)?;
+        let policy = spec.options.plan.policy(spec.tokenizer);
+        let scan = super::scan::scan(&spec.inputs, spec.options.dedupe, &policy, false)?;
+        let mut first = FirstPart::default();
+        Planner {
+            spec,
+            duplicates: &scan.duplicates,
+            sequences: None,
+            done: &done,
+            cancel: &AtomicBool::new(false),
+            sink: &mut first,
+        }
+        .run()?;
+        let packs = first.packs.unwrap_or_default();
+        let Some((warm, measured)) = packs.split_first() else {
+            return Ok(());
+        };
+        let request = |p: &Pack| Request::Configured {
+            residues: p.needs_residues,
+        };
+        device.embed(&warm.batch, request(warm))?;
+        device.synchronize()?;
+        let started = Instant::now();
+        for pack in measured.iter().take(8) {
+            device.embed(&pack.batch, request(pack))?;
+            tally.tokens += pack.batch.total_tokens() as u64;
+        }
+        device.synchronize()?;
+        if tally.tokens == 0 {
+            return Ok(());
+        }
+        let rate = tally.tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        self.throughput = Some(Throughput {
+            tokens_per_second: rate,
+            source: format!(
+                "measured on {} over {} packs (--bench)",
+                device.label(),
+                measured.len().min(8)
+            ),
+        });
+        self.estimated_seconds = Some(self.tokens as f64 / rate);
+        Ok(())
+    }
+}
+
+/// The parts an earlier run finished (with `--resume`), after the job's checks on the output.
+fn finished_parts(spec: &JobSpec) -> Result<HashSet<usize>> {
+    let (layout, opts) = (&spec.layout, &spec.options);
+    if opts.overwrite || spec.remote.is_some() {
+        return Ok(HashSet::new());
+    }
+    let progress = layout.progress_exists().then_some(layout.staging.as_path());
+    check_existing(
+        &layout.target.display().to_string(),
+        layout.finished_output_exists(),
+        progress,
+        opts.resume,
+    )?;
+    match Manifest::load(&layout.manifest_path())? {
+        Some(m) if opts.resume => {
+            let differences = m.job.differences(&spec.identity);
+            if !differences.is_empty() {
+                return Err(Error::ResumeMismatch {
+                    differences: differences.join(", "),
+                });
+            }
+            Ok(m.parts.keys().copied().collect())
+        }
+        _ => Ok(HashSet::new()),
+    }
+}
+
+/// The planner's parts, counted.
+#[derive(Default)]
+struct Tally {
+    output_rows: u64,
+    reused: u64,
+    residues: u64,
+    tokens: u64,
+    truncated: u64,
+    errors: BTreeMap<&'static str, u64>,
+    examples: Vec<ErrorExample>,
+    packs: u64,
+    longest_pack: usize,
+    longest_sequence: usize,
+    /// Rows whose vectors repeat a row shortly before them in the same part (within a Parquet
+    /// page, where the compressor finds them), and the other rows; by rows for pooled vectors,
+    /// by residues for per-residue ones (whose rows are larger: fewer fit a page).
+    nearby: Copies,
+    distant: Copies,
+    /// Bytes of one vector.
+    vector_bytes: usize,
+    /// The first part, for the size estimate.
+    sample: Option<PartPlan>,
+}
+
+/// Rows and residues.
+#[derive(Debug, Default, Clone, Copy)]
+struct Copies {
+    rows: u64,
+    residues: u64,
+}
+
+impl PartSink for &mut Tally {
+    fn take(&mut self, plan: PartPlan, packs: Vec<Pack>) -> bool {
+        let mut residues = 0;
+        for row in &plan.rows {
+            if let RowPlan::Embed {
+                embedded,
+                truncated,
+                source,
+                ..
+            } = *row
+            {
+                self.output_rows += 1;
+                residues += embedded as u64;
+                self.truncated += u64::from(truncated);
+                self.reused += u64::from(matches!(source, RowSource::Copy { .. }));
+            }
+        }
+        self.residues += residues;
+        for e in &plan.errors {
+            *self.errors.entry(e.problem.name()).or_default() += 1;
+            if self.examples.len() < 5 {
+                self.examples.push(ErrorExample {
+                    id: e.id.clone(),
+                    input: e.input.clone(),
+                    record: e.record,
+                    problem: e.problem.name(),
+                    reason: e.reason.clone(),
+                });
+            }
+        }
+        for pack in &packs {
+            let batch = &pack.batch;
+            self.packs += 1;
+            self.tokens += batch.total_tokens() as u64;
+            self.longest_pack = self.longest_pack.max(batch.total_tokens());
+            let longest = (0..batch.len()).map(|i| batch.range(i).len()).max();
+            self.longest_sequence = self.longest_sequence.max(longest.unwrap_or(0));
+        }
+        self.count_nearby(&plan, &packs);
+        if self.sample.is_none() {
+            self.sample = Some(plan);
+        }
+        true
+    }
+}
+
+impl Tally {
+    fn new(spec: &JobSpec) -> Self {
+        Self {
+            vector_bytes: (spec.columns.hidden * spec.columns.dtype.size()).max(1),
+            ..Self::default()
+        }
+    }
+
+    /// Sort a part's output rows into `nearby` copies and `distant` ones.
+    fn count_nearby(&mut self, plan: &PartPlan, packs: &[Pack]) {
+        let keys = row_keys(packs);
+        let page = PAGE_BYTES / self.vector_bytes;
+        // Per key: the row and the residue offset where it last ended.
+        let mut last: HashMap<u128, (usize, u64)> = HashMap::new();
+        let mut offset = 0u64;
+        let mut kept = 0usize;
+        for (index, plan) in plan.rows.iter().enumerate() {
+            let RowPlan::Embed {
+                embedded, source, ..
+            } = *plan
+            else {
+                continue;
+            };
+            // Distances count output rows (error rows are not in the file).
+            let row = kept;
+            kept += 1;
+            let key = match source {
+                RowSource::Copy { key, .. } => Some(key),
+                _ => keys.get(&(index as u32)).copied(),
+            };
+            let before = key.and_then(|k| last.insert(k, (row, offset + embedded as u64)));
+            offset += embedded as u64;
+            let (rows, residues) = match before {
+                Some((r, end)) => (row - r <= page, offset - end <= page as u64),
+                None => (false, false),
+            };
+            if rows {
+                self.nearby.rows += 1;
+            } else {
+                self.distant.rows += 1;
+            }
+            if residues {
+                self.nearby.residues += embedded as u64;
+            } else {
+                self.distant.residues += embedded as u64;
+            }
+        }
+    }
+}
+
+/// Parquet's default data page size: vectors repeated within a page compress away.
+const PAGE_BYTES: usize = 1 << 20;
+
+/// The sequence key of each computed row of a part, from its packs' segments.
+fn row_keys(packs: &[Pack]) -> HashMap<u32, u128> {
+    // Per row: (window, offset, tokens).
+    type Windows<'a> = Vec<(u32, usize, &'a [u32])>;
+    let mut segments: HashMap<u32, Windows> = HashMap::new();
+    for pack in packs {
+        for (i, s) in pack.segments.iter().enumerate() {
+            let tokens = pack.batch.tokens(i);
+            segments
+                .entry(s.row)
+                .or_default()
+                .push((s.window, s.offset as usize, tokens));
+        }
+    }
+    segments
+        .into_iter()
+        .map(|(row, mut windows)| {
+            windows.sort_by_key(|w| w.0);
+            (row, segments_key(windows.iter().map(|w| (w.1, w.2))))
+        })
+        .collect()
+}
+
+/// The first part's packs, for `--bench`.
+#[derive(Default)]
+struct FirstPart {
+    packs: Option<Vec<Pack>>,
+}
+
+impl PartSink for &mut FirstPart {
+    fn take(&mut self, _: PartPlan, packs: Vec<Pack>) -> bool {
+        self.packs = Some(packs);
+        false
+    }
+}
+
+/// The output's size. The first part is written as the writer would write it, with made-up
+/// vectors, twice: every row different (the cost of a row whose vectors the compressor has not
+/// seen) and every row the same (the cost of a row that repeats one in the same page). Vector
+/// columns are scaled by the job's rows of each kind (residues, for per-residue columns), the
+/// other columns by rows; then the footer (once per file) and one row group per part.
+fn estimate_size(spec: &JobSpec, sample: PartPlan, tally: &Tally, parts: usize) -> Result<u64> {
+    let rows = sample
+        .rows
+        .iter()
+        .filter(|r| matches!(r, RowPlan::Embed { .. }))
+        .count() as u64;
+    let residues: u64 = sample
+        .rows
+        .iter()
+        .map(|r| match r {
+            RowPlan::Embed { embedded, .. } => *embedded as u64,
+            RowPlan::Error => 0,
+        })
+        .sum();
+    if rows == 0 {
+        return Ok(0);
+    }
+    let unique = write_sample(spec, &sample, Seeds::PerRow, 1, true)?;
+    let same = write_sample(spec, &sample, Seeds::Same, 1, true)?;
+    // A combined file's row groups carry no page index (see `combine`): measure without.
+    let one = write_sample(spec, &sample, Seeds::PerRow, 1, false)?;
+    let two = write_sample(spec, &sample, Seeds::PerRow, 2, false)?;
+    let vectors: HashSet<String> = spec
+        .columns
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    let per_residue = |name: &str| {
+        spec.columns.fields().iter().any(|f| {
+            f.name() == name && matches!(f.data_type(), arrow::datatypes::DataType::List(_))
+        })
+    };
+    let (near, far) = (tally.nearby, tally.distant);
+    let mut total = 0.0;
+    for (name, &bytes) in &unique.columns {
+        let bytes = bytes as f64;
+        total += if !vectors.contains(name) {
+            bytes * tally.output_rows as f64 / rows as f64
+        } else {
+            let repeat = same.columns[name] as f64;
+            let (of, n, m) = if per_residue(name) {
+                (residues, far.residues, near.residues)
+            } else {
+                (rows, far.rows, near.rows)
+            };
+            (bytes * n as f64 + repeat * m as f64) / of.max(1) as f64
+        };
+    }
+    let row_group = two.footer.saturating_sub(one.footer);
+    let files = match spec.layout.kind {
+        output::OutputKind::File => unique.footer + row_group * (parts as u64).saturating_sub(1),
+        output::OutputKind::Dataset => unique.footer * parts as u64,
+    };
+    Ok(total as u64 + files)
+}
+
+/// How the made-up vectors of a size sample repeat.
+#[derive(Debug, Clone, Copy)]
+enum Seeds {
+    /// Every row its own.
+    PerRow,
+    /// Every row the same.
+    Same,
+}
+
+/// A written size sample: bytes per column (all row groups), and the rest of the file.
+struct Sample {
+    columns: HashMap<String, u64>,
+    footer: u64,
+}
+
+/// Write `plan` with made-up vectors in `row_groups` row groups, in memory, with or without the
+/// page index.
+fn write_sample(
+    spec: &JobSpec,
+    plan: &PartPlan,
+    seeds: Seeds,
+    row_groups: usize,
+    page_index: bool,
+) -> Result<Sample> {
+    let schema = super::writer::output_schema(spec);
+    let keys: HashMap<u32, u128> = match seeds {
+        Seeds::PerRow => (0..plan.rows.len() as u32)
+            .map(|r| (r, r as u128 + 1))
+            .collect(),
+        Seeds::Same => (0..plan.rows.len() as u32).map(|r| (r, 1)).collect(),
+    };
+    let assembly = PartAssembly::synthetic(plan.clone(), spec.columns.clone(), &keys);
+    let (batch, _, _) = assembly.finish(&schema, &mut ResultCache::default())?;
+    let mut buffer = Vec::new();
+    let mut props = output::writer_properties(Some(&spec.metadata));
+    if !page_index {
+        props = props
+            .into_builder()
+            .set_statistics_enabled(parquet::file::properties::EnabledStatistics::Chunk)
+            .build();
+    }
+    let metadata = (|| {
+        let mut writer = ArrowWriter::try_new(&mut buffer, schema.clone(), Some(props))?;
+        let step = batch.num_rows().div_ceil(row_groups).max(1);
+        for start in (0..batch.num_rows()).step_by(step) {
+            writer.write(&batch.slice(start, step.min(batch.num_rows() - start)))?;
+            writer.flush()?;
+        }
+        writer.close()
+    })()
+    .map_err(|e| Error::internal(format!("writing the size sample failed: {e}")))?;
+    let mut columns: HashMap<String, u64> = HashMap::new();
+    for group in metadata.row_groups() {
+        for chunk in group.columns() {
+            let name = chunk.column_path().parts()[0].clone();
+            *columns.entry(name).or_default() += chunk.compressed_size() as u64;
+        }
+    }
+    let data: u64 = columns.values().sum();
+    Ok(Sample {
+        footer: (buffer.len() as u64).saturating_sub(data),
+        columns,
+    })
+}
+
+/// Throughputs measured with `esmbed bench` (README, "Speed"): device name, layers, hidden,
+/// dtype → tokens per second.
+const KNOWN: &[(&str, usize, usize, DType, f64)] = &[
+    ("H200", 33, 1280, DType::BF16, 338_000.0),
+    ("H200", 36, 2560, DType::BF16, 94_500.0),
+    ("H200", 48, 5120, DType::BF16, 20_500.0),
+];
+
+fn known_throughput(model: &ModelFacts) -> Option<Throughput> {
+    let name = model.device_name.as_deref()?;
+    let c = &model.config;
+    KNOWN
+        .iter()
+        .find(|k| {
+            name.contains(k.0)
+                && k.1 == c.num_hidden_layers
+                && k.2 == c.hidden_size
+                && k.3 == model.dtype
+        })
+        .map(|k| Throughput {
+            tokens_per_second: k.4,
+            source: format!(
+                "esmbed bench on an {} ({} layers, hidden {}, {:?}; README)",
+                k.0, k.1, k.2, k.3
+            ),
+        })
+}
