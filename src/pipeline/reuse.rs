@@ -6,7 +6,8 @@
 //! the CPU and on the GPU; `tests/it/invariance.rs`), so a copied row holds the bits it would
 //! have been computed with. Two sides keep it bounded:
 //! - the pre-pass counts each distinct sequence's rows, as a 128-bit key and a count
-//!   ([`SequenceCounts`], ~40 bytes per distinct sequence: 40 MB per million);
+//!   ([`SequenceCounts`]: 33 bytes per hash-table slot, 35 to 70 MB per million distinct
+//!   sequences);
 //! - the planner ([`ReusePlanner`]) decides, row by row in input order, whether a row is
 //!   computed or copied, and which computed results the writer keeps for later rows: only
 //!   results of sequences with rows still to come, within a memory limit, dropped at their last
