@@ -178,6 +178,17 @@ impl Embedder {
                 };
                 Ok(vec![pool(&hidden[0], batch, layer, pooling)?])
             }
+            Request::LogProbs { at } => {
+                let log_probs = self.model.log_probs(batch, at)?;
+                Ok(vec![PooledLayer {
+                    layer: self.model.config().num_hidden_layers,
+                    hidden: self.model.config().hidden_size,
+                    mean: None,
+                    bos: None,
+                    residues: None,
+                    log_probs: Some(log_probs),
+                }])
+            }
         }
     }
 

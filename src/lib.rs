@@ -40,6 +40,7 @@ pub mod pack;
 pub mod pipeline;
 pub mod pool;
 pub mod prepare;
+pub mod score;
 pub mod sql;
 pub mod storage;
 pub mod tokenize;

@@ -44,6 +44,9 @@ pub struct PooledLayer {
     pub bos: Option<Vec<f32>>,
     /// `[R, H]` residue vectors, R = total residues of the pack, sequences back to back.
     pub residues: Option<Vec<f32>>,
+    /// `[Q, V]` log-probabilities over the vocabulary at the queried positions (a scores
+    /// request, [`crate::engine::Request::LogProbs`]), sequences back to back.
+    pub log_probs: Option<Vec<f32>>,
 }
 
 /// Pool one layer's packed output `hidden` (`[T, H]`) of `batch`.
@@ -120,6 +123,7 @@ pub fn pool(
         mean,
         bos,
         residues,
+        log_probs: None,
     })
 }
 

@@ -40,6 +40,22 @@ pub enum Request {
         /// Also per-residue outputs.
         residues: bool,
     },
+    /// Log-probabilities of the masked-LM head over the vocabulary (scores), at the positions
+    /// `at` picks in every sequence of the pack. The model must have its head.
+    LogProbs {
+        /// Which positions.
+        at: LogProbsAt,
+    },
+}
+
+/// The positions of each sequence a [`Request::LogProbs`] returns, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogProbsAt {
+    /// Every `<mask>` token (masked copies: pseudo-likelihoods, masked marginals).
+    Masked,
+    /// Every residue, `<cls>` and `<eos>` excluded (one unmasked forward: wild-type marginals,
+    /// per-residue log-probabilities).
+    Residues,
 }
 
 /// One device's model: embed one pack. Implemented by [`crate::Embedder`]; tests wrap it to

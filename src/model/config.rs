@@ -38,6 +38,14 @@ pub struct EsmConfig {
     /// Rotary base (10000 for ESM-2; newer transformers write it out).
     #[serde(default = "default_theta")]
     pub rope_theta: f64,
+    /// Whether the masked-LM head's decoder is the word-embedding matrix (true for every ESM-2;
+    /// transformers' default). Not written when true, so configs serialize as before.
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub tie_word_embeddings: bool,
+}
+
+fn is_true(value: &bool) -> bool {
+    *value
 }
 
 fn default_vocab() -> usize {
@@ -88,6 +96,7 @@ impl EsmConfig {
             emb_layer_norm_before: Some(false),
             hidden_act: default_gelu(),
             rope_theta: default_theta(),
+            tie_word_embeddings: true,
         }
     }
 

@@ -21,7 +21,10 @@ use super::config::EsmConfig;
 use crate::error::{Error, Result};
 use crate::pack::PackedBatch;
 
+mod head;
 mod load;
+
+pub(crate) use head::LmHead;
 
 /// Token-dropout rate seen in training: 15 % of tokens masked, 80 % of those replaced by `<mask>`
 /// (HF `EsmEmbeddings.forward`: `mask_ratio_train = 0.15 * 0.8`).
@@ -47,6 +50,8 @@ pub struct Esm2 {
     final_norm: LayerNorm,
     /// Rotary `inv_freq` (f32, `[head_dim / 2]`): one for every layer, as in transformers.
     inv_freq: Tensor,
+    /// The masked-LM head, when scores were asked for ([`Esm2::load_with_head`]).
+    head: Option<LmHead>,
     device: Device,
     dtype: DType,
 }
@@ -85,12 +90,19 @@ impl Esm2 {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let word_embeddings = copy(&self.word_embeddings)?;
+        let tied = self.config.tie_word_embeddings;
+        let head = match &self.head {
+            Some(h) => Some(h.replicate(device, &word_embeddings, tied)?),
+            None => None,
+        };
         Ok(Self {
             config: self.config.clone(),
-            word_embeddings: copy(&self.word_embeddings)?,
+            word_embeddings,
             blocks,
             final_norm: norm(&self.final_norm)?,
             inv_freq: copy(&self.inv_freq)?,
+            head,
             device: device.clone(),
             dtype: self.dtype,
         })
@@ -315,6 +327,34 @@ impl Esm2 {
 
     /// Per-token factor `[T, 1]` of the embedding: 0 on `<mask>` rows, else
     /// `(1 - 0.12) / (1 - masks/tokens)` of the token's own sequence (counts include cls and eos).
+    /// Log-probabilities over the vocabulary (`[Q, V]` f32, row-major) at the positions `at`
+    /// picks in each sequence of `batch`, in order, from the masked-LM head on the last layer.
+    pub fn log_probs(
+        &self,
+        batch: &PackedBatch,
+        at: crate::engine::LogProbsAt,
+    ) -> Result<Vec<f32>> {
+        let head = self.head.as_ref().ok_or_else(|| {
+            Error::InvalidOption(
+                "scores need the masked-LM head: load the model with Esm2::load_with_head".into(),
+            )
+        })?;
+        let rows = query_positions(batch, at, self.config.mask_token_id);
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = self.config.num_hidden_layers;
+        let hidden = self.forward(batch, &[n])?.remove(0);
+        let rows = Tensor::from_vec(rows.clone(), rows.len(), &self.device)?;
+        let log_probs = head.log_probs(&hidden.index_select(&rows, 0)?)?;
+        Ok(log_probs.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    /// Whether the masked-LM head is loaded.
+    pub fn has_head(&self) -> bool {
+        self.head.is_some()
+    }
+
     fn embedding_scale(&self, batch: &PackedBatch) -> Result<Tensor> {
         let mut scale = vec![1f32; batch.total_tokens()];
         if self.config.token_dropout {
@@ -335,6 +375,26 @@ impl Esm2 {
                 .to_dtype(self.dtype)?,
         )
     }
+}
+
+/// Token indices of `batch` whose log-probabilities a scores request returns (see
+/// [`crate::engine::LogProbsAt`]).
+pub fn query_positions(batch: &PackedBatch, at: crate::engine::LogProbsAt, mask: u32) -> Vec<u32> {
+    use crate::engine::LogProbsAt;
+    let mut rows = Vec::new();
+    for i in 0..batch.len() {
+        let range = batch.range(i);
+        match at {
+            LogProbsAt::Masked => rows.extend(
+                range
+                    .clone()
+                    .filter(|&t| batch.ids[t] == mask)
+                    .map(|t| t as u32),
+            ),
+            LogProbsAt::Residues => rows.extend((range.start + 1..range.end - 1).map(|t| t as u32)),
+        }
+    }
+    rows
 }
 
 /// Device settings the forward relies on (see [`super::flash::keep_freed_memory`]).

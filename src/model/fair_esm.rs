@@ -25,6 +25,13 @@ pub(super) fn hf_name(name: &str) -> Option<String> {
     if let Some(rest) = name.strip_prefix("emb_layer_norm_after.") {
         return Some(format!("encoder.emb_layer_norm_after.{rest}"));
     }
+    // RobertaLMHead: `weight` is the decoder (tied to embed_tokens), `bias` HF's `lm_head.bias`.
+    if let Some(rest) = name.strip_prefix("lm_head.") {
+        return Some(match rest {
+            "weight" => "lm_head.decoder.weight".to_string(),
+            _ => format!("lm_head.{rest}"),
+        });
+    }
     let rest = name.strip_prefix("layers.")?;
     let (index, rest) = rest.split_once('.')?;
     let index: usize = index.parse().ok()?;
@@ -203,7 +210,9 @@ mod tests {
                 "encoder.sentence_encoder.emb_layer_norm_after.weight",
                 Some("encoder.emb_layer_norm_after.weight"),
             ),
-            ("encoder.lm_head.dense.weight", None),
+            ("encoder.lm_head.dense.weight", Some("lm_head.dense.weight")),
+            ("encoder.lm_head.weight", Some("lm_head.decoder.weight")),
+            ("encoder.lm_head.bias", Some("lm_head.bias")),
             (
                 "encoder.sentence_encoder.contact_head.regression.weight",
                 None,

@@ -9,8 +9,10 @@
 //!   `encoder.layer.{i}.attention.self.rotary_embeddings.inv_freq` of older saves (and the literal
 //!   wildcard key `encoder.layer.*.attention.self.rotary_embeddings.inv_freq` some versions wrote),
 //!   all the same parameter; absent, it is computed from `rope_theta`;
-//! - heads esmbed does not use (`lm_head.*`, tied or untied; `contact_head.*`; `pooler.*`) are
-//!   ignored.
+//! - the masked-LM head keeps its names (`lm_head.dense.*`, `lm_head.layer_norm.*`, `lm_head.bias`,
+//!   `lm_head.decoder.weight`, which is the word-embedding matrix unless the config unties it);
+//!   it is loaded only for scores;
+//! - heads esmbed does not use (`contact_head.*`, `pooler.*`) are ignored.
 //!
 //! Several names of one checkpoint may resolve to the same parameter; that is fine when they hold
 //! the same values, and refused (naming both) when they do not: esmbed never picks one silently.
@@ -26,6 +28,9 @@ pub fn canonical(name: &str) -> Option<String> {
     let name = name.strip_prefix("esm.").unwrap_or(name);
     if name.ends_with("rotary_embeddings.inv_freq") {
         return Some(INV_FREQ.to_string());
+    }
+    if name.starts_with("lm_head.") {
+        return Some(name.to_string());
     }
     let used = name.starts_with("embeddings.word_embeddings.") || name.starts_with("encoder.");
     if !used {
@@ -98,7 +103,7 @@ mod tests {
             canonical("esm.encoder.layer.0.attention.self.key.weight").as_deref(),
             Some("encoder.layer.0.attention.self.key.weight")
         );
-        assert_eq!(canonical("lm_head.bias"), None);
+        assert_eq!(canonical("lm_head.bias").as_deref(), Some("lm_head.bias"));
         assert_eq!(
             canonical("esm.rotary_embeddings.inv_freq").as_deref(),
             Some("rotary_embeddings.inv_freq")
@@ -129,12 +134,10 @@ mod tests {
         ] {
             assert_eq!(c(n).as_deref(), Some(INV_FREQ), "{n}");
         }
-        for n in [
-            "lm_head.decoder.weight",
-            "lm_head.layer_norm.weight",
-            "esm.contact_head.regression.weight",
-            "pooler.dense.weight",
-        ] {
+        for n in ["lm_head.decoder.weight", "lm_head.layer_norm.weight"] {
+            assert_eq!(c(n).as_deref(), Some(n), "{n}");
+        }
+        for n in ["esm.contact_head.regression.weight", "pooler.dense.weight"] {
             assert_eq!(c(n), None, "{n}");
         }
     }

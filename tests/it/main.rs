@@ -21,5 +21,6 @@ mod reference;
 mod resume;
 mod reuse;
 mod s3;
+mod scores;
 mod sql;
 mod workers;

@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{LayerNorm, Linear};
 
-use super::{prepare_device, Block, Esm2};
+use super::{prepare_device, Block, Esm2, LmHead};
 use crate::error::{Error, Result};
 use crate::model::config::EsmConfig;
 use crate::model::names;
@@ -57,9 +57,22 @@ impl Esm2 {
             blocks,
             final_norm,
             inv_freq: Tensor::from_vec(inv_freq, half, device)?,
+            head: None,
             device: device.clone(),
             dtype,
         })
+    }
+
+    /// [`Esm2::load`] with the masked-LM head, for scores.
+    pub fn load_with_head(checkpoint: &Checkpoint, device: &Device, dtype: DType) -> Result<Self> {
+        let mut model = Self::load(checkpoint, device, dtype)?;
+        model.head = Some(LmHead::load(
+            checkpoint,
+            &model.word_embeddings,
+            dtype,
+            device,
+        )?);
+        Ok(model)
     }
 
     /// A model of the given shape with random weights, for benchmarks (the cost of a forward does
@@ -104,12 +117,15 @@ impl Esm2 {
             })
             .collect::<Result<Vec<_>>>()?;
         let half = config.head_dim() / 2;
+        let word_embeddings = randn(&[config.vocab_size, h], 1.0)?;
+        let head = LmHead::random(&word_embeddings, eps)?;
         Ok(Self {
             config: config.clone(),
-            word_embeddings: randn(&[config.vocab_size, h], 1.0)?,
+            word_embeddings,
             blocks,
             final_norm: norm()?,
             inv_freq: Tensor::from_vec(computed_inv_freq(config), half, device)?,
+            head: Some(head),
             device: device.clone(),
             dtype,
         })

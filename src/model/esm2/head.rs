@@ -1,0 +1,141 @@
+//! ESM-2's masked-LM head, for scores (likelihoods, variant effects): HF `EsmLMHead`
+//! (`x = LayerNorm(gelu(dense(h)))`, logits `= x · decoderᵀ + bias`, the decoder tied to the word
+//! embeddings unless the config unties it); fair-esm's `RobertaLMHead` is the same.
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{LayerNorm, Linear};
+
+use crate::error::{Error, Result};
+use crate::model::weights::Checkpoint;
+
+/// The head's tensors, on the model's device and in its dtype.
+pub(crate) struct LmHead {
+    dense: Linear,
+    norm: LayerNorm,
+    eps: f64,
+    /// `[V, H]`: the word embeddings (tied) or the checkpoint's decoder.
+    decoder: Tensor,
+    bias: Tensor,
+}
+
+/// Names of the head's tensors (HF `EsmForMaskedLM`).
+const HEAD: [&str; 5] = [
+    "lm_head.dense.weight",
+    "lm_head.dense.bias",
+    "lm_head.layer_norm.weight",
+    "lm_head.layer_norm.bias",
+    "lm_head.bias",
+];
+
+impl LmHead {
+    /// Load the head of `checkpoint`; `embeddings` is the model's word-embedding matrix, the
+    /// decoder when tied. A checkpoint without a head (an `EsmModel` save) is an error naming
+    /// what is missing.
+    pub(crate) fn load(
+        checkpoint: &Checkpoint,
+        embeddings: &Tensor,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let config = &checkpoint.config;
+        let (h, v) = (config.hidden_size, config.vocab_size);
+        let missing: Vec<&str> = HEAD
+            .iter()
+            .copied()
+            .filter(|n| !checkpoint.contains(n))
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::model(
+                &checkpoint.source_name,
+                format!(
+                    "no masked-LM head (missing {}): scores need the weights of an \
+                     EsmForMaskedLM (as facebook/esm2_* and fair-esm .pt files have), not an \
+                     EsmModel save",
+                    missing.join(", ")
+                ),
+            ));
+        }
+        let load = |name: &str, shape: &[usize]| checkpoint.load(name, shape, dtype, device);
+        let decoder = if config.tie_word_embeddings {
+            embeddings.clone()
+        } else {
+            load("lm_head.decoder.weight", &[v, h])?
+        };
+        Ok(Self {
+            dense: Linear::new(
+                load("lm_head.dense.weight", &[h, h])?,
+                Some(load("lm_head.dense.bias", &[h])?),
+            ),
+            norm: LayerNorm::new(
+                load("lm_head.layer_norm.weight", &[h])?,
+                load("lm_head.layer_norm.bias", &[h])?,
+                config.layer_norm_eps,
+            ),
+            eps: config.layer_norm_eps,
+            decoder,
+            bias: load("lm_head.bias", &[v])?,
+        })
+    }
+
+    /// A random head of `h × v` tied to `embeddings`, for benchmarks.
+    pub(crate) fn random(embeddings: &Tensor, eps: f64) -> Result<Self> {
+        let (v, h) = embeddings.dims2()?;
+        let (dtype, device) = (embeddings.dtype(), embeddings.device());
+        let randn = |shape: &[usize]| -> Result<Tensor> {
+            Ok(Tensor::randn(0f32, 0.02, shape, device)?.to_dtype(dtype)?)
+        };
+        Ok(Self {
+            dense: Linear::new(randn(&[h, h])?, Some(randn(&[h])?)),
+            norm: LayerNorm::new(
+                Tensor::ones(h, dtype, device)?,
+                Tensor::zeros(h, dtype, device)?,
+                eps,
+            ),
+            eps,
+            decoder: embeddings.clone(),
+            bias: randn(&[v])?,
+        })
+    }
+
+    /// The same head on `device`; `embeddings` is the copy's word-embedding matrix.
+    pub(crate) fn replicate(
+        &self,
+        device: &Device,
+        embeddings: &Tensor,
+        tied: bool,
+    ) -> Result<Self> {
+        let copy =
+            |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(&Device::Cpu)?.to_device(device)?) };
+        let bias = self.norm.bias().expect("the head's LayerNorm has a bias");
+        Ok(Self {
+            dense: Linear::new(
+                copy(self.dense.weight())?,
+                self.dense.bias().map(copy).transpose()?,
+            ),
+            norm: LayerNorm::new(copy(self.norm.weight())?, copy(bias)?, self.eps),
+            eps: self.eps,
+            decoder: if tied {
+                embeddings.clone()
+            } else {
+                copy(&self.decoder)?
+            },
+            bias: copy(&self.bias)?,
+        })
+    }
+
+    /// Log-probabilities over the vocabulary (log-softmax in f32) of the final hidden states
+    /// `hidden` (`[P, H]`, after `emb_layer_norm_after`): `[P, V]` f32. The projection to the
+    /// vocabulary runs in f32 (it is `P × H × 33`): bf16 logits would cost the scores their
+    /// third digit.
+    pub(crate) fn log_probs(&self, hidden: &Tensor) -> Result<Tensor> {
+        let x = self.dense.forward(hidden)?.gelu_erf()?;
+        let x = self.norm.forward(&x)?.to_dtype(DType::F32)?;
+        let decoder = self.decoder.to_dtype(DType::F32)?;
+        let bias = self.bias.to_dtype(DType::F32)?;
+        let logits = x.matmul(&decoder.t()?)?.broadcast_add(&bias)?;
+        Ok(candle_nn::ops::log_softmax(
+            &logits,
+            candle_core::D::Minus1,
+        )?)
+    }
+}

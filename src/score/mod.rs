@@ -1,0 +1,319 @@
+//! Zero-shot scores from ESM-2's masked-LM head: pseudo-log-likelihoods, wild-type and masked
+//! marginals of mutants, per-residue log-probabilities. fair-esm's definitions
+//! (`examples/variant-prediction/predict.py`, `label_row`), with token positions `<cls>` = 0,
+//! residue k (1-based) = k, `<eos>` = L+1, and `lp(x)[k, a]` the log-softmax over the whole
+//! vocabulary of the logits at position k:
+//!
+//! - `PLL(x) = Σ_{k=1..L} lp(x with k masked)[k, x_k]`, pseudo-perplexity `exp(−PLL / L)`;
+//! - wild-type marginals: `Σ_{(k, wt→mt)} lp(x_wt)[k, mt] − lp(x_wt)[k, wt]` (one unmasked forward);
+//! - masked marginals: the same with `lp(x_wt with k masked)[k, ·]` (one forward per mutated
+//!   position, shared by every mutant);
+//! - the `pll` strategy: `PLL(mutant) − PLL(wild type)`.
+//!
+//! The masked copies of a sequence are sequences of one length: they pack perfectly, and every
+//! copy gets its own token-dropout rescale (the model computes it per sequence). Copies are made
+//! pack by pack, never all at once: a 15,000-residue PLL is 15,000 copies.
+
+pub mod mutant;
+
+use crate::engine::{LogProbsAt, PackEmbedder, Request};
+use crate::error::{Error, Result};
+use crate::pack::{pack, PackedBatch};
+use crate::tokenize::{Tokenizer, MASK, VOCAB_SIZE};
+pub use mutant::{MutantError, Mutation};
+
+/// A sequence's pseudo-log-likelihood.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pll {
+    /// `Σ_k lp(x with k masked)[k, x_k]`.
+    pub pll: f64,
+    /// The terms, residue by residue.
+    pub per_position: Vec<f32>,
+}
+
+impl Pll {
+    /// `exp(−PLL / L)`.
+    pub fn pseudo_perplexity(&self) -> f64 {
+        (-self.pll / self.per_position.len().max(1) as f64).exp()
+    }
+}
+
+/// How a mutant is scored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum Strategy {
+    /// One unmasked forward of the wild type.
+    #[default]
+    WtMarginals,
+    /// One forward of the wild type per mutated position, that position masked.
+    MaskedMarginals,
+    /// Pseudo-log-likelihood of the mutant minus the wild type's.
+    Pll,
+}
+
+/// Masked copies of sequences, a pack at a time: copy `(s, k)` is sequence `s` with residue `k`
+/// replaced by `<mask>`.
+struct MaskedCopies<'a> {
+    tokens: &'a [Vec<u32>],
+    /// Per sequence, the residues to mask (all of them for a PLL).
+    positions: Vec<Vec<usize>>,
+    budget: usize,
+    next: (usize, usize),
+}
+
+impl Iterator for MaskedCopies<'_> {
+    type Item = (PackedBatch, Vec<(usize, usize)>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut copies: Vec<Vec<u32>> = Vec::new();
+        let mut which = Vec::new();
+        let mut tokens = 0;
+        while let Some(&position) = self
+            .positions
+            .get(self.next.0)
+            .and_then(|p| p.get(self.next.1))
+        {
+            let (s, i) = self.next;
+            let len = self.tokens[s].len();
+            if !copies.is_empty() && tokens + len > self.budget {
+                break;
+            }
+            let mut copy = self.tokens[s].clone();
+            copy[position] = MASK;
+            copies.push(copy);
+            which.push((s, position));
+            tokens += len;
+            self.next = if i + 1 < self.positions[s].len() {
+                (s, i + 1)
+            } else {
+                (s + 1, 0)
+            };
+            while self
+                .positions
+                .get(self.next.0)
+                .is_some_and(|p| p.is_empty())
+            {
+                self.next.0 += 1;
+            }
+        }
+        if copies.is_empty() {
+            return None;
+        }
+        Some((
+            PackedBatch::from_sequences(copies.iter().map(|c| &c[..])),
+            which,
+        ))
+    }
+}
+
+fn masked_copies(
+    tokens: &[Vec<u32>],
+    positions: Vec<Vec<usize>>,
+    budget: usize,
+) -> MaskedCopies<'_> {
+    let mut copies = MaskedCopies {
+        tokens,
+        positions,
+        budget: budget.max(1),
+        next: (0, 0),
+    };
+    while copies
+        .positions
+        .get(copies.next.0)
+        .is_some_and(|p| p.is_empty())
+    {
+        copies.next.0 += 1;
+    }
+    copies
+}
+
+/// The log-probability rows of a scores request on `batch`: `rows` of them.
+fn run(
+    device: &dyn PackEmbedder,
+    batch: &PackedBatch,
+    at: LogProbsAt,
+    rows: usize,
+) -> Result<Vec<f32>> {
+    let mut layers = device.embed(batch, Request::LogProbs { at })?;
+    let log_probs = layers.pop().and_then(|l| l.log_probs).unwrap_or_default();
+    if log_probs.len() != rows * VOCAB_SIZE {
+        return Err(Error::internal(format!(
+            "a scores request returned {} log-probabilities for {rows} positions",
+            log_probs.len() / VOCAB_SIZE
+        )));
+    }
+    Ok(log_probs)
+}
+
+/// Pseudo-log-likelihoods of `tokens` (each with `<cls>` and `<eos>`), every masked copy run on
+/// `device` in packs of at most `budget` tokens.
+pub fn pseudo_log_likelihoods(
+    device: &dyn PackEmbedder,
+    tokens: &[Vec<u32>],
+    budget: usize,
+) -> Result<Vec<Pll>> {
+    let positions = tokens.iter().map(|t| (1..t.len() - 1).collect()).collect();
+    let mut out: Vec<Pll> = tokens
+        .iter()
+        .map(|t| Pll {
+            pll: 0.0,
+            per_position: vec![0.0; t.len() - 2],
+        })
+        .collect();
+    for (batch, which) in masked_copies(tokens, positions, budget) {
+        let rows = run(device, &batch, LogProbsAt::Masked, which.len())?;
+        for (j, &(s, k)) in which.iter().enumerate() {
+            let value = rows[j * VOCAB_SIZE + tokens[s][k] as usize];
+            out[s].per_position[k - 1] = value;
+        }
+    }
+    for p in &mut out {
+        p.pll = p.per_position.iter().map(|&v| v as f64).sum();
+    }
+    Ok(out)
+}
+
+/// Per-residue log-probabilities (`[L × V]` per sequence) of one unmasked forward of each
+/// sequence, packed.
+pub fn residue_log_probs(
+    device: &dyn PackEmbedder,
+    tokens: &[Vec<u32>],
+    budget: usize,
+) -> Result<Vec<Vec<f32>>> {
+    let mut out = vec![Vec::new(); tokens.len()];
+    for group in pack(tokens, budget) {
+        let residues = group.batch.total_tokens() - 2 * group.batch.len();
+        let rows = run(device, &group.batch, LogProbsAt::Residues, residues)?;
+        let mut offset = 0;
+        for &member in &group.members {
+            let n = (tokens[member].len() - 2) * VOCAB_SIZE;
+            out[member] = rows[offset..offset + n].to_vec();
+            offset += n;
+        }
+    }
+    Ok(out)
+}
+
+/// Scores of `mutants` (each a set of substitutions of the wild type `wt`, with `<cls>` and
+/// `<eos>`) by `strategy`; multi-mutants are summed, as ProteinGym sums them.
+pub fn mutant_scores(
+    device: &dyn PackEmbedder,
+    wt: &[u32],
+    mutants: &[Vec<Mutation>],
+    strategy: Strategy,
+    budget: usize,
+) -> Result<Vec<f64>> {
+    let id = |c: char| token_of(c);
+    match strategy {
+        Strategy::WtMarginals => {
+            let lp = residue_log_probs(device, &[wt.to_vec()], budget)?.remove(0);
+            let at = |k: usize, c: char| lp[(k - 1) * VOCAB_SIZE + id(c)] as f64;
+            Ok(mutants
+                .iter()
+                .map(|m| {
+                    m.iter()
+                        .map(|x| at(x.index, x.mt) - at(x.index, x.wt))
+                        .sum()
+                })
+                .collect())
+        }
+        Strategy::MaskedMarginals => {
+            let mut positions: Vec<usize> = mutants.iter().flatten().map(|m| m.index).collect();
+            positions.sort_unstable();
+            positions.dedup();
+            let wt = [wt.to_vec()];
+            let mut lp = std::collections::HashMap::new();
+            for (batch, which) in masked_copies(&wt, vec![positions], budget) {
+                let rows = run(device, &batch, LogProbsAt::Masked, which.len())?;
+                for (j, &(_, k)) in which.iter().enumerate() {
+                    lp.insert(k, rows[j * VOCAB_SIZE..(j + 1) * VOCAB_SIZE].to_vec());
+                }
+            }
+            let at = |k: usize, c: char| lp[&k][id(c)] as f64;
+            Ok(mutants
+                .iter()
+                .map(|m| {
+                    m.iter()
+                        .map(|x| at(x.index, x.mt) - at(x.index, x.wt))
+                        .sum()
+                })
+                .collect())
+        }
+        Strategy::Pll => {
+            let mut sequences = vec![wt.to_vec()];
+            for m in mutants {
+                let mut s = wt.to_vec();
+                for x in m {
+                    s[x.index] = id(x.mt) as u32;
+                }
+                sequences.push(s);
+            }
+            let plls = pseudo_log_likelihoods(device, &sequences, budget)?;
+            Ok(plls[1..].iter().map(|p| p.pll - plls[0].pll).collect())
+        }
+    }
+}
+
+/// The token of a standard amino-acid letter.
+fn token_of(c: char) -> usize {
+    let mut buf = [0u8; 4];
+    Tokenizer::default()
+        .encode(c.encode_utf8(&mut buf))
+        .map(|t| t[1] as usize)
+        .expect("mutant letters are checked to be standard amino acids")
+}
+
+/// Columns of [`residue_log_probs`] restricted to the 20 standard amino acids, in
+/// [`mutant::STANDARD`] order: `[L × 20]`.
+pub fn standard_columns(log_probs: &[f32]) -> Vec<f32> {
+    let columns: Vec<usize> = mutant::STANDARD.chars().map(token_of).collect();
+    log_probs
+        .chunks(VOCAB_SIZE)
+        .flat_map(|row| columns.iter().map(move |&c| row[c]))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copies_mask_one_position_each_and_respect_the_budget() {
+        let tokens = vec![
+            vec![0, 5, 6, 7, 2],
+            vec![0, 8, 2],
+            vec![0, 9, 9, 9, 9, 9, 2],
+        ];
+        let positions = tokens.iter().map(|t| (1..t.len() - 1).collect()).collect();
+        let packs: Vec<_> = masked_copies(&tokens, positions, 12).collect();
+        let all: Vec<(usize, usize)> = packs.iter().flat_map(|p| p.1.clone()).collect();
+        assert_eq!(all.len(), 3 + 1 + 5);
+        assert_eq!(all[0], (0, 1));
+        assert_eq!(all[3], (1, 1));
+        for (batch, which) in &packs {
+            assert!(batch.total_tokens() <= 12 || which.len() == 1);
+            for (i, &(s, k)) in which.iter().enumerate() {
+                let copy = batch.tokens(i);
+                assert_eq!(copy[k], MASK);
+                assert_eq!(copy.iter().filter(|&&t| t == MASK).count(), 1);
+                assert_eq!(copy.len(), tokens[s].len());
+            }
+        }
+        // Sequences with nothing to mask are skipped.
+        let packs: Vec<_> = masked_copies(&tokens, vec![vec![], vec![1], vec![]], 100).collect();
+        assert_eq!(packs.len(), 1);
+        assert_eq!(packs[0].1, [(1, 1)]);
+    }
+
+    #[test]
+    fn standard_columns_follow_the_documented_order() {
+        let mut row = vec![0f32; VOCAB_SIZE];
+        for (i, v) in row.iter_mut().enumerate() {
+            *v = i as f32;
+        }
+        let cols = standard_columns(&row);
+        assert_eq!(cols.len(), 20);
+        assert_eq!(cols[0], token_of('A') as f32);
+        assert_eq!(cols[19], token_of('Y') as f32);
+    }
+}

@@ -1,0 +1,212 @@
+//! Zero-shot scores against transformers' `EsmForMaskedLM` with fair-esm's definitions
+//! (`tests/fixtures/*/scores.json`, written by `make_reference.py`): pseudo-log-likelihoods,
+//! per-residue log-probabilities, wild-type and masked marginals of single and double mutants,
+//! within 1e-4 relative (CPU f32); the head from safetensors, a fair-esm `.pt` and the other
+//! namings; a checkpoint without a head refused by name; masked copies packed together equal to
+//! one at a time (each copy its own token-dropout rescale).
+
+use std::path::Path;
+
+use crate::common::*;
+use esmbed::engine::{LogProbsAt, Request};
+use esmbed::score::{self, mutant, Strategy};
+use esmbed::{
+    Checkpoint, DType, Device, EmbedOptions, Embedder, Esm2, ModelSource, PackedBatch, Tokenizer,
+};
+
+#[derive(serde::Deserialize)]
+struct Scores {
+    sequences: Vec<SequenceScores>,
+    dms: Dms,
+}
+
+#[derive(serde::Deserialize)]
+struct SequenceScores {
+    id: String,
+    sequence: String,
+    pll: f64,
+    per_position: Vec<f64>,
+    pseudo_perplexity: f64,
+    log_probs20: Vec<Vec<f64>>,
+}
+
+#[derive(serde::Deserialize)]
+struct Dms {
+    wt: String,
+    offset: i64,
+    scores: Vec<MutantScores>,
+}
+
+#[derive(serde::Deserialize)]
+struct MutantScores {
+    mutant: String,
+    wt_marginals: f64,
+    masked_marginals: f64,
+}
+
+fn scores(name: &str) -> Scores {
+    let text = std::fs::read_to_string(fixture_dir(name).join("scores.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn with_head(path: &Path) -> esmbed::Result<Embedder> {
+    let source = ModelSource::parse(path.to_str().unwrap())?;
+    let checkpoint = Checkpoint::open(&source)?;
+    let model = Esm2::load_with_head(&checkpoint, &Device::Cpu, DType::F32)?;
+    Embedder::new(model, &EmbedOptions::default())
+}
+
+fn close(got: f64, want: f64, what: &str) {
+    let err = (got - want).abs() / want.abs().max(1.0);
+    assert!(err <= 1e-4, "{what}: {got} vs {want} (relative {err:.2e})");
+}
+
+fn tokens(seq: &str) -> Vec<u32> {
+    Tokenizer::default().encode(seq).unwrap()
+}
+
+fn check_model(name: &str, model: &Embedder) {
+    let want = scores(name);
+    let all: Vec<Vec<u32>> = want.sequences.iter().map(|s| tokens(&s.sequence)).collect();
+    // A small budget: copies of several sequences share packs, and some packs split sequences.
+    let plls = score::pseudo_log_likelihoods(model, &all, 64).unwrap();
+    let lps = score::residue_log_probs(model, &all, 64).unwrap();
+    for ((s, pll), lp) in want.sequences.iter().zip(&plls).zip(&lps) {
+        close(pll.pll, s.pll, &format!("{name} {} PLL", s.id));
+        close(pll.pseudo_perplexity(), s.pseudo_perplexity, &s.id);
+        for (k, (&g, &w)) in pll.per_position.iter().zip(&s.per_position).enumerate() {
+            close(g as f64, w, &format!("{name} {} PLL term {}", s.id, k + 1));
+        }
+        let twenty = score::standard_columns(lp);
+        let flat: Vec<f64> = s.log_probs20.iter().flatten().copied().collect();
+        assert_eq!(twenty.len(), flat.len());
+        for (&g, &w) in twenty.iter().zip(&flat) {
+            close(g as f64, w, &format!("{name} {} log-probs", s.id));
+        }
+    }
+    let wt = tokens(&want.dms.wt);
+    let mutants: Vec<Vec<mutant::Mutation>> = want
+        .dms
+        .scores
+        .iter()
+        .map(|m| mutant::parse(&m.mutant, want.dms.wt.as_bytes(), want.dms.offset).unwrap())
+        .collect();
+    assert!(mutants.iter().any(|m| m.len() == 2), "doubles are tested");
+    let wt_m = score::mutant_scores(model, &wt, &mutants, Strategy::WtMarginals, 64).unwrap();
+    let mm = score::mutant_scores(model, &wt, &mutants, Strategy::MaskedMarginals, 64).unwrap();
+    for ((m, a), b) in want.dms.scores.iter().zip(&wt_m).zip(&mm) {
+        close(
+            *a,
+            m.wt_marginals,
+            &format!("{name} {} wt-marginals", m.mutant),
+        );
+        close(
+            *b,
+            m.masked_marginals,
+            &format!("{name} {} masked-marginals", m.mutant),
+        );
+    }
+    // The pll strategy is PLL(mutant) − PLL(wt), from the same PLLs.
+    let pll = score::mutant_scores(model, &wt, &mutants[..1], Strategy::Pll, 64).unwrap();
+    let mut mutated = wt.clone();
+    let m = mutants[0][0];
+    mutated[m.index] = tokens(&m.mt.to_string())[1];
+    let both = score::pseudo_log_likelihoods(model, &[wt, mutated], 4096).unwrap();
+    close(pll[0], both[1].pll - both[0].pll, "pll strategy");
+}
+
+#[test]
+fn scores_equal_transformers_masked_lm_with_fair_esm_definitions() {
+    for name in ["tiny_h16", "tiny_h64"] {
+        let model = with_head(&fixture_dir(name)).unwrap();
+        check_model(name, &model);
+    }
+}
+
+#[test]
+fn the_head_loads_from_every_layout_transformers_loads() {
+    // fair-esm .pt (RobertaLMHead names), and the naming variants with a head.
+    check_model(
+        "tiny_h16",
+        &with_head(&fixture_dir("tiny_h16").join("model.pt")).unwrap(),
+    );
+    for variant in ["legacy_gamma_beta", "sharded_model_level"] {
+        let model = with_head(&fixture_dir("naming").join(variant)).unwrap();
+        check_model("tiny_h16", &model);
+    }
+}
+
+#[test]
+fn a_checkpoint_without_a_head_is_refused_by_name() {
+    for dir in [
+        fixture_dir("tiny_h16_bf16"),
+        fixture_dir("naming").join("bare_bin"),
+    ] {
+        let err = with_head(&dir).err().expect("no head").to_string();
+        assert!(err.contains("lm_head.dense.weight"), "{err}");
+        assert!(err.contains("EsmForMaskedLM"), "{err}");
+        // The same checkpoint embeds as before.
+        let source = ModelSource::parse(dir.to_str().unwrap()).unwrap();
+        Esm2::load(
+            &Checkpoint::open(&source).unwrap(),
+            &Device::Cpu,
+            DType::F32,
+        )
+        .unwrap();
+    }
+    let plain = load_embedder("tiny_h16");
+    let batch = PackedBatch::from_sequences([&tokens("MKT")[..]]);
+    let err = plain
+        .embed_request(
+            &batch,
+            Request::LogProbs {
+                at: LogProbsAt::Residues,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("load_with_head"), "{err}");
+}
+
+#[test]
+fn masked_copies_packed_together_equal_the_copies_alone() {
+    let model = with_head(&fixture_dir("tiny_h16")).unwrap();
+    // Copies with one, two and three masks: each gets its own token-dropout rescale.
+    let mut copies = Vec::new();
+    for (seq, masks) in [
+        ("MKTAYIAKQR", &[1][..]),
+        ("GAVLIPFWY", &[2, 5]),
+        ("MKT", &[1, 2, 3]),
+    ] {
+        let mut t = tokens(seq);
+        for &m in masks {
+            t[m] = esmbed::tokenize::MASK;
+        }
+        copies.push(t);
+    }
+    let packed = PackedBatch::from_sequences(copies.iter().map(|c| &c[..]));
+    let request = Request::LogProbs {
+        at: LogProbsAt::Masked,
+    };
+    let together = model
+        .embed_request(&packed, request)
+        .unwrap()
+        .remove(0)
+        .log_probs
+        .unwrap();
+    let mut alone = Vec::new();
+    for c in &copies {
+        let batch = PackedBatch::from_sequences([&c[..]]);
+        alone.extend(
+            model
+                .embed_request(&batch, request)
+                .unwrap()
+                .remove(0)
+                .log_probs
+                .unwrap(),
+        );
+    }
+    assert_eq!(together.len(), (1 + 2 + 3) * esmbed::tokenize::VOCAB_SIZE);
+    let err = relative_error(&together, &alone);
+    assert!(err <= 1e-6, "packed vs alone: {err:.2e}");
+}
