@@ -110,7 +110,8 @@ fn parse_one(part: &str, sequence: &[u8], offset: i64) -> Result<Mutation, Mutan
     let wt = chars.next().ok_or_else(syntax)?.to_ascii_uppercase();
     let mt = chars.next_back().ok_or_else(syntax)?.to_ascii_uppercase();
     let digits = chars.as_str();
-    if !wt.is_ascii_alphabetic() || !mt.is_ascii_alphabetic() || digits.is_empty() {
+    let numeric = !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit());
+    if !wt.is_ascii_alphabetic() || !mt.is_ascii_alphabetic() || !numeric {
         return Err(syntax());
     }
     let position: i64 = digits.parse().map_err(|_| syntax())?;
