@@ -15,8 +15,12 @@
 //! pack by pack, never all at once: a 15,000-residue PLL is 15,000 copies.
 
 pub mod mutant;
+pub mod runner;
+
+use std::collections::HashMap;
 
 use crate::engine::{LogProbsAt, PackEmbedder, Request};
+pub use runner::Runner;
 use crate::error::{Error, Result};
 use crate::pack::{pack, PackedBatch};
 use crate::tokenize::{Tokenizer, MASK, VOCAB_SIZE};
@@ -128,12 +132,12 @@ fn masked_copies(
 }
 
 /// The log-probability rows of a scores request on `batch`: `rows` of them.
-fn run(
-    device: &dyn PackEmbedder,
+pub(crate) fn run_one<D: PackEmbedder + ?Sized>(
+    device: &D,
     batch: &PackedBatch,
     at: LogProbsAt,
-    rows: usize,
 ) -> Result<Vec<f32>> {
+    let rows = crate::model::esm2::query_positions(batch, at, MASK).len();
     let mut layers = device.embed(batch, Request::LogProbs { at })?;
     let log_probs = layers.pop().and_then(|l| l.log_probs).unwrap_or_default();
     if log_probs.len() != rows * VOCAB_SIZE {
@@ -145,10 +149,33 @@ fn run(
     Ok(log_probs)
 }
 
+/// Run the masked copies `copies` on `runner`; `take` gets each copy's `(sequence, position)`
+/// and its row of log-probabilities.
+fn run_copies(
+    runner: &dyn Runner,
+    copies: MaskedCopies<'_>,
+    mut take: impl FnMut(usize, usize, &[f32]),
+) -> Result<()> {
+    let mut pending: HashMap<usize, Vec<(usize, usize)>> = HashMap::new();
+    let mut packs = copies.enumerate().map(|(i, (batch, which))| {
+        pending.insert(i, which);
+        batch
+    });
+    let mut done: Vec<(usize, Vec<f32>)> = Vec::new();
+    runner.run_packs(&mut packs, LogProbsAt::Masked, &mut |i, rows| done.push((i, rows)))?;
+    drop(packs);
+    for (i, rows) in done {
+        for (j, &(s, k)) in pending[&i].iter().enumerate() {
+            take(s, k, &rows[j * VOCAB_SIZE..(j + 1) * VOCAB_SIZE]);
+        }
+    }
+    Ok(())
+}
+
 /// Pseudo-log-likelihoods of `tokens` (each with `<cls>` and `<eos>`), every masked copy run on
-/// `device` in packs of at most `budget` tokens.
+/// `runner` in packs of at most `budget` tokens.
 pub fn pseudo_log_likelihoods(
-    device: &dyn PackEmbedder,
+    runner: &dyn Runner,
     tokens: &[Vec<u32>],
     budget: usize,
 ) -> Result<Vec<Pll>> {
@@ -160,13 +187,9 @@ pub fn pseudo_log_likelihoods(
             per_position: vec![0.0; t.len() - 2],
         })
         .collect();
-    for (batch, which) in masked_copies(tokens, positions, budget) {
-        let rows = run(device, &batch, LogProbsAt::Masked, which.len())?;
-        for (j, &(s, k)) in which.iter().enumerate() {
-            let value = rows[j * VOCAB_SIZE + tokens[s][k] as usize];
-            out[s].per_position[k - 1] = value;
-        }
-    }
+    run_copies(runner, masked_copies(tokens, positions, budget), |s, k, row| {
+        out[s].per_position[k - 1] = row[tokens[s][k] as usize];
+    })?;
     for p in &mut out {
         p.pll = p.per_position.iter().map(|&v| v as f64).sum();
     }
@@ -176,28 +199,28 @@ pub fn pseudo_log_likelihoods(
 /// Per-residue log-probabilities (`[L × V]` per sequence) of one unmasked forward of each
 /// sequence, packed.
 pub fn residue_log_probs(
-    device: &dyn PackEmbedder,
+    runner: &dyn Runner,
     tokens: &[Vec<u32>],
     budget: usize,
 ) -> Result<Vec<Vec<f32>>> {
+    let groups = pack(tokens, budget);
     let mut out = vec![Vec::new(); tokens.len()];
-    for group in pack(tokens, budget) {
-        let residues = group.batch.total_tokens() - 2 * group.batch.len();
-        let rows = run(device, &group.batch, LogProbsAt::Residues, residues)?;
+    let mut packs = groups.iter().map(|g| g.batch.clone());
+    runner.run_packs(&mut packs, LogProbsAt::Residues, &mut |i, rows| {
         let mut offset = 0;
-        for &member in &group.members {
+        for &member in &groups[i].members {
             let n = (tokens[member].len() - 2) * VOCAB_SIZE;
             out[member] = rows[offset..offset + n].to_vec();
             offset += n;
         }
-    }
+    })?;
     Ok(out)
 }
 
 /// Scores of `mutants` (each a set of substitutions of the wild type `wt`, with `<cls>` and
 /// `<eos>`) by `strategy`; multi-mutants are summed, as ProteinGym sums them.
 pub fn mutant_scores(
-    device: &dyn PackEmbedder,
+    runner: &dyn Runner,
     wt: &[u32],
     mutants: &[Vec<Mutation>],
     strategy: Strategy,
@@ -206,38 +229,19 @@ pub fn mutant_scores(
     let id = |c: char| token_of(c);
     match strategy {
         Strategy::WtMarginals => {
-            let lp = residue_log_probs(device, &[wt.to_vec()], budget)?.remove(0);
-            let at = |k: usize, c: char| lp[(k - 1) * VOCAB_SIZE + id(c)] as f64;
-            Ok(mutants
-                .iter()
-                .map(|m| {
-                    m.iter()
-                        .map(|x| at(x.index, x.mt) - at(x.index, x.wt))
-                        .sum()
-                })
-                .collect())
+            let lp = residue_log_probs(runner, &[wt.to_vec()], budget)?.remove(0);
+            Ok(summed(mutants, |k, t| lp[(k - 1) * VOCAB_SIZE + t] as f64))
         }
         Strategy::MaskedMarginals => {
             let mut positions: Vec<usize> = mutants.iter().flatten().map(|m| m.index).collect();
             positions.sort_unstable();
             positions.dedup();
             let wt = [wt.to_vec()];
-            let mut lp = std::collections::HashMap::new();
-            for (batch, which) in masked_copies(&wt, vec![positions], budget) {
-                let rows = run(device, &batch, LogProbsAt::Masked, which.len())?;
-                for (j, &(_, k)) in which.iter().enumerate() {
-                    lp.insert(k, rows[j * VOCAB_SIZE..(j + 1) * VOCAB_SIZE].to_vec());
-                }
-            }
-            let at = |k: usize, c: char| lp[&k][id(c)] as f64;
-            Ok(mutants
-                .iter()
-                .map(|m| {
-                    m.iter()
-                        .map(|x| at(x.index, x.mt) - at(x.index, x.wt))
-                        .sum()
-                })
-                .collect())
+            let mut lp: HashMap<usize, Vec<f32>> = HashMap::new();
+            run_copies(runner, masked_copies(&wt, vec![positions], budget), |_, k, row| {
+                lp.insert(k, row.to_vec());
+            })?;
+            Ok(summed(mutants, |k, t| lp[&k][t] as f64))
         }
         Strategy::Pll => {
             let mut sequences = vec![wt.to_vec()];
@@ -248,10 +252,22 @@ pub fn mutant_scores(
                 }
                 sequences.push(s);
             }
-            let plls = pseudo_log_likelihoods(device, &sequences, budget)?;
+            let plls = pseudo_log_likelihoods(runner, &sequences, budget)?;
             Ok(plls[1..].iter().map(|p| p.pll - plls[0].pll).collect())
         }
     }
+}
+
+/// Per mutant, `Σ lp(k, mt) − lp(k, wt)` over its substitutions.
+fn summed(mutants: &[Vec<Mutation>], lp: impl Fn(usize, usize) -> f64) -> Vec<f64> {
+    mutants
+        .iter()
+        .map(|m| {
+            m.iter()
+                .map(|x| lp(x.index, token_of(x.mt)) - lp(x.index, token_of(x.wt)))
+                .sum()
+        })
+        .collect()
 }
 
 /// The token of a standard amino-acid letter.

@@ -210,3 +210,37 @@ fn masked_copies_packed_together_equal_the_copies_alone() {
     let err = relative_error(&together, &alone);
     assert!(err <= 1e-6, "packed vs alone: {err:.2e}");
 }
+
+#[test]
+fn scores_run_on_the_device_pool_with_out_of_memory_splits() {
+    use esmbed::engine::{DevicePool, PackEmbedder, PoolOptions};
+    use std::sync::Arc;
+    let model = with_head(&fixture_dir("tiny_h16")).unwrap();
+    let want = scores("tiny_h16");
+    let all: Vec<Vec<u32>> = want.sequences.iter().map(|s| tokens(&s.sequence)).collect();
+    // One device fails every pack over 60 tokens: its packs are halved and retried.
+    let faulty = Faulty {
+        inner: model.replicate(&Device::Cpu).unwrap(),
+        max_tokens: 60,
+        poison: usize::MAX,
+        failures: Default::default(),
+    };
+    let faulty = Arc::new(faulty);
+    let devices: Vec<Arc<dyn PackEmbedder>> = vec![faulty.clone(), Arc::new(model)];
+    let pool: DevicePool<usize> = DevicePool::start(
+        devices,
+        PoolOptions::default(),
+        Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    )
+    .unwrap();
+    let plls = score::pseudo_log_likelihoods(&pool, &all, 160).unwrap();
+    let lps = score::residue_log_probs(&pool, &all, 160).unwrap();
+    for ((s, pll), lp) in want.sequences.iter().zip(&plls).zip(&lps) {
+        close(pll.pll, s.pll, &s.id);
+        let twenty = score::standard_columns(lp);
+        close(twenty[0] as f64, s.log_probs20[0][0], &s.id);
+    }
+    assert!(faulty.failures.load(std::sync::atomic::Ordering::SeqCst) > 0, "splits happened");
+    pool.close();
+    pool.join().unwrap();
+}
