@@ -241,10 +241,12 @@ pub struct LoadedModel {
 
 /// Load `spec` (hub id, directory, `.pt`, short name or `random:SHAPE`) on `devices[0]`, and
 /// replicate it to the others.
+/// With `head`, the masked-LM head too where the checkpoint has one (for the score functions).
 pub fn load_model(
     spec: &str,
     devices: &[esmbed::Device],
     dtype: esmbed::DType,
+    head: bool,
 ) -> anyhow::Result<LoadedModel> {
     use esmbed::{Checkpoint, Esm2, ModelSource};
     let source = ModelSource::parse(spec)?;
@@ -257,7 +259,12 @@ pub fn load_model(
         _ => {
             let checkpoint = Checkpoint::open(&source)?;
             let fingerprint = checkpoint.fingerprint()?;
-            (Esm2::load(&checkpoint, &devices[0], dtype)?, fingerprint)
+            let model = if head && checkpoint.has_lm_head() {
+                Esm2::load_with_head(&checkpoint, &devices[0], dtype)?
+            } else {
+                Esm2::load(&checkpoint, &devices[0], dtype)?
+            };
+            (model, fingerprint)
         }
     };
     Ok(LoadedModel {

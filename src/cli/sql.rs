@@ -146,7 +146,7 @@ fn start_service(args: &SqlArgs) -> anyhow::Result<EmbedService> {
     let devices = super::parse_devices(&args.model.run.device)?;
     let dtype = super::parse_dtype(&args.model.run.dtype, &devices[0])?;
     let loading = Instant::now();
-    let loaded = super::load_model(&args.model.source.model, &devices, dtype)?;
+    let loaded = super::load_model(&args.model.source.model, &devices, dtype, true)?;
     let hidden = loaded.replicas[0].config().hidden_size;
     let tokens_per_batch = args.tokens_per_batch.unwrap_or_else(|| {
         devices

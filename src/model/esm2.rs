@@ -336,7 +336,10 @@ impl Esm2 {
     ) -> Result<Vec<f32>> {
         let head = self.head.as_ref().ok_or_else(|| {
             Error::InvalidOption(
-                "scores need the masked-LM head: load the model with Esm2::load_with_head".into(),
+                "scores need the masked-LM head, and this model was loaded without one (its \
+                 checkpoint has none: use EsmForMaskedLM weights, as every published ESM-2 has; \
+                 in the library, Esm2::load_with_head)"
+                    .into(),
             )
         })?;
         let rows = query_positions(batch, at, self.config.mask_token_id);

@@ -253,6 +253,12 @@ impl Checkpoint {
         Ok(format!("sha256:{:x}", hasher.finalize()))
     }
 
+    /// Whether the checkpoint has a masked-LM head (an `EsmForMaskedLM` save or a fair-esm
+    /// `.pt`), which scores need.
+    pub fn has_lm_head(&self) -> bool {
+        self.contains("lm_head.dense.weight")
+    }
+
     /// Whether a tensor exists. Any name transformers accepts for it works
     /// ([`names::canonical`]): `esm.`-prefixed, legacy `gamma`/`beta`, per-layer `inv_freq`.
     pub fn contains(&self, name: &str) -> bool {

@@ -20,11 +20,11 @@ pub mod runner;
 use std::collections::HashMap;
 
 use crate::engine::{LogProbsAt, PackEmbedder, Request};
-pub use runner::Runner;
 use crate::error::{Error, Result};
 use crate::pack::{pack, PackedBatch};
 use crate::tokenize::{Tokenizer, MASK, VOCAB_SIZE};
 pub use mutant::{MutantError, Mutation};
+pub use runner::Runner;
 
 /// A sequence's pseudo-log-likelihood.
 #[derive(Debug, Clone, PartialEq)]
@@ -162,7 +162,9 @@ fn run_copies(
         batch
     });
     let mut done: Vec<(usize, Vec<f32>)> = Vec::new();
-    runner.run_packs(&mut packs, LogProbsAt::Masked, &mut |i, rows| done.push((i, rows)))?;
+    runner.run_packs(&mut packs, LogProbsAt::Masked, &mut |i, rows| {
+        done.push((i, rows))
+    })?;
     drop(packs);
     for (i, rows) in done {
         for (j, &(s, k)) in pending[&i].iter().enumerate() {
@@ -187,9 +189,13 @@ pub fn pseudo_log_likelihoods(
             per_position: vec![0.0; t.len() - 2],
         })
         .collect();
-    run_copies(runner, masked_copies(tokens, positions, budget), |s, k, row| {
-        out[s].per_position[k - 1] = row[tokens[s][k] as usize];
-    })?;
+    run_copies(
+        runner,
+        masked_copies(tokens, positions, budget),
+        |s, k, row| {
+            out[s].per_position[k - 1] = row[tokens[s][k] as usize];
+        },
+    )?;
     for p in &mut out {
         p.pll = p.per_position.iter().map(|&v| v as f64).sum();
     }
@@ -238,9 +244,13 @@ pub fn mutant_scores(
             positions.dedup();
             let wt = [wt.to_vec()];
             let mut lp: HashMap<usize, Vec<f32>> = HashMap::new();
-            run_copies(runner, masked_copies(&wt, vec![positions], budget), |_, k, row| {
-                lp.insert(k, row.to_vec());
-            })?;
+            run_copies(
+                runner,
+                masked_copies(&wt, vec![positions], budget),
+                |_, k, row| {
+                    lp.insert(k, row.to_vec());
+                },
+            )?;
             Ok(summed(mutants, |k, t| lp[&k][t] as f64))
         }
         Strategy::Pll => {

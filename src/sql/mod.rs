@@ -15,6 +15,7 @@
 pub mod display;
 pub mod fasta_table;
 pub mod functions;
+pub mod scores;
 pub mod service;
 pub mod slt;
 pub mod stores;
@@ -88,6 +89,8 @@ pub fn session(service: Option<Arc<EmbedService>>, options: &SessionOptions) -> 
     ctx.register_udf(CosineSimilarity::udf());
     if let Some(service) = service {
         ctx.register_udf(EsmEmbed::udf(service.clone()));
+        ctx.register_udf(scores::EsmScores::pll(service.clone()));
+        ctx.register_udf(scores::EsmScores::score(service.clone()));
         ctx.register_udf(EsmTokens::udf(service));
     }
     ctx

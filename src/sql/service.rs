@@ -354,6 +354,110 @@ impl EmbedService {
     }
 }
 
+impl EmbedService {
+    /// Pseudo-log-likelihoods of `sequences` (`None` = null row) and the validity of each row;
+    /// identical sequences of the call are scored once. Needs the model's masked-LM head.
+    pub fn pll(&self, sequences: &[Option<&str>]) -> Result<(Vec<f64>, Vec<bool>)> {
+        let mut out = vec![0.0; sequences.len()];
+        let mut valid = vec![false; sequences.len()];
+        let mut distinct: HashMap<Vec<u32>, usize> = HashMap::new();
+        let mut tokens: Vec<Vec<u32>> = Vec::new();
+        let mut rows: Vec<(usize, usize)> = Vec::new();
+        for (row, sequence) in sequences.iter().enumerate() {
+            let Some(sequence) = sequence else { continue };
+            let Some(t) = self.score_tokens(row, sequence)? else {
+                continue;
+            };
+            let next = tokens.len();
+            let index = *distinct.entry(t.clone()).or_insert(next);
+            if index == next {
+                tokens.push(t);
+            } else {
+                self.reused.fetch_add(1, Ordering::Relaxed);
+            }
+            rows.push((row, index));
+        }
+        let plls = crate::score::pseudo_log_likelihoods(
+            &self.pool,
+            &tokens,
+            self.options.tokens_per_batch,
+        )?;
+        for (row, index) in rows {
+            out[row] = plls[index].pll;
+            valid[row] = true;
+        }
+        Ok((out, valid))
+    }
+
+    /// Scores of mutants (`A23G`, `A23G:K45R`; positions from 1) of their wild types, row by
+    /// row, by `strategy`; each distinct wild type's forwards are run once for all its rows.
+    pub fn mutant_scores(
+        &self,
+        wild_types: &[Option<&str>],
+        mutants: &[Option<&str>],
+        strategy: crate::score::Strategy,
+    ) -> Result<(Vec<f64>, Vec<bool>)> {
+        let mut out = vec![0.0; wild_types.len()];
+        let mut valid = vec![false; wild_types.len()];
+        // Per distinct wild type: its tokens, and its rows with their parsed mutants.
+        let mut groups: HashMap<&str, (Vec<u32>, Vec<(usize, Vec<crate::score::Mutation>)>)> =
+            HashMap::new();
+        for (row, (wt, mutant)) in wild_types.iter().zip(mutants).enumerate() {
+            let (Some(wt), Some(mutant)) = (wt, mutant) else {
+                continue;
+            };
+            if !groups.contains_key(wt) {
+                let Some(tokens) = self.score_tokens(row, wt)? else {
+                    continue;
+                };
+                groups.insert(wt, (tokens, Vec::new()));
+            }
+            let group = groups.get_mut(wt).expect("inserted");
+            let residues: Vec<u8> = group.0[1..group.0.len() - 1]
+                .iter()
+                .map(|&t| crate::tokenize::TOKENS[t as usize].as_bytes()[0])
+                .collect();
+            match crate::score::mutant::parse(mutant, &residues, 1) {
+                Ok(m) => group.1.push((row, m)),
+                Err(_) if self.options.bad_rows == BadRows::Null => {}
+                Err(e) => return Err(row_error(row, mutant, &e.to_string())),
+            }
+        }
+        for (tokens, rows) in groups.into_values() {
+            let sets: Vec<_> = rows.iter().map(|(_, m)| m.clone()).collect();
+            let scores = crate::score::mutant_scores(
+                &self.pool,
+                &tokens,
+                &sets,
+                strategy,
+                self.options.tokens_per_batch,
+            )?;
+            for ((row, _), score) in rows.iter().zip(scores) {
+                out[*row] = score;
+                valid[*row] = true;
+            }
+        }
+        Ok((out, valid))
+    }
+
+    /// A sequence's tokens for scores (the input policy; long sequences are truncated, never
+    /// windowed), `None` for a bad row in a lenient session.
+    fn score_tokens(&self, row: usize, sequence: &str) -> Result<Option<Vec<u32>>> {
+        let policy = InputPolicy {
+            long: match self.policy.long {
+                LongPolicy::Window => LongPolicy::Truncate,
+                other => other,
+            },
+            ..self.policy
+        };
+        match policy.prepare(sequence) {
+            Ok(mut p) => Ok(Some(p.segments.remove(0).1)),
+            Err(_) if self.options.bad_rows == BadRows::Null => Ok(None),
+            Err(e) => Err(row_error(row, sequence, &e.reason)),
+        }
+    }
+}
+
 /// Why a row cannot be embedded, naming its value (cut to 60 characters).
 fn row_error(row: usize, sequence: &str, reason: &str) -> Error {
     let shown: String = sequence.chars().take(60).collect();

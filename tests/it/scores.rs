@@ -240,7 +240,132 @@ fn scores_run_on_the_device_pool_with_out_of_memory_splits() {
         let twenty = score::standard_columns(lp);
         close(twenty[0] as f64, s.log_probs20[0][0], &s.id);
     }
-    assert!(faulty.failures.load(std::sync::atomic::Ordering::SeqCst) > 0, "splits happened");
+    assert!(
+        faulty.failures.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "splits happened"
+    );
     pool.close();
     pool.join().unwrap();
+}
+
+#[test]
+fn sql_scores_equal_the_reference() {
+    use esmbed::sql::service::{BadRows, EmbedService, ServiceOptions};
+    use esmbed::sql::{self, SessionOptions};
+    use std::sync::Arc;
+    let want = scores("tiny_h64");
+    let session = |bad_rows| {
+        let model = with_head(&fixture_dir("tiny_h64")).unwrap();
+        let options = ServiceOptions {
+            tokens_per_batch: 256,
+            bad_rows,
+            ..ServiceOptions::default()
+        };
+        let service = Arc::new(EmbedService::start(vec![model], options).unwrap());
+        sql::session(Some(service), &SessionOptions::default())
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let query = |ctx: &datafusion::prelude::SessionContext, q: &str| {
+        runtime.block_on(async {
+            let batches = ctx.sql(q).await?.collect().await?;
+            let mut out: Vec<Option<f64>> = Vec::new();
+            for b in batches {
+                let col = b
+                    .column(0)
+                    .as_any()
+                    .downcast_ref::<arrow::array::Float64Array>()
+                    .unwrap();
+                out.extend(col.iter());
+            }
+            Ok::<_, datafusion::error::DataFusionError>(out)
+        })
+    };
+    let ctx = session(BadRows::Error);
+    let values: Vec<String> = want
+        .sequences
+        .iter()
+        .map(|s| format!("('{}')", s.sequence))
+        .collect();
+    // Each sequence twice (scored once), and a NULL.
+    let q = format!(
+        "SELECT esm_pll(s) FROM (VALUES {}, {}, (NULL)) AS t(s)",
+        values.join(", "),
+        values.join(", ")
+    );
+    let got = query(&ctx, &q).unwrap();
+    assert_eq!(got.len(), 2 * want.sequences.len() + 1);
+    for (i, s) in want.sequences.iter().chain(&want.sequences).enumerate() {
+        close(got[i].unwrap(), s.pll, &s.id);
+    }
+    assert_eq!(got.last().unwrap(), &None);
+
+    let wt = &want.dms.wt;
+    // The reference numbers positions from offset 5; SQL from 1.
+    let shifted = |m: &str| -> String {
+        m.split(':')
+            .map(|p| {
+                let pos: i64 = p[1..p.len() - 1].parse().unwrap();
+                format!(
+                    "{}{}{}",
+                    &p[..1],
+                    pos - want.dms.offset + 1,
+                    &p[p.len() - 1..]
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    let rows: Vec<String> = want
+        .dms
+        .scores
+        .iter()
+        .map(|m| format!("('{wt}', '{}')", shifted(&m.mutant)))
+        .collect();
+    for (strategy, pick) in [
+        (
+            "'wt-marginals'",
+            (|m: &MutantScores| m.wt_marginals) as fn(&MutantScores) -> f64,
+        ),
+        ("'masked-marginals'", |m: &MutantScores| m.masked_marginals),
+    ] {
+        let q = format!(
+            "SELECT esm_score(w, m, {strategy}) FROM (VALUES {}) AS t(w, m)",
+            rows.join(", ")
+        );
+        let got = query(&ctx, &q).unwrap();
+        for (g, m) in got.iter().zip(&want.dms.scores) {
+            close(g.unwrap(), pick(m), &format!("{strategy} {}", m.mutant));
+        }
+    }
+    // The default strategy is wt-marginals.
+    let q = format!(
+        "SELECT esm_score(w, m) FROM (VALUES {}) AS t(w, m)",
+        rows[0]
+    );
+    close(
+        query(&ctx, &q).unwrap()[0].unwrap(),
+        want.dms.scores[0].wt_marginals,
+        "default",
+    );
+
+    // A wild-type letter that does not match fails the query naming it; lenient: NULL.
+    let first = wt.chars().next().unwrap();
+    let wrong = if first == 'A' { 'C' } else { 'A' };
+    let q = format!(
+        "SELECT esm_score(w, m) FROM (VALUES ('{wt}', '{wrong}1G'), ('{wt}', 'bad')) AS t(w, m)"
+    );
+    let err = query(&ctx, &q).unwrap_err().to_string();
+    assert!(err.contains(&format!("has {first} at position 1")), "{err}");
+    let got = query(&session(BadRows::Null), &q).unwrap();
+    assert_eq!(got, [None, None]);
+    let err = query(
+        &ctx,
+        &format!(
+            "SELECT esm_score(w, m, 'nope') FROM (VALUES {}) AS t(w, m)",
+            rows[0]
+        ),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("masked-marginals"), "{err}");
 }
