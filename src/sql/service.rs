@@ -400,8 +400,8 @@ impl EmbedService {
         let mut out = vec![0.0; wild_types.len()];
         let mut valid = vec![false; wild_types.len()];
         // Per distinct wild type: its tokens, and its rows with their parsed mutants.
-        let mut groups: HashMap<&str, (Vec<u32>, Vec<(usize, Vec<crate::score::Mutation>)>)> =
-            HashMap::new();
+        type Rows = Vec<(usize, Vec<crate::score::Mutation>)>;
+        let mut groups: HashMap<&str, (Vec<u32>, Rows)> = HashMap::new();
         for (row, (wt, mutant)) in wild_types.iter().zip(mutants).enumerate() {
             let (Some(wt), Some(mutant)) = (wt, mutant) else {
                 continue;
