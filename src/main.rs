@@ -28,6 +28,7 @@ fn main() -> ExitCode {
 
     let result = match cli.command {
         Command::Embed(args) => cli::embed::run(*args).map(|_| ()),
+        Command::Score(args) => cli::score::run(*args),
         Command::Inspect(args) => cli::inspect::run(args),
         Command::Bench(args) => cli::bench::run(args),
         Command::Verify(args) => cli::verify::run(args),

@@ -38,6 +38,9 @@ pub enum Problem {
     DuplicateId,
     /// Did not fit on any device even alone.
     OutOfMemory,
+    /// A mutant that cannot be scored (`esmbed score --mutants`): malformed, out of range, a
+    /// wild-type letter that does not match, not an amino acid.
+    BadMutant,
 }
 
 impl Problem {
@@ -51,6 +54,7 @@ impl Problem {
             Problem::TooLong => "too_long",
             Problem::DuplicateId => "duplicate_id",
             Problem::OutOfMemory => "out_of_memory",
+            Problem::BadMutant => "bad_mutant",
         }
     }
 }

@@ -196,7 +196,7 @@ fn load(
         replicas,
         name,
         fingerprint,
-    } = super::load_model(&args.model.source.model, devices, dtype, false)?;
+    } = super::load_model(&args.model.source.model, devices, dtype, super::Head::No)?;
     let config = replicas[0].config().clone();
     let tokens_per_batch = args.tokens_per_batch.unwrap_or_else(|| {
         devices

@@ -5,6 +5,7 @@ pub mod dry_run;
 pub mod embed;
 pub mod inspect;
 pub mod progress;
+pub mod score;
 pub mod sql;
 pub mod verify;
 
@@ -47,6 +48,18 @@ pub enum Command {
     /// A killed job continues with --resume; the output appears only once complete.
     #[command(verbatim_doc_comment)]
     Embed(Box<embed::EmbedArgs>),
+    /// Zero-shot scores from the masked-LM head: pseudo-log-likelihoods (default), per-residue
+    /// log-probabilities (--logits), or the mutants of a deep mutational scan (--wt, --mutants).
+    ///
+    /// Examples:
+    ///   esmbed score designs.fasta -o pll.parquet --model 650M --device cuda
+    ///   esmbed score --wt P53.fasta --mutants dms.parquet --strategy masked-marginals -o dms_scores.parquet
+    ///   esmbed score seqs.fasta --logits -o heatmaps.parquet
+    ///
+    /// Definitions (fair-esm's): PLL = Σ_k log p(x_k | x with k masked), log-softmax over the
+    /// full vocabulary; every masked copy of every sequence is packed with the others.
+    #[command(verbatim_doc_comment)]
+    Score(Box<score::ScoreArgs>),
     /// Show the schema, row count and esmbed metadata of an output file or dataset.
     Inspect(inspect::InspectArgs),
     /// Measure throughput (tokens/s, MFU) on a synthetic workload, packed vs padded.
@@ -241,12 +254,23 @@ pub struct LoadedModel {
 
 /// Load `spec` (hub id, directory, `.pt`, short name or `random:SHAPE`) on `devices[0]`, and
 /// replicate it to the others.
-/// With `head`, the masked-LM head too where the checkpoint has one (for the score functions).
+/// Whether a command loads the masked-LM head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Head {
+    /// Embeddings only.
+    No,
+    /// Where the checkpoint has one (`esmbed sql`: the score functions work then).
+    IfPresent,
+    /// Scores: a checkpoint without one is an error naming what is missing.
+    Required,
+}
+
+/// Load `spec` with the masked-LM head as `head` says.
 pub fn load_model(
     spec: &str,
     devices: &[esmbed::Device],
     dtype: esmbed::DType,
-    head: bool,
+    head: Head,
 ) -> anyhow::Result<LoadedModel> {
     use esmbed::{Checkpoint, Esm2, ModelSource};
     let source = ModelSource::parse(spec)?;
@@ -259,7 +283,12 @@ pub fn load_model(
         _ => {
             let checkpoint = Checkpoint::open(&source)?;
             let fingerprint = checkpoint.fingerprint()?;
-            let model = if head && checkpoint.has_lm_head() {
+            let with_head = match head {
+                Head::No => false,
+                Head::IfPresent => checkpoint.has_lm_head(),
+                Head::Required => true,
+            };
+            let model = if with_head {
                 Esm2::load_with_head(&checkpoint, &devices[0], dtype)?
             } else {
                 Esm2::load(&checkpoint, &devices[0], dtype)?

@@ -146,7 +146,12 @@ fn start_service(args: &SqlArgs) -> anyhow::Result<EmbedService> {
     let devices = super::parse_devices(&args.model.run.device)?;
     let dtype = super::parse_dtype(&args.model.run.dtype, &devices[0])?;
     let loading = Instant::now();
-    let loaded = super::load_model(&args.model.source.model, &devices, dtype, true)?;
+    let loaded = super::load_model(
+        &args.model.source.model,
+        &devices,
+        dtype,
+        super::Head::IfPresent,
+    )?;
     let hidden = loaded.replicas[0].config().hidden_size;
     let tokens_per_batch = args.tokens_per_batch.unwrap_or_else(|| {
         devices

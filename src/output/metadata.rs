@@ -33,6 +33,9 @@ pub struct Settings {
     pub long: LongPolicy,
     /// `--unknown`.
     pub unknown: String,
+    /// What a score job computes (`esmbed score`), `None` for embeddings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scores: Option<String>,
 }
 
 /// esmbed's footer metadata (key [`super::METADATA_KEY`]) of every output file.
@@ -109,6 +112,7 @@ impl JobIdentity {
             ("max_length", a.max_length == b.max_length),
             ("long", a.long == b.long),
             ("unknown", a.unknown == b.unknown),
+            ("scores", a.scores == b.scores),
             ("rows_per_part", self.rows_per_part == other.rows_per_part),
             ("dedupe", self.dedupe == other.dedupe),
         ];
@@ -145,6 +149,7 @@ mod tests {
                 max_length: 1022,
                 long: LongPolicy::Truncate,
                 unknown: "error".into(),
+                scores: None,
             },
             rows_per_part: 100,
             dedupe: false,

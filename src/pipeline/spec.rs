@@ -126,6 +126,7 @@ impl JobSpec {
             max_length: options.plan.max_length,
             long: options.plan.long,
             unknown: format!("{:?}", view.tokenizer.unknown).to_lowercase(),
+            scores: None,
         };
         let metadata = FileMetadata {
             esmbed_version: env!("CARGO_PKG_VERSION").into(),

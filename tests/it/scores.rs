@@ -369,3 +369,237 @@ fn sql_scores_equal_the_reference() {
     .to_string();
     assert!(err.contains("masked-marginals"), "{err}");
 }
+
+/// `esmbed score` with the fixture model, in `dir`.
+fn score_cli(dir: &Path, args: &[&str]) -> (i32, String) {
+    let model = fixture_dir("tiny_h64");
+    let mut all = vec!["score", "--model", model.to_str().unwrap(), "--no-progress"];
+    all.extend_from_slice(args);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_esmbed"))
+        .args(&all)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn floats(batch: &arrow::array::RecordBatch, name: &str) -> Vec<f64> {
+    use arrow::array::AsArray;
+    let col = batch.column_by_name(name).unwrap();
+    col.as_primitive::<arrow::datatypes::Float64Type>()
+        .values()
+        .to_vec()
+}
+
+#[test]
+fn esmbed_score_writes_plls_log_probs_and_dms_scores() {
+    let dir = scratch("score-cli");
+    let want = scores("tiny_h64");
+    let mut fasta = String::new();
+    for s in &want.sequences {
+        fasta.push_str(&format!(
+            ">{}\n{}\n>{}_again\n{}*\n",
+            s.id,
+            s.sequence,
+            s.id,
+            s.sequence.to_lowercase()
+        ));
+    }
+    fasta.push_str(">bad\nMK1T\n");
+    std::fs::write(dir.join("in.fasta"), fasta).unwrap();
+    let (code, stderr) = score_cli(
+        &dir,
+        &[
+            "in.fasta",
+            "-o",
+            "pll.parquet",
+            "--per-residue",
+            "--tokens-per-batch",
+            "100",
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let out = read_parquet(&dir.join("pll.parquet"));
+    assert_eq!(out.num_rows(), 2 * want.sequences.len());
+    let plls = floats(&out, "pll");
+    let ppl = floats(&out, "pseudo_perplexity");
+    for (i, s) in want.sequences.iter().enumerate() {
+        for row in [2 * i, 2 * i + 1] {
+            close(plls[row], s.pll, &s.id);
+            close(ppl[row], s.pseudo_perplexity, &s.id);
+        }
+    }
+    let errors = read_parquet(&dir.join("pll.errors.parquet"));
+    assert_eq!(strings(&errors, "id"), [Some("bad".to_string())]);
+    assert_eq!(
+        strings(&errors, "problem"),
+        [Some("invalid_residue".to_string())]
+    );
+
+    let (code, stderr) = score_cli(&dir, &["in.fasta", "-o", "logits.parquet", "--logits"]);
+    assert_eq!(code, 0, "{stderr}");
+    let out = read_parquet(&dir.join("logits.parquet"));
+    use arrow::array::{Array, AsArray};
+    let lists = out.column_by_name("log_probs").unwrap().as_list::<i32>();
+    let first = lists.value(0);
+    let rows = first.as_fixed_size_list();
+    assert_eq!(rows.len(), want.sequences[0].sequence.len());
+    let values = rows
+        .values()
+        .as_primitive::<arrow::datatypes::Float32Type>();
+    for (k, row) in want.sequences[0].log_probs20.iter().enumerate() {
+        for (a, &w) in row.iter().enumerate() {
+            close(values.value(k * 20 + a) as f64, w, "log_probs");
+        }
+    }
+
+    // A DMS file: the reference's mutants (positions from 5) and four bad ones.
+    let mut mutants: Vec<String> = want.dms.scores.iter().map(|m| m.mutant.clone()).collect();
+    let wt = &want.dms.wt;
+    let first_letter = wt.chars().next().unwrap();
+    let wrong = if first_letter == 'A' { 'C' } else { 'A' };
+    mutants.extend([
+        format!("{wrong}5G"),
+        "5G".into(),
+        "A99G".into(),
+        format!("{first_letter}5J"),
+    ]);
+    let batch = arrow::array::RecordBatch::try_from_iter([(
+        "mutant",
+        std::sync::Arc::new(arrow::array::StringArray::from(mutants.clone()))
+            as arrow::array::ArrayRef,
+    )])
+    .unwrap();
+    let file = std::fs::File::create(dir.join("dms.parquet")).unwrap();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+    for (strategy, pick) in [
+        (
+            "wt-marginals",
+            (|m: &MutantScores| m.wt_marginals) as fn(&MutantScores) -> f64,
+        ),
+        ("masked-marginals", |m: &MutantScores| m.masked_marginals),
+    ] {
+        let out_name = format!("{strategy}.parquet");
+        let (code, stderr) = score_cli(
+            &dir,
+            &[
+                "--wt",
+                wt,
+                "--mutants",
+                "dms.parquet",
+                "--offset",
+                "5",
+                "--strategy",
+                strategy,
+                "-o",
+                &out_name,
+            ],
+        );
+        assert_eq!(code, 0, "{stderr}");
+        let out = read_parquet(&dir.join(&out_name));
+        assert_eq!(out.num_rows(), want.dms.scores.len());
+        for (got, m) in floats(&out, "esm_score").iter().zip(&want.dms.scores) {
+            close(*got, pick(m), &format!("{strategy} {}", m.mutant));
+        }
+        let errors = read_parquet(&dir.join(format!("{strategy}.errors.parquet")));
+        let reasons: Vec<String> = strings(&errors, "reason").into_iter().flatten().collect();
+        assert_eq!(reasons.len(), 4, "{reasons:?}");
+        assert!(
+            reasons[0].contains(&format!("has {first_letter} at position 5")),
+            "{reasons:?}"
+        );
+        assert!(reasons[1].contains("not in the form A23G"), "{reasons:?}");
+        assert!(reasons[2].contains("outside the sequence"), "{reasons:?}");
+        assert!(
+            reasons[3].contains("not one of the 20 standard amino acids"),
+            "{reasons:?}"
+        );
+        assert!(strings(&errors, "problem")
+            .iter()
+            .all(|p| p.as_deref() == Some("bad_mutant")));
+    }
+}
+
+#[test]
+fn a_killed_score_job_resumes_to_the_same_result() {
+    let dir = scratch("score-resume");
+    let mut fasta = String::new();
+    let mut state = 7u64;
+    for i in 0..60 {
+        let seq: String = (0..8 + i % 13)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                b"ACDEFGHIKLMNPQRSTVWY"[(state >> 33) as usize % 20] as char
+            })
+            .collect();
+        fasta.push_str(&format!(">s{i}\n{seq}\n"));
+    }
+    std::fs::write(dir.join("in.fasta"), fasta).unwrap();
+    let (code, stderr) = score_cli(
+        &dir,
+        &["in.fasta", "-o", "ref.parquet", "--rows-per-part", "6"],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let model = fixture_dir("tiny_h64");
+    let args = [
+        "score",
+        "in.fasta",
+        "-o",
+        "out.parquet",
+        "--rows-per-part",
+        "6",
+        "--no-progress",
+        "--model",
+        model.to_str().unwrap(),
+    ];
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_esmbed"))
+        .args(args)
+        .current_dir(&dir)
+        .env("ESMBED_TEST_PART_DELAY_MS", "300")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let manifest = esmbed::output::OutputLayout::new(&dir.join("out.parquet")).manifest_path();
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&manifest)
+        .map(|t| t.matches("first_position").count() < 3)
+        .unwrap_or(true)
+    {
+        assert!(started.elapsed().as_secs() < 120, "no progress");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!dir.join("out.parquet").exists());
+    let (code, stderr) = score_cli(
+        &dir,
+        &["in.fasta", "-o", "out.parquet", "--rows-per-part", "6"],
+    );
+    assert_eq!(code, 2, "progress is protected: {stderr}");
+    let (code, stderr) = score_cli(
+        &dir,
+        &[
+            "in.fasta",
+            "-o",
+            "out.parquet",
+            "--rows-per-part",
+            "6",
+            "--resume",
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("resumed:"), "{stderr}");
+    let (a, b) = (
+        read_parquet(&dir.join("ref.parquet")),
+        read_parquet(&dir.join("out.parquet")),
+    );
+    assert_eq!(strings(&a, "id"), strings(&b, "id"));
+    assert_eq!(floats(&a, "pll"), floats(&b, "pll"));
+}
