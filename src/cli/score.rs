@@ -162,14 +162,7 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
         scores: Some(describe(&mode)),
     };
     let identity = JobIdentity {
-        inputs: inputs
-            .files
-            .iter()
-            .map(|f| InputIdentity {
-                path: f.name(),
-                size: f.size(),
-            })
-            .collect(),
+        inputs: InputIdentity::of(&inputs),
         seq_column,
         id_column: args.input.id_column.clone(),
         model_fingerprint: loaded.fingerprint.clone(),

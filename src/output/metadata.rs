@@ -69,6 +69,20 @@ pub struct InputIdentity {
     pub size: u64,
 }
 
+impl InputIdentity {
+    /// The identities of a job's inputs, in order.
+    pub fn of(inputs: &crate::input::Inputs) -> Vec<Self> {
+        inputs
+            .files
+            .iter()
+            .map(|f| Self {
+                path: f.name(),
+                size: f.size(),
+            })
+            .collect()
+    }
+}
+
 /// Everything that shapes a job's result: `--resume` requires the same. The token budget and
 /// the number of devices do not belong here (packing does not change a sequence's numbers), so a
 /// resumed job may lower `--tokens-per-batch` or run elsewhere.

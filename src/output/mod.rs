@@ -270,6 +270,40 @@ impl Manifest {
 /// finished output is never replaced without `--overwrite` (and there is nothing to resume), and
 /// an interrupted job's progress (at `progress`) is continued only with `--resume`. Call it
 /// after `--overwrite` has cleared the output.
+/// The output's state before a job, shared by every job and the dry run (which writes nothing):
+/// a finished output or an interrupted job's progress is never replaced without `overwrite`
+/// (the caller clears it), and with `resume` the earlier run's manifest is returned, which must
+/// describe the same job. `None`: start afresh.
+pub fn resume_state(
+    layout: &OutputLayout,
+    identity: &metadata::JobIdentity,
+    overwrite: bool,
+    resume: bool,
+) -> Result<Option<Manifest>> {
+    if overwrite {
+        return Ok(None);
+    }
+    let progress = layout.progress_exists().then_some(layout.staging.as_path());
+    check_existing(
+        &layout.target.display().to_string(),
+        layout.finished_output_exists(),
+        progress,
+        resume,
+    )?;
+    match Manifest::load(&layout.manifest_path())? {
+        Some(m) if resume => {
+            let differences = m.job.differences(identity);
+            if !differences.is_empty() {
+                return Err(Error::ResumeMismatch {
+                    differences: differences.join(", "),
+                });
+            }
+            Ok(Some(m))
+        }
+        _ => Ok(None),
+    }
+}
+
 pub fn check_existing(
     target: &str,
     finished: bool,

@@ -21,7 +21,7 @@ use crate::engine::{PackEmbedder, Request};
 use crate::error::{Error, Result};
 use crate::model::memory::{self, MemoryEstimate};
 use crate::model::EsmConfig;
-use crate::output::{self, check_existing, Manifest};
+use crate::output;
 use crate::pack::packing_efficiency;
 
 /// What the dry run knows of the model and device, without weights on it.
@@ -235,29 +235,14 @@ impl DryRun {
 
 /// The parts an earlier run finished (with `--resume`), after the job's checks on the output.
 fn finished_parts(spec: &JobSpec) -> Result<HashSet<usize>> {
-    let (layout, opts) = (&spec.layout, &spec.options);
-    if opts.overwrite || spec.remote.is_some() {
+    let opts = &spec.options;
+    if spec.remote.is_some() {
         return Ok(HashSet::new());
     }
-    let progress = layout.progress_exists().then_some(layout.staging.as_path());
-    check_existing(
-        &layout.target.display().to_string(),
-        layout.finished_output_exists(),
-        progress,
-        opts.resume,
-    )?;
-    match Manifest::load(&layout.manifest_path())? {
-        Some(m) if opts.resume => {
-            let differences = m.job.differences(&spec.identity);
-            if !differences.is_empty() {
-                return Err(Error::ResumeMismatch {
-                    differences: differences.join(", "),
-                });
-            }
-            Ok(m.parts.keys().copied().collect())
-        }
-        _ => Ok(HashSet::new()),
-    }
+    let earlier = output::resume_state(&spec.layout, &spec.identity, opts.overwrite, opts.resume)?;
+    Ok(earlier
+        .map(|m| m.parts.keys().copied().collect())
+        .unwrap_or_default())
 }
 
 /// The planner's parts, counted.

@@ -45,7 +45,7 @@ use self::writer::WriterMsg;
 use crate::engine::{DevicePool, DeviceSummary, PackEmbedder, PoolOptions};
 use crate::error::{Error, Result};
 use crate::output::columns::OutputDType;
-use crate::output::{check_existing, Manifest};
+use crate::output::{resume_state, Manifest};
 use crate::pack::packing_efficiency;
 
 /// Options of a job beyond the model's.
@@ -206,30 +206,11 @@ fn open_output(spec: &JobSpec, devices: &[Arc<dyn PackEmbedder>]) -> Result<(Man
     if let Some(remote) = &spec.remote {
         remote.start(opts.overwrite, opts.resume)?;
     }
+    let earlier = resume_state(layout, &spec.identity, opts.overwrite, opts.resume)?;
     if opts.overwrite {
         layout.clear()?;
-    } else {
-        let target = layout.target.display().to_string();
-        let progress = layout.progress_exists().then_some(layout.staging.as_path());
-        check_existing(
-            &target,
-            layout.finished_output_exists(),
-            progress,
-            opts.resume,
-        )?;
     }
-    let manifest = match Manifest::load(&layout.manifest_path())? {
-        Some(m) if opts.resume => {
-            let differences = m.job.differences(&spec.identity);
-            if !differences.is_empty() {
-                return Err(Error::ResumeMismatch {
-                    differences: differences.join(", "),
-                });
-            }
-            m
-        }
-        _ => Manifest::new(spec.identity.clone()),
-    };
+    let manifest = earlier.unwrap_or_else(|| Manifest::new(spec.identity.clone()));
     let policy = opts.plan.policy(spec.tokenizer);
     let scan = scan::scan(&spec.inputs, opts.dedupe, &policy, opts.reuse)?;
     if scan.rows == 0 {

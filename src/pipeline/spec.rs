@@ -139,14 +139,7 @@ impl JobSpec {
             settings: settings.clone(),
         };
         let identity = JobIdentity {
-            inputs: inputs
-                .files
-                .iter()
-                .map(|f| InputIdentity {
-                    path: f.name(),
-                    size: f.size(),
-                })
-                .collect(),
+            inputs: InputIdentity::of(&inputs),
             seq_column: inputs.options.seq_column.clone(),
             id_column: inputs.options.id_column.clone(),
             model_fingerprint: model.fingerprint,

@@ -23,7 +23,7 @@ use super::{mutant, Mutation, Runner, Strategy};
 use crate::error::{Error, Result};
 use crate::input::Inputs;
 use crate::output::metadata::JobIdentity;
-use crate::output::{self, check_existing, ErrorRow, Manifest, OutputLayout, PartRecord};
+use crate::output::{self, ErrorRow, Manifest, OutputLayout, PartRecord};
 use crate::pipeline::progress::{self, Event, Progress};
 use crate::prepare::{InputPolicy, LongPolicy, Problem};
 
@@ -235,29 +235,11 @@ pub fn run(job: &ScoreJob, runner: &dyn Runner, cancel: &AtomicBool) -> Result<S
 /// continue with `--resume` only the same job.
 fn open_output(job: &ScoreJob) -> Result<Manifest> {
     let (layout, opts) = (&job.layout, &job.options);
+    let earlier = output::resume_state(layout, &job.identity, opts.overwrite, opts.resume)?;
     if opts.overwrite {
         layout.clear()?;
-    } else {
-        let progress = layout.progress_exists().then_some(layout.staging.as_path());
-        check_existing(
-            &layout.target.display().to_string(),
-            layout.finished_output_exists(),
-            progress,
-            opts.resume,
-        )?;
     }
-    let manifest = match Manifest::load(&layout.manifest_path())? {
-        Some(m) if opts.resume => {
-            let differences = m.job.differences(&job.identity);
-            if !differences.is_empty() {
-                return Err(Error::ResumeMismatch {
-                    differences: differences.join(", "),
-                });
-            }
-            m
-        }
-        _ => Manifest::new(job.identity.clone()),
-    };
+    let manifest = earlier.unwrap_or_else(|| Manifest::new(job.identity.clone()));
     layout.prepare()?;
     manifest.save(&layout.manifest_path())?;
     Ok(manifest)
