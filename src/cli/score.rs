@@ -314,6 +314,12 @@ fn print_summary(s: &ScoreSummary, json: bool) {
     if s.parts_resumed > 0 {
         eprintln!("  resumed: {} parts were already done", s.parts_resumed);
     }
+    if s.reused > 0 {
+        eprintln!(
+            "  {} rows copied the scores of an identical sequence",
+            s.reused
+        );
+    }
     eprintln!(
         "  {} residues scored in {:.1} s ({:.0} residues/s)",
         s.residues,

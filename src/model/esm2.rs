@@ -424,11 +424,16 @@ const MIN_CPU_ROWS: usize = 32;
 
 /// `x · wᵀ + b`, with tiny CPU inputs padded to [`MIN_CPU_ROWS`] rows.
 fn linear(layer: &Linear, x: &Tensor) -> Result<Tensor> {
+    row_padded(x, |x| Ok(layer.forward(x)?))
+}
+
+/// `f(x)` for a row-wise `f` (a matmul), tiny CPU inputs padded to [`MIN_CPU_ROWS`] rows.
+pub(super) fn row_padded(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
     let rows = x.dim(0)?;
     if !x.device().is_cpu() || rows >= MIN_CPU_ROWS {
-        return Ok(layer.forward(x)?);
+        return f(x);
     }
     let padding = Tensor::zeros((MIN_CPU_ROWS - rows, x.dim(1)?), x.dtype(), x.device())?;
     let padded = Tensor::cat(&[x, &padding], 0)?;
-    Ok(layer.forward(&padded)?.narrow(0, 0, rows)?)
+    Ok(f(&padded)?.narrow(0, 0, rows)?)
 }

@@ -94,6 +94,8 @@ pub struct ScoreSummary {
     pub errors: u64,
     /// Residues scored (masked, for a PLL).
     pub residues: u64,
+    /// Rows whose scores were copied from an identical sequence's (in this run).
+    pub reused: u64,
     /// Parts written this run.
     pub parts_written: usize,
     /// Parts a previous run finished.
@@ -136,6 +138,31 @@ impl ScoreJob {
     }
 }
 
+/// Results of distinct sequences kept across parts (at most [`ScoreCache::LIMIT`] bytes), so a
+/// sequence repeated anywhere in the job is scored once; one not kept is scored again, with the
+/// same numbers.
+#[derive(Default)]
+struct ScoreCache {
+    rows: HashMap<u128, Scored>,
+    bytes: usize,
+}
+
+impl ScoreCache {
+    const LIMIT: usize = 1 << 30;
+
+    fn key(tokens: &[u32]) -> u128 {
+        crate::pipeline::reuse::segments_key(std::iter::once((0, tokens)))
+    }
+
+    fn hold(&mut self, tokens: &[u32], scored: &Scored) {
+        let bytes = 64 + tokens.len() * 4 * 21;
+        if self.bytes + bytes <= Self::LIMIT {
+            self.bytes += bytes;
+            self.rows.insert(Self::key(tokens), scored.clone());
+        }
+    }
+}
+
 /// One part's rows as read.
 #[derive(Default)]
 struct PartRows {
@@ -153,14 +180,14 @@ pub fn run(job: &ScoreJob, runner: &dyn Runner, cancel: &AtomicBool) -> Result<S
     let total = count_rows(&job.inputs)?;
     (job.progress)(Event::Started { rows: total });
     let schema = output_schema(job);
-    let rows_per_part = job.options.rows_per_part.max(1);
-    let (mut index, mut position, mut written) = (0usize, 0u64, 0usize);
-    let mut part = PartRows::default();
-    let mut flush = |part: PartRows, index: usize, first: u64, manifest: &mut Manifest| {
+    let mut written = 0usize;
+    let mut cache = ScoreCache::default();
+    let index = for_each_part(job, cancel, |part, index, first| {
         let rows = part.texts.len() as u64;
         if !done.contains(&index) {
-            let (batch, errors, record) = score_part(job, runner, part, first, &schema)?;
-            commit(job, index, &batch, &errors, record, manifest)?;
+            let (batch, errors, record) =
+                score_part(job, runner, part, first, &schema, &mut cache)?;
+            commit(job, index, &batch, &errors, record, &mut manifest)?;
             written += 1;
         }
         (job.progress)(Event::Advanced {
@@ -168,15 +195,47 @@ pub fn run(job: &ScoreJob, runner: &dyn Runner, cancel: &AtomicBool) -> Result<S
             residues_per_second: 0.0,
         });
         (job.progress)(Event::PartCommitted { index });
-        Ok::<_, Error>(())
-    };
+        Ok(())
+    })?;
+    (job.progress)(Event::Finished);
+    manifest.total_parts = Some(index);
+    let errors_output = crate::pipeline::writer::finalize(&job.layout, &mut manifest)?;
+    let mut summary = manifest
+        .parts
+        .values()
+        .fold(ScoreSummary::default(), |mut s, p| {
+            s.rows += p.rows;
+            s.scored += p.output_rows;
+            s.errors += p.error_rows;
+            s.residues += p.residues;
+            s.reused += p.reused;
+            s
+        });
+    summary.parts_written = written;
+    summary.parts_resumed = done.len();
+    summary.seconds = started.elapsed().as_secs_f64();
+    summary.output = job.layout.target.display().to_string();
+    summary.errors_output = errors_output;
+    Ok(summary)
+}
+
+/// Cut the inputs into parts of `rows_per_part` rows and hand each to `f` with its index and
+/// the global position of its first row; the number of parts.
+fn for_each_part(
+    job: &ScoreJob,
+    cancel: &AtomicBool,
+    mut f: impl FnMut(PartRows, usize, u64) -> Result<()>,
+) -> Result<usize> {
+    let rows_per_part = job.options.rows_per_part.max(1);
+    let (mut index, mut position) = (0usize, 0u64);
+    let mut part = PartRows::default();
     for file in 0..job.inputs.files.len() {
         let input: Arc<str> = Arc::from(job.inputs.files[file].name());
         let mut record = 0u64;
         for batch in job.inputs.read(file)? {
             if cancel.load(Ordering::SeqCst) {
                 return Err(Error::Interrupted {
-                    done: manifest.parts.len(),
+                    done: index,
                     total: index,
                 });
             }
@@ -198,8 +257,7 @@ pub fn run(job: &ScoreJob, runner: &dyn Runner, cancel: &AtomicBool) -> Result<S
                 }
                 start += take;
                 if part.texts.len() == rows_per_part {
-                    let full = std::mem::take(&mut part);
-                    flush(full, index, position, &mut manifest)?;
+                    f(std::mem::take(&mut part), index, position)?;
                     position += rows_per_part as u64;
                     index += 1;
                 }
@@ -207,28 +265,10 @@ pub fn run(job: &ScoreJob, runner: &dyn Runner, cancel: &AtomicBool) -> Result<S
         }
     }
     if !part.texts.is_empty() {
-        flush(part, index, position, &mut manifest)?;
+        f(part, index, position)?;
         index += 1;
     }
-    (job.progress)(Event::Finished);
-    manifest.total_parts = Some(index);
-    let errors_output = crate::pipeline::writer::finalize(&job.layout, &mut manifest)?;
-    let mut summary = manifest
-        .parts
-        .values()
-        .fold(ScoreSummary::default(), |mut s, p| {
-            s.rows += p.rows;
-            s.scored += p.output_rows;
-            s.errors += p.error_rows;
-            s.residues += p.residues;
-            s
-        });
-    summary.parts_written = written;
-    summary.parts_resumed = done.len();
-    summary.seconds = started.elapsed().as_secs_f64();
-    summary.output = job.layout.target.display().to_string();
-    summary.errors_output = errors_output;
-    Ok(summary)
+    Ok(index)
 }
 
 /// The output's state, as for an embedding job: refuse to replace it without `--overwrite`,
@@ -334,8 +374,10 @@ fn score_part(
     part: PartRows,
     first: u64,
     schema: &SchemaRef,
+    cache: &mut ScoreCache,
 ) -> Result<(RecordBatch, Vec<ErrorRow>, PartRecord)> {
     let n = part.texts.len();
+    let mut reused = 0u64;
     let mut errors: Vec<ErrorRow> = Vec::new();
     let mut fail = |row: usize, problem: Problem, reason: String| {
         let (id, input, record) = &part.origins[row];
@@ -420,16 +462,46 @@ fn score_part(
                 }
                 of_row.push((row, index));
             }
-            let outcomes = score_sequences(runner, mode, &tokens, job.options.tokens_per_batch)?;
-            for (row, index) in of_row {
+            let mut outcomes: Vec<Option<std::result::Result<Scored, String>>> = tokens
+                .iter()
+                .map(|t| cache.rows.get(&ScoreCache::key(t)).cloned().map(Ok))
+                .collect();
+            let missing: Vec<usize> = (0..tokens.len())
+                .filter(|&i| outcomes[i].is_none())
+                .collect();
+            let to_score: Vec<Vec<u32>> = missing.iter().map(|&i| tokens[i].clone()).collect();
+            let scored = score_sequences(runner, mode, &to_score, job.options.tokens_per_batch)?;
+            for (&i, result) in missing.iter().zip(scored) {
+                if let Ok(s) = &result {
+                    cache.hold(&tokens[i], s);
+                }
+                outcomes[i] = Some(result);
+            }
+            // A row copies when its sequence was scored in an earlier part or an earlier row.
+            let mut first_use = vec![true; tokens.len()];
+            let copied: Vec<bool> = of_row
+                .iter()
+                .map(|&(_, index)| {
+                    let here = missing.binary_search(&index).is_ok() && first_use[index];
+                    first_use[index] = false;
+                    !here
+                })
+                .collect();
+            let outcomes: Vec<_> = outcomes.into_iter().map(|o| o.expect("scored")).collect();
+            for ((row, index), copied) in of_row.into_iter().zip(copied) {
                 match &outcomes[index] {
-                    Ok(scored) => results[row] = Some(scored.clone()),
+                    Ok(scored) => {
+                        results[row] = Some(scored.clone());
+                        reused += u64::from(copied);
+                    }
                     Err(reason) => fail(row, Problem::OutOfMemory, reason.clone()),
                 }
             }
         }
     }
-    assemble(job, part, results, lengths, errors, first, schema)
+    let (batch, errors, mut record) = assemble(job, part, results, lengths, errors, first, schema)?;
+    record.reused = reused;
+    Ok((batch, errors, record))
 }
 
 /// PLL or log-probabilities of `tokens`; a sequence that fits on no device even alone is an

@@ -370,8 +370,14 @@ fn sql_scores_equal_the_reference() {
     assert!(err.contains("masked-marginals"), "{err}");
 }
 
-/// `esmbed score` with the fixture model, in `dir`.
+/// `esmbed score` with the fixture model, in `dir`: exit code and stderr.
 fn score_cli(dir: &Path, args: &[&str]) -> (i32, String) {
+    let (code, _, stderr) = score_cli_out(dir, args);
+    (code, stderr)
+}
+
+/// [`score_cli`] with stdout too.
+fn score_cli_out(dir: &Path, args: &[&str]) -> (i32, String, String) {
     let model = fixture_dir("tiny_h64");
     let mut all = vec!["score", "--model", model.to_str().unwrap(), "--no-progress"];
     all.extend_from_slice(args);
@@ -382,6 +388,7 @@ fn score_cli(dir: &Path, args: &[&str]) -> (i32, String) {
         .unwrap();
     (
         out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
@@ -434,6 +441,25 @@ fn esmbed_score_writes_plls_log_probs_and_dms_scores() {
     }
     let errors = read_parquet(&dir.join("pll.errors.parquet"));
     assert_eq!(strings(&errors, "id"), [Some("bad".to_string())]);
+    // One row per part: each repeat is in another part than its first, and still scored once,
+    // with the same bits.
+    let (code, stdout, stderr) = score_cli_out(
+        &dir,
+        &[
+            "in.fasta",
+            "-o",
+            "parts.parquet",
+            "--rows-per-part",
+            "1",
+            "--json",
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(summary["reused"], want.sequences.len());
+    let parts = read_parquet(&dir.join("parts.parquet"));
+    let bits = |v: Vec<f64>| v.into_iter().map(f64::to_bits).collect::<Vec<_>>();
+    assert_eq!(bits(floats(&parts, "pll")), bits(plls.clone()));
     assert_eq!(
         strings(&errors, "problem"),
         [Some("invalid_residue".to_string())]

@@ -126,16 +126,40 @@ impl LmHead {
     /// Log-probabilities over the vocabulary (log-softmax in f32) of the final hidden states
     /// `hidden` (`[P, H]`, after `emb_layer_norm_after`): `[P, V]` f32. The projection to the
     /// vocabulary runs in f32 (it is `P × H × 33`): bf16 logits would cost the scores their
-    /// third digit.
+    /// third digit. On the CPU a position's log-probabilities are bitwise the same in any pack:
+    /// tiny inputs are padded for the dense matmul (see [`super::row_padded`]), and the
+    /// decoder's 33 dot products per row are summed in a fixed order (`gemm` rounds a
+    /// 33-column product differently as the row count changes).
     pub(crate) fn log_probs(&self, hidden: &Tensor) -> Result<Tensor> {
-        let x = self.dense.forward(hidden)?.gelu_erf()?;
+        let x = super::row_padded(hidden, |h| Ok(self.dense.forward(h)?))?.gelu_erf()?;
         let x = self.norm.forward(&x)?.to_dtype(DType::F32)?;
         let decoder = self.decoder.to_dtype(DType::F32)?;
         let bias = self.bias.to_dtype(DType::F32)?;
-        let logits = x.matmul(&decoder.t()?)?.broadcast_add(&bias)?;
+        let logits = if x.device().is_cpu() {
+            rowwise_logits(&x, &decoder, &bias)?
+        } else {
+            x.matmul(&decoder.t()?)?.broadcast_add(&bias)?
+        };
         Ok(candle_nn::ops::log_softmax(
             &logits,
             candle_core::D::Minus1,
         )?)
     }
+}
+
+/// `x · decoderᵀ + bias` on the CPU, each logit a sequential f32 dot product.
+fn rowwise_logits(x: &Tensor, decoder: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (rows, h) = x.dims2()?;
+    let v = decoder.dim(0)?;
+    let x = x.flatten_all()?.to_vec1::<f32>()?;
+    let d = decoder.flatten_all()?.to_vec1::<f32>()?;
+    let b = bias.to_vec1::<f32>()?;
+    let mut out = Vec::with_capacity(rows * v);
+    for row in x.chunks_exact(h) {
+        for (token, weights) in d.chunks_exact(h).enumerate() {
+            let dot: f32 = row.iter().zip(weights).map(|(a, w)| a * w).sum();
+            out.push(dot + b[token]);
+        }
+    }
+    Ok(Tensor::from_vec(out, (rows, v), &Device::Cpu)?)
 }
