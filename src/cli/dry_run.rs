@@ -28,15 +28,9 @@ pub fn run(
         }
     }
     let device = &devices[0];
-    let weights = esmbed::model::memory::parameters(&config) * dtype.size_in_bytes() as u64;
-    let tokens_per_batch = args.tokens_per_batch.unwrap_or_else(|| {
-        esmbed::embed::free_device_memory(device)
-            .map(|free| {
-                let left = (free as u64).saturating_sub(weights);
-                esmbed::embed::tokens_per_batch_for(left, config.hidden_size, dtype)
-            })
-            .unwrap_or(4096)
-    });
+    let tokens_per_batch = args
+        .tokens_per_batch
+        .unwrap_or_else(|| planned_budget(device, &config, dtype));
     let view = ModelView {
         config: &config,
         dtype,
@@ -71,7 +65,20 @@ pub fn run_measured(
     Ok(())
 }
 
-fn facts(config: &esmbed::EsmConfig, dtype: DType, device: &Device) -> ModelFacts {
+/// The token budget a job would pick on `device` once the weights are loaded (they are not: the
+/// free memory less their estimated size).
+pub fn planned_budget(device: &Device, config: &esmbed::EsmConfig, dtype: DType) -> usize {
+    let weights = esmbed::model::memory::parameters(config) * dtype.size_in_bytes() as u64;
+    esmbed::embed::free_device_memory(device)
+        .map(|free| {
+            let left = (free as u64).saturating_sub(weights);
+            esmbed::embed::tokens_per_batch_for(left, config.hidden_size, dtype)
+        })
+        .unwrap_or(4096)
+}
+
+/// What the dry run needs of the model and device.
+pub fn facts(config: &esmbed::EsmConfig, dtype: DType, device: &Device) -> ModelFacts {
     ModelFacts {
         config: config.clone(),
         dtype,
@@ -80,7 +87,8 @@ fn facts(config: &esmbed::EsmConfig, dtype: DType, device: &Device) -> ModelFact
     }
 }
 
-fn print(r: &DryRun, json: bool, device: &Device) {
+/// Print the report (`--json`: one object).
+pub fn print(r: &DryRun, json: bool, device: &Device) {
     if json {
         println!(
             "{}",

@@ -101,6 +101,13 @@ pub struct ScoreArgs {
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+
+    /// Plan the job without running it (no weights loaded): rows, error rows by kind (bad
+    /// mutants included), distinct sequences, residues, the masked copies' tokens and packs,
+    /// the output's estimated size, memory and, where a throughput is known, the run time.
+    /// Writes nothing; exits 0 when the job would run.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
@@ -122,14 +129,25 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
         None,
     )?;
     let mode = mode(&args)?;
-    let loaded = super::load_model(
-        &args.model.source.model,
-        &devices,
-        dtype,
-        super::Head::Required,
-    )?;
-    let config = loaded.replicas[0].config().clone();
+    // The dry run reads the config and fingerprint only; a run loads the model with its head.
+    let (loaded, config, name, fingerprint) = if args.dry_run {
+        let (config, name, fingerprint) = super::describe_model(&args.model.source.model)?;
+        (None, config, name, fingerprint)
+    } else {
+        let loaded = super::load_model(
+            &args.model.source.model,
+            &devices,
+            dtype,
+            super::Head::Required,
+        )?;
+        let config = loaded.replicas[0].config().clone();
+        let (name, fingerprint) = (loaded.name.clone(), loaded.fingerprint.clone());
+        (Some(loaded), config, name, fingerprint)
+    };
     let tokens_per_batch = args.tokens_per_batch.unwrap_or_else(|| {
+        if args.dry_run {
+            return super::dry_run::planned_budget(&devices[0], &config, dtype);
+        }
         devices
             .iter()
             .map(|d| esmbed::embed::default_tokens_per_batch(d, config.hidden_size, dtype))
@@ -137,17 +155,6 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
             .unwrap_or(4096)
     });
     let tokenizer = Tokenizer::new(args.unknown.into());
-    let embedders = loaded
-        .replicas
-        .into_iter()
-        .map(|m| {
-            let options = EmbedOptions {
-                tokens_per_batch,
-                ..EmbedOptions::default()
-            };
-            Embedder::new(m, &options).map(|e| Arc::new(e) as Arc<dyn PackEmbedder>)
-        })
-        .collect::<esmbed::Result<Vec<_>>>()?;
     let settings = Settings {
         pooling: PoolingMeta {
             embedding: "none (scores)".into(),
@@ -165,7 +172,7 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
         inputs: InputIdentity::of(&inputs),
         seq_column,
         id_column: args.input.id_column.clone(),
-        model_fingerprint: loaded.fingerprint.clone(),
+        model_fingerprint: fingerprint.clone(),
         layers: vec![config.num_hidden_layers],
         settings: settings.clone(),
         rows_per_part: args.rows_per_part,
@@ -173,8 +180,8 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
     };
     let metadata = serde_json::json!({
         "esmbed_version": env!("CARGO_PKG_VERSION"),
-        "model": loaded.name,
-        "model_fingerprint": loaded.fingerprint,
+        "model": name,
+        "model_fingerprint": fingerprint,
         "num_layers": config.num_hidden_layers,
         "scores": settings.scores,
         "compute_dtype": settings.compute_dtype,
@@ -194,7 +201,25 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
     };
     let output = std::path::Path::new(&args.output);
     let mut job = ScoreJob::new(inputs, output, mode, options, identity, metadata);
+    if args.dry_run {
+        let facts = super::dry_run::facts(&config, dtype, &devices[0]);
+        let report = job::dry_run(&job, &facts)?;
+        super::dry_run::print(&report, args.json, &devices[0]);
+        return Ok(());
+    }
     job.progress = super::progress::bar(!args.no_progress);
+    let embedders = loaded
+        .expect("loaded unless a dry run")
+        .replicas
+        .into_iter()
+        .map(|m| {
+            let options = EmbedOptions {
+                tokens_per_batch,
+                ..EmbedOptions::default()
+            };
+            Embedder::new(m, &options).map(|e| Arc::new(e) as Arc<dyn PackEmbedder>)
+        })
+        .collect::<esmbed::Result<Vec<_>>>()?;
     let warm_up = if devices[0].is_cpu() {
         Vec::new()
     } else {
@@ -215,8 +240,11 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
     let result = job::run(&job, &pool, &cancel);
     pool.close();
     let devices = pool.join();
-    let summary = result?;
-    devices?;
+    let mut summary = result?;
+    for d in devices? {
+        summary.tokens += d.tokens;
+        summary.packs += d.packs;
+    }
     print_summary(&summary, args.json);
     Ok(())
 }
@@ -321,9 +349,11 @@ fn print_summary(s: &ScoreSummary, json: bool) {
         );
     }
     eprintln!(
-        "  {} residues scored in {:.1} s ({:.0} residues/s)",
+        "  {} residues scored in {:.1} s ({:.0} residues/s), {} tokens in {} packs",
         s.residues,
         s.seconds,
-        s.residues as f64 / s.seconds.max(1e-9)
+        s.residues as f64 / s.seconds.max(1e-9),
+        s.tokens,
+        s.packs
     );
 }

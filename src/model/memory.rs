@@ -13,7 +13,7 @@ use super::EsmConfig;
 pub const ACTIVATION_UNITS_PER_TOKEN: usize = 24;
 
 /// Bytes a model needs on a device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 pub struct MemoryEstimate {
     /// The weights.
     pub weights: u64,

@@ -20,6 +20,7 @@ pub mod metadata;
 pub mod remote;
 
 use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -378,6 +379,44 @@ pub fn writer_properties(metadata: Option<&str>) -> WriterProperties {
             metadata.map(|m| vec![KeyValue::new(METADATA_KEY.to_string(), m.to_string())]),
         )
         .build()
+}
+
+/// The bytes `batch` takes written as a job writes it, in memory, in `row_groups` row groups
+/// (with or without the page index, which combined files lack): per top-level column, and the
+/// rest of the file (footer, magic). For size estimates.
+pub fn written_sizes(
+    batch: &RecordBatch,
+    metadata: &str,
+    row_groups: usize,
+    page_index: bool,
+) -> Result<(HashMap<String, u64>, u64)> {
+    let mut props = writer_properties(Some(metadata));
+    if !page_index {
+        props = props
+            .into_builder()
+            .set_statistics_enabled(parquet::file::properties::EnabledStatistics::Chunk)
+            .build();
+    }
+    let mut buffer = Vec::new();
+    let written = (|| {
+        let mut writer = ArrowWriter::try_new(&mut buffer, batch.schema(), Some(props))?;
+        let step = batch.num_rows().div_ceil(row_groups.max(1)).max(1);
+        for start in (0..batch.num_rows()).step_by(step) {
+            writer.write(&batch.slice(start, step.min(batch.num_rows() - start)))?;
+            writer.flush()?;
+        }
+        writer.close()
+    })()
+    .map_err(|e| Error::internal(format!("writing a size sample failed: {e}")))?;
+    let mut columns: HashMap<String, u64> = HashMap::new();
+    for group in written.row_groups() {
+        for chunk in group.columns() {
+            let name = chunk.column_path().parts()[0].clone();
+            *columns.entry(name).or_default() += chunk.compressed_size() as u64;
+        }
+    }
+    let data: u64 = columns.values().sum();
+    Ok((columns, (buffer.len() as u64).saturating_sub(data)))
 }
 
 /// Write `batch` as a Parquet file at `path`, atomically.

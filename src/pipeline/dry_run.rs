@@ -9,7 +9,6 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use candle_core::DType;
-use parquet::arrow::ArrowWriter;
 use serde::Serialize;
 
 use super::assemble::PartAssembly;
@@ -61,8 +60,9 @@ pub struct Throughput {
     pub source: String,
 }
 
-/// A job's plan and estimates.
-#[derive(Debug, Clone, Serialize)]
+/// A job's plan and estimates (an embedding job's, or a score job's:
+/// [`crate::score::job::dry_run`]).
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct DryRun {
     /// Input rows.
     pub rows: u64,
@@ -467,7 +467,7 @@ fn estimate_size(spec: &JobSpec, sample: PartPlan, tally: &Tally, parts: usize) 
     }
     let row_group = two.footer.saturating_sub(one.footer);
     let files = match spec.layout.kind {
-        output::OutputKind::File => unique.footer + row_group * (parts as u64).saturating_sub(1),
+        output::OutputKind::File => one.footer + row_group * (parts as u64).saturating_sub(1),
         output::OutputKind::Dataset => unique.footer * parts as u64,
     };
     Ok(total as u64 + files)
@@ -506,36 +506,8 @@ fn write_sample(
     };
     let assembly = PartAssembly::synthetic(plan.clone(), spec.columns.clone(), &keys);
     let (batch, _, _) = assembly.finish(&schema, &mut ResultCache::default())?;
-    let mut buffer = Vec::new();
-    let mut props = output::writer_properties(Some(&spec.metadata));
-    if !page_index {
-        props = props
-            .into_builder()
-            .set_statistics_enabled(parquet::file::properties::EnabledStatistics::Chunk)
-            .build();
-    }
-    let metadata = (|| {
-        let mut writer = ArrowWriter::try_new(&mut buffer, schema.clone(), Some(props))?;
-        let step = batch.num_rows().div_ceil(row_groups).max(1);
-        for start in (0..batch.num_rows()).step_by(step) {
-            writer.write(&batch.slice(start, step.min(batch.num_rows() - start)))?;
-            writer.flush()?;
-        }
-        writer.close()
-    })()
-    .map_err(|e| Error::internal(format!("writing the size sample failed: {e}")))?;
-    let mut columns: HashMap<String, u64> = HashMap::new();
-    for group in metadata.row_groups() {
-        for chunk in group.columns() {
-            let name = chunk.column_path().parts()[0].clone();
-            *columns.entry(name).or_default() += chunk.compressed_size() as u64;
-        }
-    }
-    let data: u64 = columns.values().sum();
-    Ok(Sample {
-        footer: (buffer.len() as u64).saturating_sub(data),
-        columns,
-    })
+    let (columns, footer) = output::written_sizes(&batch, &spec.metadata, row_groups, page_index)?;
+    Ok(Sample { columns, footer })
 }
 
 /// Throughputs measured with `esmbed bench` (README, "Speed"): device name, layers, hidden,
@@ -546,7 +518,7 @@ const KNOWN: &[(&str, usize, usize, DType, f64)] = &[
     ("H200", 48, 5120, DType::BF16, 20_500.0),
 ];
 
-fn known_throughput(model: &ModelFacts) -> Option<Throughput> {
+pub(crate) fn known_throughput(model: &ModelFacts) -> Option<Throughput> {
     let name = model.device_name.as_deref()?;
     let c = &model.config;
     KNOWN

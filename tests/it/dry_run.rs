@@ -196,3 +196,57 @@ fn a_sequence_that_cannot_fit_alone_stops_the_job_at_start() {
     assert_eq!(code, 0);
     assert!(plan["memory"]["activations"].as_u64().unwrap() > 100 << 30);
 }
+
+#[test]
+fn a_score_dry_run_plans_the_score_job() {
+    let dir = scratch("score-dry-run");
+    let (input, _) = repeated_fasta(&dir, 40, 5);
+    let model = fixture_dir("tiny_h64");
+    for (name, extra) in [
+        ("pll.parquet", &[][..]),
+        ("terms/", &["--per-residue"][..]),
+        ("logits.parquet", &["--logits"][..]),
+    ] {
+        let out = dir.join(name);
+        let base = [
+            "score",
+            input.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "--rows-per-part",
+            "7",
+            "--tokens-per-batch",
+            "128",
+            "--max-length",
+            "40",
+            "--no-progress",
+            "--json",
+        ];
+        let args = [&base[..], extra].concat();
+        let (code, plan, stderr) = run(&[&args[..], &["--dry-run"]].concat());
+        assert_eq!(code, 0, "{stderr}");
+        assert!(!out.exists(), "{name}: the dry run wrote the output");
+        let (code, done, stderr) = run(&args);
+        assert_eq!(code, 0, "{stderr}");
+        for (p, d) in [
+            ("rows", "rows"),
+            ("output_rows", "scored"),
+            ("errors", "errors"),
+            ("residues", "residues"),
+            ("reused", "reused"),
+            ("tokens", "tokens"),
+            ("packs", "packs"),
+        ] {
+            assert_eq!(plan[p], done[d], "{name}: {p}");
+        }
+        assert_eq!(plan["errors_by_problem"]["invalid_residue"], 2, "{name}");
+        let estimate = plan["output_bytes"].as_f64().unwrap();
+        let real = file_size(Path::new(out.to_str().unwrap().trim_end_matches('/'))) as f64;
+        assert!(
+            (estimate / real - 1.0).abs() < 0.10,
+            "{name}: estimated {estimate} bytes, the file has {real}"
+        );
+    }
+}
