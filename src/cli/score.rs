@@ -203,7 +203,7 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
     let mut job = ScoreJob::new(inputs, output, mode, options, identity, metadata);
     if args.dry_run {
         let facts = super::dry_run::facts(&config, dtype, &devices[0]);
-        let report = job::dry_run(&job, &facts)?;
+        let report = esmbed::score::dry_run::dry_run(&job, &facts)?;
         super::dry_run::print(&report, args.json, &devices[0]);
         return Ok(());
     }

@@ -6,7 +6,6 @@
 //! packs, out-of-memory packs split), then the part is written. Identical sequences of a part are
 //! scored once. A sequence that does not fit on any device even alone becomes an error row.
 
-use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,17 +20,12 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use serde::Serialize;
 
 use super::{mutant, Mutation, Runner, Strategy};
-use crate::engine::LogProbsAt;
 use crate::error::{Error, Result};
 use crate::input::Inputs;
-use crate::model::esm2::query_positions;
 use crate::output::metadata::JobIdentity;
 use crate::output::{self, ErrorRow, Manifest, OutputLayout, PartRecord};
-use crate::pack::PackedBatch;
-use crate::pipeline::dry_run::{DryRun, ErrorExample, ModelFacts};
 use crate::pipeline::progress::{self, Event, Progress};
 use crate::prepare::{InputPolicy, LongPolicy, Problem};
-use crate::tokenize::{MASK, VOCAB_SIZE};
 
 /// What a score job computes per input row.
 #[derive(Debug, Clone)]
@@ -152,7 +146,7 @@ impl ScoreJob {
 /// sequence repeated anywhere in the job is scored once; one not kept is scored again, with the
 /// same numbers.
 #[derive(Default)]
-struct ScoreCache {
+pub(super) struct ScoreCache {
     rows: HashMap<u128, Scored>,
     bytes: usize,
 }
@@ -175,7 +169,7 @@ impl ScoreCache {
 
 /// One part's rows as read.
 #[derive(Default)]
-struct PartRows {
+pub(super) struct PartRows {
     passthrough: Vec<RecordBatch>,
     texts: Vec<Option<String>>,
     origins: Vec<(Option<String>, Arc<str>, u64)>,
@@ -231,7 +225,7 @@ pub fn run(job: &ScoreJob, runner: &dyn Runner, cancel: &AtomicBool) -> Result<S
 
 /// Cut the inputs into parts of `rows_per_part` rows and hand each to `f` with its index and
 /// the global position of its first row; the number of parts.
-fn for_each_part(
+pub(super) fn for_each_part(
     job: &ScoreJob,
     cancel: &AtomicBool,
     mut f: impl FnMut(PartRows, usize, u64) -> Result<()>,
@@ -295,7 +289,7 @@ fn open_output(job: &ScoreJob) -> Result<Manifest> {
     Ok(manifest)
 }
 
-fn count_rows(inputs: &Inputs) -> Result<u64> {
+pub(super) fn count_rows(inputs: &Inputs) -> Result<u64> {
     let mut rows = 0;
     for file in 0..inputs.files.len() {
         for batch in inputs.read(file)? {
@@ -356,7 +350,7 @@ fn score_fields(mode: &ScoreMode) -> Vec<Field> {
     }
 }
 
-fn output_schema(job: &ScoreJob) -> SchemaRef {
+pub(super) fn output_schema(job: &ScoreJob) -> SchemaRef {
     let mut fields: Vec<Field> = job
         .inputs
         .passthrough_schema()
@@ -378,7 +372,7 @@ enum Scored {
 }
 
 /// Score one part: its output batch, error rows and manifest record.
-fn score_part(
+pub(super) fn score_part(
     job: &ScoreJob,
     runner: &dyn Runner,
     part: PartRows,
@@ -697,141 +691,4 @@ fn commit(
     output::write_parquet(&layout.part_path(index), batch, Some(&job.metadata))?;
     manifest.parts.insert(index, record);
     manifest.save(&layout.manifest_path())
-}
-
-/// A runner that runs nothing, for `--dry-run`: it counts the packs and tokens the job would
-/// run and answers with made-up log-probabilities of the right shape.
-#[derive(Default)]
-struct Planned {
-    packs: Cell<u64>,
-    tokens: Cell<u64>,
-    longest_pack: Cell<usize>,
-    longest_sequence: Cell<usize>,
-    state: Cell<u64>,
-}
-
-impl Runner for Planned {
-    fn run_packs(
-        &self,
-        packs: &mut dyn Iterator<Item = PackedBatch>,
-        at: LogProbsAt,
-        take: &mut dyn FnMut(usize, Vec<f32>),
-    ) -> Result<()> {
-        for (i, batch) in packs.enumerate() {
-            self.packs.set(self.packs.get() + 1);
-            self.tokens
-                .set(self.tokens.get() + batch.total_tokens() as u64);
-            self.longest_pack
-                .set(self.longest_pack.get().max(batch.total_tokens()));
-            let longest = (0..batch.len()).map(|s| batch.range(s).len()).max();
-            self.longest_sequence
-                .set(self.longest_sequence.get().max(longest.unwrap_or(0)));
-            let rows = query_positions(&batch, at, MASK).len();
-            let mut state = self.state.get() | 1;
-            let values = (0..rows * VOCAB_SIZE)
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    -((state >> 40) as f32 / (1u64 << 21) as f32)
-                })
-                .collect();
-            self.state.set(state);
-            take(i, values);
-        }
-        Ok(())
-    }
-}
-
-/// Plan `job` without a model on a device: every figure of [`DryRun`], from the job's own part
-/// loop and scoring code run on a [`Planned`] runner. Fails where the job would fail before
-/// model work; writes nothing.
-pub fn dry_run(job: &ScoreJob, model: &ModelFacts) -> Result<DryRun> {
-    let opts = &job.options;
-    let earlier = output::resume_state(&job.layout, &job.identity, opts.overwrite, opts.resume)?;
-    let done: HashSet<usize> = earlier
-        .map(|m| m.parts.keys().copied().collect())
-        .unwrap_or_default();
-    let rows = count_rows(&job.inputs)?;
-    let schema = output_schema(job);
-    let planned = Planned::default();
-    let mut cache = ScoreCache::default();
-    let mut tally = DryRun {
-        rows,
-        tokens_per_batch: opts.tokens_per_batch,
-        ..DryRun::default()
-    };
-    // The output as the job would leave it, with made-up scores: its part files written and
-    // combined as the job writes and combines them, in a scratch directory removed after.
-    let scratch = std::env::temp_dir().join(format!("esmbed-dry-run-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch).map_err(|e| Error::io(&scratch, e))?;
-    let mut part_paths = Vec::new();
-    let parts = for_each_part(job, &AtomicBool::new(false), |part, index, first| {
-        if done.contains(&index) {
-            tally.parts_resumed += 1;
-            return Ok(());
-        }
-        let (batch, errors, record) = score_part(job, &planned, part, first, &schema, &mut cache)?;
-        tally.output_rows += record.output_rows;
-        tally.reused += record.reused;
-        tally.residues += record.residues;
-        tally.truncated += record.truncated;
-        for e in &errors {
-            *tally.errors_by_problem.entry(e.problem.name()).or_default() += 1;
-            if tally.error_examples.len() < 5 {
-                tally.error_examples.push(ErrorExample {
-                    id: e.id.clone(),
-                    input: e.input.clone(),
-                    record: e.record,
-                    problem: e.problem.name(),
-                    reason: e.reason.clone(),
-                });
-            }
-        }
-        let path = scratch.join(format!("part-{index:05}.parquet"));
-        output::write_parquet(&path, &batch, Some(&job.metadata))?;
-        part_paths.push(path);
-        Ok(())
-    });
-    if parts.is_err() {
-        let _ = std::fs::remove_dir_all(&scratch);
-    }
-    let parts = parts?;
-    tally.parts = parts - tally.parts_resumed;
-    tally.errors = tally.errors_by_problem.values().sum();
-    tally.distinct = Some(tally.output_rows - tally.reused);
-    tally.packs = planned.packs.get();
-    tally.tokens = planned.tokens.get();
-    tally.longest_pack_tokens = planned.longest_pack.get();
-    tally.longest_sequence_tokens = planned.longest_sequence.get();
-    tally.packing_efficiency = crate::pack::packing_efficiency(
-        tally.tokens as usize,
-        tally.packs as usize,
-        opts.tokens_per_batch,
-    );
-    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-    tally.output_bytes = match job.layout.kind {
-        output::OutputKind::File if !part_paths.is_empty() => {
-            let target = scratch.join("combined.parquet");
-            output::combine::concat_parts(&part_paths, &target)?;
-            size(&target)
-        }
-        output::OutputKind::File => 0,
-        output::OutputKind::Dataset => part_paths.iter().map(|p| size(p)).sum(),
-    };
-    let _ = std::fs::remove_dir_all(&scratch);
-    tally.memory = crate::model::memory::estimate(
-        &model.config,
-        model.dtype,
-        model.cpu,
-        tally.longest_pack_tokens,
-        tally.longest_sequence_tokens,
-        1,
-    );
-    tally.throughput = crate::pipeline::dry_run::known_throughput(model);
-    tally.estimated_seconds = tally
-        .throughput
-        .as_ref()
-        .map(|t| tally.tokens as f64 / t.tokens_per_second);
-    Ok(tally)
 }

@@ -14,6 +14,7 @@
 //! copy gets its own token-dropout rescale (the model computes it per sequence). Copies are made
 //! pack by pack, never all at once: a 15,000-residue PLL is 15,000 copies.
 
+pub mod dry_run;
 pub mod job;
 pub mod mutant;
 pub mod runner;
