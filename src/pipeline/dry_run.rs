@@ -51,6 +51,24 @@ pub struct ErrorExample {
     pub reason: String,
 }
 
+/// Count error row `e` by kind, keeping the first five as examples.
+pub(crate) fn count_error(
+    by_problem: &mut BTreeMap<&'static str, u64>,
+    examples: &mut Vec<ErrorExample>,
+    e: &crate::output::ErrorRow,
+) {
+    *by_problem.entry(e.problem.name()).or_default() += 1;
+    if examples.len() < 5 {
+        examples.push(ErrorExample {
+            id: e.id.clone(),
+            input: e.input.clone(),
+            record: e.record,
+            problem: e.problem.name(),
+            reason: e.reason.clone(),
+        });
+    }
+}
+
 /// Throughput the time estimate uses.
 #[derive(Debug, Clone, Serialize)]
 pub struct Throughput {
@@ -295,16 +313,7 @@ impl PartSink for &mut Tally {
         }
         self.residues += residues;
         for e in &plan.errors {
-            *self.errors.entry(e.problem.name()).or_default() += 1;
-            if self.examples.len() < 5 {
-                self.examples.push(ErrorExample {
-                    id: e.id.clone(),
-                    input: e.input.clone(),
-                    record: e.record,
-                    problem: e.problem.name(),
-                    reason: e.reason.clone(),
-                });
-            }
+            count_error(&mut self.errors, &mut self.examples, e);
         }
         for pack in &packs {
             let batch = &pack.batch;

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::model::esm2::query_positions;
 use crate::output;
 use crate::pack::PackedBatch;
-use crate::pipeline::dry_run::{DryRun, ErrorExample, ModelFacts};
+use crate::pipeline::dry_run::{count_error, DryRun, ModelFacts};
 use crate::tokenize::{MASK, VOCAB_SIZE};
 
 /// A runner that runs nothing, for `--dry-run`: it counts the packs and tokens the job would
@@ -93,16 +93,7 @@ pub fn dry_run(job: &ScoreJob, model: &ModelFacts) -> Result<DryRun> {
         tally.residues += record.residues;
         tally.truncated += record.truncated;
         for e in &errors {
-            *tally.errors_by_problem.entry(e.problem.name()).or_default() += 1;
-            if tally.error_examples.len() < 5 {
-                tally.error_examples.push(ErrorExample {
-                    id: e.id.clone(),
-                    input: e.input.clone(),
-                    record: e.record,
-                    problem: e.problem.name(),
-                    reason: e.reason.clone(),
-                });
-            }
+            count_error(&mut tally.errors_by_problem, &mut tally.error_examples, e);
         }
         let path = scratch.join(format!("part-{index:05}.parquet"));
         output::write_parquet(&path, &batch, Some(&job.metadata))?;
