@@ -12,8 +12,13 @@ use esmbed::{Device, Embedder};
 
 const MODEL: &str = "tiny_h64";
 
+/// The fixture model with its masked-LM head (the sql/ examples use the score functions too).
 fn embedder() -> Embedder {
-    load_embedder(MODEL)
+    let source = esmbed::ModelSource::parse(fixture_dir(MODEL).to_str().unwrap()).unwrap();
+    let checkpoint = esmbed::Checkpoint::open(&source).unwrap();
+    let model =
+        esmbed::Esm2::load_with_head(&checkpoint, &Device::Cpu, esmbed::DType::F32).unwrap();
+    Embedder::new(model, &esmbed::EmbedOptions::default()).unwrap()
 }
 
 fn service(workers: usize, bad_rows: BadRows) -> Arc<EmbedService> {
