@@ -45,8 +45,9 @@ pub struct ScoreArgs {
     #[arg(long)]
     pub per_residue: bool,
 
-    /// A deep mutational scan: a Parquet file of mutants (`A23G`, multi-mutants `A23G:K45R`) in
-    /// --mutant-column, each scored against --wt. Output: the file's columns plus `esm_score`.
+    /// A deep mutational scan: a CSV/TSV (ProteinGym's format) or Parquet file of mutants (`A23G`,
+    /// multi-mutants `A23G:K45R`) in --mutant-column, each scored against --wt. Output: the
+    /// file's columns plus `esm_score`.
     #[arg(long, value_name = "FILE", requires = "wt")]
     pub mutants: Option<PathBuf>,
 

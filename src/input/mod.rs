@@ -8,6 +8,7 @@
 //! Rows are numbered across all inputs in order (`position`); that number is what ties an output
 //! or error row back to its input and what resume and ordering are built on.
 
+pub mod csv;
 pub mod fasta;
 pub mod parquet;
 
@@ -101,6 +102,8 @@ pub enum InputFormat {
     Fasta,
     /// Apache Parquet.
     Parquet,
+    /// CSV or TSV (by name: `.tsv`/`.tab` are tab-separated), plain or gzip, with a header line.
+    Csv,
 }
 
 /// How to read the inputs.
@@ -187,6 +190,12 @@ fn format_from_name(name: &str) -> Option<InputFormat> {
     let stem = name.strip_suffix(".gz").unwrap_or(&name);
     if stem.ends_with(".parquet") || stem.ends_with(".pq") {
         return Some(InputFormat::Parquet);
+    }
+    if [".csv", ".tsv", ".tab"]
+        .iter()
+        .any(|ext| stem.ends_with(ext))
+    {
+        return Some(InputFormat::Csv);
     }
     [".fa", ".fasta", ".faa", ".fas", ".fna", ".mpfa", ".fsa"]
         .iter()
@@ -325,6 +334,11 @@ fn common_schema(files: &[InputFile], options: &InputOptions) -> crate::Result<S
                 parquet::check_sequence_column(&schema, &options.seq_column, &file.name())?;
                 schema
             }
+            InputFormat::Csv => {
+                let schema = csv::schema(file)?;
+                parquet::check_sequence_column(&schema, &options.seq_column, &file.name())?;
+                schema
+            }
         };
         let this = Arc::new(Schema::new(this.fields().clone()));
         match &schema {
@@ -433,6 +447,7 @@ impl Inputs {
                 self.options.batch_rows,
             )?),
             InputFormat::Parquet => Box::new(parquet::open(file, self.options.batch_rows)?.1),
+            InputFormat::Csv => csv::batches(file, self.options.batch_rows)?,
         })
     }
 
