@@ -130,11 +130,12 @@ pub struct InputArgs {
     #[arg(long, value_enum)]
     pub format: Option<InputFormat>,
 
-    /// Parquet: the column holding sequences.
+    /// Parquet and CSV/TSV: the column holding sequences.
     #[arg(long, default_value = "sequence")]
     pub seq_column: String,
 
-    /// Parquet: the column holding ids (optional; used in error rows and duplicate checks).
+    /// Parquet and CSV/TSV: the column holding ids (optional; used in error rows and duplicate
+    /// checks).
     #[arg(long, default_value = "id")]
     pub id_column: String,
 }
