@@ -409,13 +409,13 @@ pub(super) fn score_part(
                 .segments
                 .remove(0)
                 .1;
-            let residues = wt.as_bytes();
+            let residues = mutant::residues_of(&wt_tokens);
             let mut sets: Vec<(usize, Vec<Mutation>)> = Vec::new();
             for row in 0..n {
                 match (&part.texts[row], part.problems.get(&row)) {
                     (_, Some(p)) => fail(row, Problem::Unreadable, p.clone()),
                     (None, _) => fail(row, Problem::BadMutant, "mutant is null".into()),
-                    (Some(text), _) => match mutant::parse(text, residues, *offset) {
+                    (Some(text), _) => match mutant::parse(text, &residues, *offset) {
                         Ok(m) => sets.push((row, m)),
                         Err(e) => fail(row, Problem::BadMutant, e.to_string()),
                     },

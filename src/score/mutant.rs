@@ -93,6 +93,15 @@ impl std::error::Error for MutantError {}
 /// The 20 standard amino acids, in the column order of per-residue log-probabilities.
 pub const STANDARD: &str = "ACDEFGHIKLMNPQRSTVWY";
 
+/// The residue letters of a wild type's tokens (`<cls>` and `<eos>` included): what its mutants
+/// are parsed against, so a position beyond a truncated wild type is out of range.
+pub fn residues_of(tokens: &[u32]) -> Vec<u8> {
+    tokens[1..tokens.len() - 1]
+        .iter()
+        .map(|&t| crate::tokenize::TOKENS[t as usize].as_bytes()[0])
+        .collect()
+}
+
 /// Parse `text` against the wild-type `sequence` (residues, uppercase) numbered from `offset`.
 pub fn parse(text: &str, sequence: &[u8], offset: i64) -> Result<Vec<Mutation>, MutantError> {
     let text = text.trim();

@@ -399,9 +399,9 @@ impl EmbedService {
     ) -> Result<(Vec<f64>, Vec<bool>)> {
         let mut out = vec![0.0; wild_types.len()];
         let mut valid = vec![false; wild_types.len()];
-        // Per distinct wild type: its tokens, and its rows with their parsed mutants.
+        // Per distinct wild type: its tokens, its residues, and its rows with their mutants.
         type Rows = Vec<(usize, Vec<crate::score::Mutation>)>;
-        let mut groups: HashMap<&str, (Vec<u32>, Rows)> = HashMap::new();
+        let mut groups: HashMap<&str, (Vec<u32>, Vec<u8>, Rows)> = HashMap::new();
         for (row, (wt, mutant)) in wild_types.iter().zip(mutants).enumerate() {
             let (Some(wt), Some(mutant)) = (wt, mutant) else {
                 continue;
@@ -410,20 +410,17 @@ impl EmbedService {
                 let Some(tokens) = self.score_tokens(row, wt)? else {
                     continue;
                 };
-                groups.insert(wt, (tokens, Vec::new()));
+                let residues = crate::score::mutant::residues_of(&tokens);
+                groups.insert(wt, (tokens, residues, Vec::new()));
             }
-            let group = groups.get_mut(wt).expect("inserted");
-            let residues: Vec<u8> = group.0[1..group.0.len() - 1]
-                .iter()
-                .map(|&t| crate::tokenize::TOKENS[t as usize].as_bytes()[0])
-                .collect();
-            match crate::score::mutant::parse(mutant, &residues, 1) {
-                Ok(m) => group.1.push((row, m)),
+            let (_, residues, rows) = groups.get_mut(wt).expect("inserted");
+            match crate::score::mutant::parse(mutant, residues, 1) {
+                Ok(m) => rows.push((row, m)),
                 Err(_) if self.options.bad_rows == BadRows::Null => {}
                 Err(e) => return Err(row_error(row, mutant, &e.to_string())),
             }
         }
-        for (tokens, rows) in groups.into_values() {
+        for (tokens, _, rows) in groups.into_values() {
             let sets: Vec<_> = rows.iter().map(|(_, m)| m.clone()).collect();
             let scores = crate::score::mutant_scores(
                 &self.pool,
