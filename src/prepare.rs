@@ -100,6 +100,18 @@ pub struct Prepared {
 }
 
 impl InputPolicy {
+    /// The policy for scores: the same, except that `--long window` truncates (a score is of
+    /// one sequence; windows would be other sequences).
+    pub fn for_scores(self) -> Self {
+        Self {
+            long: match self.long {
+                LongPolicy::Window => LongPolicy::Truncate,
+                other => other,
+            },
+            ..self
+        }
+    }
+
     /// Tokenize `sequence` and apply the length policy. `Err` is why the row cannot be
     /// embedded (a character outside the alphabet, an empty sequence, too long under `--long
     /// error`).

@@ -25,7 +25,7 @@ use crate::input::Inputs;
 use crate::output::metadata::JobIdentity;
 use crate::output::{self, ErrorRow, Manifest, OutputLayout, PartRecord};
 use crate::pipeline::progress::{self, Event, Progress};
-use crate::prepare::{InputPolicy, LongPolicy, Problem};
+use crate::prepare::{InputPolicy, Problem};
 
 /// What a score job computes per input row.
 #[derive(Debug, Clone)]
@@ -134,11 +134,7 @@ impl ScoreJob {
     }
 
     fn policy(&self) -> InputPolicy {
-        let mut policy = self.options.policy;
-        if policy.long == LongPolicy::Window {
-            policy.long = LongPolicy::Truncate;
-        }
-        policy
+        self.options.policy.for_scores()
     }
 }
 

@@ -440,14 +440,7 @@ impl EmbedService {
     /// A sequence's tokens for scores (the input policy; long sequences are truncated, never
     /// windowed), `None` for a bad row in a lenient session.
     fn score_tokens(&self, row: usize, sequence: &str) -> Result<Option<Vec<u32>>> {
-        let policy = InputPolicy {
-            long: match self.policy.long {
-                LongPolicy::Window => LongPolicy::Truncate,
-                other => other,
-            },
-            ..self.policy
-        };
-        match policy.prepare(sequence) {
+        match self.policy.for_scores().prepare(sequence) {
             Ok(mut p) => Ok(Some(p.segments.remove(0).1)),
             Err(_) if self.options.bad_rows == BadRows::Null => Ok(None),
             Err(e) => Err(row_error(row, sequence, &e.reason)),
