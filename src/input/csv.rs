@@ -46,12 +46,13 @@ pub fn schema(input: &InputFile) -> Result<SchemaRef> {
     Ok(std::sync::Arc::new(schema))
 }
 
-/// The file's records, `batch_rows` at a time.
+/// The file's records as `schema` (the inputs' schema, inferred once when they were opened),
+/// `batch_rows` at a time.
 pub fn batches(
     input: &InputFile,
+    schema: SchemaRef,
     batch_rows: usize,
 ) -> Result<Box<dyn Iterator<Item = Result<SourceBatch>> + Send>> {
-    let schema = schema(input)?;
     let name = input.name();
     let csv = arrow_csv::ReaderBuilder::new(schema)
         .with_format(format(&name))

@@ -447,7 +447,7 @@ impl Inputs {
                 self.options.batch_rows,
             )?),
             InputFormat::Parquet => Box::new(parquet::open(file, self.options.batch_rows)?.1),
-            InputFormat::Csv => csv::batches(file, self.options.batch_rows)?,
+            InputFormat::Csv => csv::batches(file, self.schema.clone(), self.options.batch_rows)?,
         })
     }
 
