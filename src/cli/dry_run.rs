@@ -45,7 +45,7 @@ pub fn run(
     if let Some(remote) = remote {
         spec = spec.with_remote_output(remote);
     }
-    let report = dry_run::dry_run(&spec, &facts(&config, dtype, device))?;
+    let report = dry_run::dry_run(&spec, &facts(&config, dtype, device), None)?;
     print(&report, args.json, device);
     Ok(())
 }
@@ -59,8 +59,7 @@ pub fn run_measured(
     dtype: DType,
 ) -> anyhow::Result<()> {
     let config = embedder.model().config();
-    let mut report = dry_run::dry_run(spec, &facts(config, dtype, &devices[0]))?;
-    report.measure(spec, embedder)?;
+    let report = dry_run::dry_run(spec, &facts(config, dtype, &devices[0]), Some(embedder))?;
     print(&report, args.json, &devices[0]);
     Ok(())
 }

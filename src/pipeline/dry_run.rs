@@ -128,8 +128,14 @@ pub struct DryRun {
 }
 
 /// Plan `spec` as its job would, without running it. Fails as the job would before model work
-/// (an existing output, duplicate ids, an empty input); writes nothing.
-pub fn dry_run(spec: &JobSpec, model: &ModelFacts) -> Result<DryRun> {
+/// (an existing output, duplicate ids, an empty input); writes nothing. With `bench`, the
+/// throughput is measured on that device: the first part's packs (up to 8, after one to warm
+/// up), as the job would run them.
+pub fn dry_run(
+    spec: &JobSpec,
+    model: &ModelFacts,
+    bench: Option<&dyn PackEmbedder>,
+) -> Result<DryRun> {
     let done = finished_parts(spec)?;
     let opts = &spec.options;
     let policy = opts.plan.policy(spec.tokenizer);
@@ -147,6 +153,7 @@ pub fn dry_run(spec: &JobSpec, model: &ModelFacts) -> Result<DryRun> {
     }
     let distinct = scan.sequences.as_ref().map(|s| s.len() as u64);
     let mut tally = Tally::new(spec);
+    tally.bench = bench.is_some();
     let stats = Planner {
         spec,
         duplicates: &scan.duplicates,
@@ -170,7 +177,7 @@ pub fn dry_run(spec: &JobSpec, model: &ModelFacts) -> Result<DryRun> {
         outputs,
     );
     let throughput = known_throughput(model);
-    Ok(DryRun {
+    let mut report = DryRun {
         rows: scan.rows,
         output_rows: tally.output_rows,
         distinct,
@@ -198,28 +205,16 @@ pub fn dry_run(spec: &JobSpec, model: &ModelFacts) -> Result<DryRun> {
             .as_ref()
             .map(|t| tally.tokens as f64 / t.tokens_per_second),
         throughput,
-    })
+    };
+    if let (Some(device), Some(packs)) = (bench, &tally.first_packs) {
+        report.measure(packs, device)?;
+    }
+    Ok(report)
 }
 
 impl DryRun {
-    /// Replace the throughput by one measured on `device`: the first part's packs (up to 8,
-    /// after one to warm up), as the job would run them.
-    pub fn measure(&mut self, spec: &JobSpec, device: &dyn PackEmbedder) -> Result<()> {
-        let mut tally = Tally::default();
-        let done = finished_parts(spec)?;
-        let policy = spec.options.plan.policy(spec.tokenizer);
-        let scan = super::scan::scan(&spec.inputs, spec.options.dedupe, &policy, false)?;
-        let mut first = FirstPart::default();
-        Planner {
-            spec,
-            duplicates: &scan.duplicates,
-            sequences: None,
-            done: &done,
-            cancel: &AtomicBool::new(false),
-            sink: &mut first,
-        }
-        .run()?;
-        let packs = first.packs.unwrap_or_default();
+    /// Replace the throughput by one measured on `device` running `packs`.
+    fn measure(&mut self, packs: &[Pack], device: &dyn PackEmbedder) -> Result<()> {
         let Some((warm, measured)) = packs.split_first() else {
             return Ok(());
         };
@@ -229,15 +224,16 @@ impl DryRun {
         device.embed(&warm.batch, request(warm))?;
         device.synchronize()?;
         let started = Instant::now();
+        let mut tokens = 0u64;
         for pack in measured.iter().take(8) {
             device.embed(&pack.batch, request(pack))?;
-            tally.tokens += pack.batch.total_tokens() as u64;
+            tokens += pack.batch.total_tokens() as u64;
         }
         device.synchronize()?;
-        if tally.tokens == 0 {
+        if tokens == 0 {
             return Ok(());
         }
-        let rate = tally.tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        let rate = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
         self.throughput = Some(Throughput {
             tokens_per_second: rate,
             source: format!(
@@ -285,6 +281,9 @@ struct Tally {
     vector_bytes: usize,
     /// The first part, for the size estimate.
     sample: Option<PartPlan>,
+    /// Whether to keep the first part's packs, for `--bench`.
+    bench: bool,
+    first_packs: Option<Vec<Pack>>,
 }
 
 /// Rows and residues.
@@ -326,6 +325,9 @@ impl PartSink for &mut Tally {
         self.count_nearby(&plan, &packs);
         if self.sample.is_none() {
             self.sample = Some(plan);
+        }
+        if self.bench && self.first_packs.is_none() {
+            self.first_packs = Some(packs);
         }
         true
     }
@@ -405,19 +407,6 @@ fn row_keys(packs: &[Pack]) -> HashMap<u32, u128> {
             (row, segments_key(windows.iter().map(|w| (w.1, w.2))))
         })
         .collect()
-}
-
-/// The first part's packs, for `--bench`.
-#[derive(Default)]
-struct FirstPart {
-    packs: Option<Vec<Pack>>,
-}
-
-impl PartSink for &mut FirstPart {
-    fn take(&mut self, _: PartPlan, packs: Vec<Pack>) -> bool {
-        self.packs = Some(packs);
-        false
-    }
 }
 
 /// The output's size. The first part is written as the writer would write it, with made-up
