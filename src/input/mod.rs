@@ -416,6 +416,12 @@ impl Inputs {
         })
     }
 
+    /// The error of a job whose inputs hold no record.
+    pub fn no_records(&self) -> crate::Error {
+        let names: Vec<String> = self.files.iter().map(|f| f.name()).collect();
+        crate::Error::bad_input(names.join(", "), "no records: the input is empty")
+    }
+
     /// Whether the id column exists.
     pub fn has_ids(&self) -> bool {
         self.schema.field_with_name(&self.options.id_column).is_ok()

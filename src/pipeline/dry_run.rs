@@ -17,7 +17,7 @@ use super::planner::{PartSink, Planner};
 use super::reuse::{segments_key, ResultCache, RowSource};
 use super::JobSpec;
 use crate::engine::{PackEmbedder, Request};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::memory::{self, MemoryEstimate};
 use crate::model::EsmConfig;
 use crate::output;
@@ -141,15 +141,7 @@ pub fn dry_run(
     let policy = opts.plan.policy(spec.tokenizer);
     let scan = super::scan::scan(&spec.inputs, opts.dedupe, &policy, opts.reuse)?;
     if scan.rows == 0 {
-        return Err(Error::bad_input(
-            spec.inputs
-                .files
-                .iter()
-                .map(|f| f.name())
-                .collect::<Vec<_>>()
-                .join(", "),
-            "no records: the input is empty",
-        ));
+        return Err(spec.inputs.no_records());
     }
     let distinct = scan.sequences.as_ref().map(|s| s.len() as u64);
     let mut tally = Tally::new(spec);

@@ -214,11 +214,7 @@ fn open_output(spec: &JobSpec, devices: &[Arc<dyn PackEmbedder>]) -> Result<(Man
     let policy = opts.plan.policy(spec.tokenizer);
     let scan = scan::scan(&spec.inputs, opts.dedupe, &policy, opts.reuse)?;
     if scan.rows == 0 {
-        let names: Vec<String> = spec.inputs.files.iter().map(|f| f.name()).collect();
-        return Err(Error::bad_input(
-            names.join(", "),
-            "no records: the input is empty",
-        ));
+        return Err(spec.inputs.no_records());
     }
     if let Some((tokens, at)) = &scan.longest {
         check_longest_fits(*tokens, at, devices)?;

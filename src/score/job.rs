@@ -293,11 +293,7 @@ pub(super) fn count_rows(inputs: &Inputs) -> Result<u64> {
         }
     }
     if rows == 0 {
-        let names: Vec<String> = inputs.files.iter().map(|f| f.name()).collect();
-        return Err(Error::bad_input(
-            names.join(", "),
-            "no records: the input is empty",
-        ));
+        return Err(inputs.no_records());
     }
     Ok(rows)
 }
