@@ -51,6 +51,17 @@ const RESIDUE_IDS: [u8; 128] = {
     table
 };
 
+/// The token of a residue letter (either case), `None` for anything else.
+pub fn residue_token(c: char) -> Option<u32> {
+    let upper = c.to_ascii_uppercase();
+    let id = if upper.is_ascii() {
+        RESIDUE_IDS[upper as usize]
+    } else {
+        0
+    };
+    (id != 0).then_some(id as u32)
+}
+
 /// What to do with a character that is not a residue letter.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum UnknownResidue {
@@ -149,12 +160,7 @@ impl Tokenizer {
             if c.is_ascii_whitespace() {
                 continue;
             }
-            let upper = c.to_ascii_uppercase();
-            let id = if upper.is_ascii() {
-                RESIDUE_IDS[upper as usize] as u32
-            } else {
-                0
-            };
+            let id = residue_token(c).unwrap_or(0);
             let id = match (id, self.unknown) {
                 (0, UnknownResidue::Error) => {
                     out.truncate(start);

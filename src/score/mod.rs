@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use crate::engine::{LogProbsAt, PackEmbedder, Request};
 use crate::error::{Error, Result};
 use crate::pack::{pack, PackedBatch};
-use crate::tokenize::{Tokenizer, MASK, VOCAB_SIZE};
+use crate::tokenize::{MASK, VOCAB_SIZE};
 pub use mutant::{MutantError, Mutation};
 pub use runner::Runner;
 
@@ -284,11 +284,8 @@ fn summed(mutants: &[Vec<Mutation>], lp: impl Fn(usize, usize) -> f64) -> Vec<f6
 
 /// The token of a standard amino-acid letter.
 fn token_of(c: char) -> usize {
-    let mut buf = [0u8; 4];
-    Tokenizer::default()
-        .encode(c.encode_utf8(&mut buf))
-        .map(|t| t[1] as usize)
-        .expect("mutant letters are checked to be standard amino acids")
+    crate::tokenize::residue_token(c)
+        .expect("mutant letters are checked to be standard amino acids") as usize
 }
 
 /// Columns of [`residue_log_probs`] restricted to the 20 standard amino acids, in
