@@ -52,6 +52,7 @@ fn stages(c: &mut Criterion) {
         tokens_per_batch: 16384,
         max_length: 1022,
         long: LongPolicy::Truncate,
+        pll: false,
     };
     let policy = options.policy(Tokenizer::default());
     group.bench_function("parse_tokenize_pack", |b| {
@@ -72,12 +73,15 @@ fn stages(c: &mut Criterion) {
                     part.add_row(Some(sequences.value(i)), origin, None, &policy, None);
                     if part.len() == 10_000 {
                         let next = PartBuilder::new(part.index() + 1, part.next_position());
-                        packs += std::mem::replace(&mut part, next).finish(&options).1.len();
+                        packs += std::mem::replace(&mut part, next)
+                            .finish(&options)
+                            .1
+                            .count();
                     }
                 }
             }
             if !part.is_empty() {
-                packs += part.finish(&options).1.len();
+                packs += part.finish(&options).1.count();
             }
             assert!(packs > 0);
         })

@@ -275,7 +275,10 @@ fn run_timed(
     for batch in batches {
         let submission = Submission {
             batch: batch.clone(),
-            request: Request::Configured { residues: false },
+            request: Request::Configured {
+                residues: false,
+                log_probs: false,
+            },
             context: Arc::new(()),
             reply: reply.clone(),
         };

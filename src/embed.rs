@@ -7,11 +7,11 @@
 
 use candle_core::{DType, Device};
 
-use crate::engine::Request;
+use crate::engine::{LogProbsAt, Request};
 use crate::error::{Error, Result};
 use crate::model::{Checkpoint, Esm2, ModelSource};
 use crate::pack::PackedBatch;
-use crate::pool::{pool, PooledLayer, Pooling};
+use crate::pool::{pool, pool_selected, PooledLayer, Pooling};
 use crate::tokenize::{Tokenizer, UnknownResidue};
 
 /// What to compute for every sequence.
@@ -163,12 +163,68 @@ impl Embedder {
         })
     }
 
+    /// [`Embedder::embed_packed_with`] for a pack of masked copies (`embed --pll`): one forward
+    /// gives the configured layers and, from the last, the log-probabilities at every `<mask>`
+    /// (a trailing entry, see [`Request::Configured`]); per-residue vectors only for the
+    /// sequences without a mask.
+    fn embed_with_log_probs(
+        &self,
+        batch: &PackedBatch,
+        residues: bool,
+    ) -> Result<Vec<PooledLayer>> {
+        let config = self.model.config();
+        let last = config.num_hidden_layers;
+        let mut layers = self.layers.clone();
+        let at = match layers.iter().position(|&l| l == last) {
+            Some(i) => i,
+            None => {
+                layers.push(last);
+                layers.len() - 1
+            }
+        };
+        let hidden = self.model.forward(batch, &layers)?;
+        let mask = config.mask_token_id;
+        let unmasked: Vec<bool> = (0..batch.len())
+            .map(|i| !batch.tokens(i).contains(&mask))
+            .collect();
+        let mut pooling = self.pooling;
+        pooling.per_residue |= residues;
+        let mut out = crate::model::profile::time(self.model.device(), "pool_to_host", || {
+            hidden
+                .iter()
+                .zip(&self.layers)
+                .map(|(h, &layer)| pool_selected(h, batch, layer, pooling, Some(&unmasked)))
+                .collect::<Result<Vec<_>>>()
+        })?;
+        let rows = crate::model::esm2::query_positions(batch, LogProbsAt::Masked, mask);
+        let log_probs = match rows.is_empty() {
+            true => Vec::new(),
+            false => self.model.head_log_probs(&hidden[at], rows)?,
+        };
+        out.push(PooledLayer {
+            layer: last,
+            hidden: config.hidden_size,
+            mean: None,
+            bos: None,
+            residues: None,
+            log_probs: Some(log_probs),
+        });
+        Ok(out)
+    }
+
     /// Embed one pack as `request` asks: the configured layers and pooling, or the mean (and
     /// per-residue outputs) of one layer, whatever the embedder was built for (SQL picks the
     /// layer per call).
     pub fn embed_request(&self, batch: &PackedBatch, request: Request) -> Result<Vec<PooledLayer>> {
         match request {
-            Request::Configured { residues } => self.embed_packed_with(batch, residues),
+            Request::Configured {
+                residues,
+                log_probs: false,
+            } => self.embed_packed_with(batch, residues),
+            Request::Configured {
+                residues,
+                log_probs: true,
+            } => self.embed_with_log_probs(batch, residues),
             Request::Layer { layer, residues } => {
                 let hidden = self.model.forward(batch, &[layer])?;
                 let pooling = Pooling {

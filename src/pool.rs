@@ -56,6 +56,18 @@ pub fn pool(
     layer: usize,
     pooling: Pooling,
 ) -> Result<PooledLayer> {
+    pool_selected(hidden, batch, layer, pooling, None)
+}
+
+/// [`pool`], with per-residue vectors only for the sequences `residues_of` marks (`None`: all).
+/// A pack of masked copies (`embed --pll`) needs them for its originals only.
+pub fn pool_selected(
+    hidden: &Tensor,
+    batch: &PackedBatch,
+    layer: usize,
+    pooling: Pooling,
+    residues_of: Option<&[bool]>,
+) -> Result<PooledLayer> {
     let device = hidden.device();
     let (_, h) = hidden.dims2()?;
     let b = batch.len();
@@ -107,6 +119,7 @@ pub fn pool(
     };
     let residues = if pooling.per_residue {
         let rows: Vec<u32> = (0..b)
+            .filter(|&i| residues_of.is_none_or(|r| r[i]))
             .flat_map(|i| {
                 let start = batch.range(i).start as u32 + 1;
                 start..start + counts[i] as u32
@@ -155,6 +168,9 @@ mod tests {
             pooled.residues.unwrap(),
             [1.0, 10.0, 2.0, 20.0, 3.0, 30.0, 6.0, 60.0]
         );
+        let second = pool_selected(&hidden, &batch, 3, all, Some(&[false, true]))?;
+        assert_eq!(second.residues.unwrap(), [6.0, 60.0]);
+        assert_eq!(second.mean.unwrap().len(), 4);
         let mean_only = pool(&hidden, &batch, 3, Pooling::default())?;
         assert!(mean_only.bos.is_none() && mean_only.residues.is_none());
         Ok(())

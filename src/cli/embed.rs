@@ -55,9 +55,16 @@ pub struct EmbedArgs {
 
     /// Rows per part: the unit of length sorting, output row groups and resume. Default 50,000
     /// (hundreds of packs per part, so packs are >99 % full), 2,000 with --per-residue (whose
-    /// rows are large).
+    /// rows are large), 1,000 with --pll (whose rows are L forwards each).
     #[arg(long)]
     pub rows_per_part: Option<usize>,
+
+    /// Also each sequence's pseudo-log-likelihood, columns `pll` and `pseudo_perplexity`, the
+    /// same numbers as `esmbed score` (see its --help for the definition). An L-residue
+    /// sequence adds L masked copies to the job's packs: about L times the compute of its
+    /// embedding. Needs the masked-LM head (EsmForMaskedLM weights); not with --long window.
+    #[arg(long)]
+    pub pll: bool,
 
     /// Stop at the first bad record (default: list it in the errors file and go on).
     #[arg(long)]
@@ -110,10 +117,10 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
     if args.columns.max_length == 0 {
         anyhow::bail!("--max-length must be at least 1");
     }
-    let rows_per_part = args.rows_per_part.unwrap_or(if args.columns.per_residue {
-        2_000
-    } else {
-        50_000
+    let rows_per_part = args.rows_per_part.unwrap_or(match () {
+        _ if args.pll => 1_000,
+        _ if args.columns.per_residue => 2_000,
+        _ => 50_000,
     });
     if rows_per_part == 0 {
         anyhow::bail!("--rows-per-part must be at least 1");
@@ -171,6 +178,7 @@ pub fn job_options(
             tokens_per_batch,
             max_length: args.columns.max_length,
             long: args.columns.long,
+            pll: args.pll,
         },
         rows_per_part,
         strict: args.strict,
@@ -196,7 +204,16 @@ fn load(
         replicas,
         name,
         fingerprint,
-    } = super::load_model(&args.model.source.model, devices, dtype, super::Head::No)?;
+    } = super::load_model(
+        &args.model.source.model,
+        devices,
+        dtype,
+        if args.pll {
+            super::Head::Required
+        } else {
+            super::Head::No
+        },
+    )?;
     let config = replicas[0].config().clone();
     let tokens_per_batch = args.tokens_per_batch.unwrap_or_else(|| {
         devices

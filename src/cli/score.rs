@@ -167,7 +167,7 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
         max_length: args.max_length,
         long: LongPolicy::Truncate,
         unknown: format!("{:?}", tokenizer.unknown).to_lowercase(),
-        scores: Some(describe(&mode)),
+        scores: Some(mode.describe()),
     };
     let identity = JobIdentity {
         inputs: InputIdentity::of(&inputs),
@@ -306,26 +306,6 @@ fn wild_type(value: &str) -> anyhow::Result<String> {
 }
 
 /// The mode, for the manifest and the footer: what a resume must match.
-fn describe(mode: &ScoreMode) -> String {
-    match mode {
-        ScoreMode::Pll { per_residue } => format!("pll (per residue: {per_residue})"),
-        ScoreMode::Logits => "log_probs over ACDEFGHIKLMNPQRSTVWY".into(),
-        ScoreMode::Mutants {
-            wt,
-            offset,
-            strategy,
-        } => {
-            use sha2::{Digest, Sha256};
-            let digest = Sha256::digest(wt.as_bytes());
-            format!(
-                "mutants of a wild type of {} residues (sha256 {:x}), offset {offset}, {strategy:?}",
-                wt.len(),
-                digest
-            )
-        }
-    }
-}
-
 fn print_summary(s: &ScoreSummary, json: bool) {
     if json {
         println!(

@@ -27,10 +27,15 @@ use crate::pool::PooledLayer;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Request {
     /// The embedder's layers and pooling; per-residue outputs forced on when `residues` (long
-    /// sequences embedded in windows are averaged per residue).
+    /// sequences embedded in windows are averaged per residue). With `log_probs` the pack
+    /// holds masked copies (`embed --pll`): the results end with one more entry holding only
+    /// the log-probabilities at every `<mask>` (as [`Request::LogProbs`] with
+    /// [`LogProbsAt::Masked`]), and per-residue vectors cover only the sequences without one.
     Configured {
         /// Force per-residue outputs.
         residues: bool,
+        /// Also the masked-LM log-probabilities at the masks.
+        log_probs: bool,
     },
     /// The mean embedding of one layer (resolved number) only, whatever the embedder was built
     /// for (SQL picks the layer per call); per-residue outputs too when `residues`.

@@ -263,7 +263,10 @@ struct Worker<C> {
 impl<C> Worker<C> {
     fn warm_up(&self, packs: &[PackedBatch]) -> Result<()> {
         for batch in packs {
-            match self.device.embed(batch, Request::Configured { residues: false }) {
+            match self.device.embed(batch, Request::Configured {
+                    residues: false,
+                    log_probs: false,
+                }) {
                 Ok(_) => {}
                 Err(e) if e.is_out_of_memory() => {
                     return Err(Error::OutOfMemory {

@@ -325,8 +325,6 @@ impl Esm2 {
         })
     }
 
-    /// Per-token factor `[T, 1]` of the embedding: 0 on `<mask>` rows, else
-    /// `(1 - 0.12) / (1 - masks/tokens)` of the token's own sequence (counts include cls and eos).
     /// Log-probabilities over the vocabulary (`[Q, V]` f32, row-major) at the positions `at`
     /// picks in each sequence of `batch`, in order, from the masked-LM head on the last layer.
     pub fn log_probs(
@@ -334,23 +332,34 @@ impl Esm2 {
         batch: &PackedBatch,
         at: crate::engine::LogProbsAt,
     ) -> Result<Vec<f32>> {
-        let head = self.head.as_ref().ok_or_else(|| {
-            Error::InvalidOption(
-                "scores need the masked-LM head, and this model was loaded without one (its \
-                 checkpoint has none: use EsmForMaskedLM weights, as every published ESM-2 has; \
-                 in the library, Esm2::load_with_head)"
-                    .into(),
-            )
-        })?;
+        self.head()?;
         let rows = query_positions(batch, at, self.config.mask_token_id);
         if rows.is_empty() {
             return Ok(Vec::new());
         }
         let n = self.config.num_hidden_layers;
         let hidden = self.forward(batch, &[n])?.remove(0);
+        self.head_log_probs(&hidden, rows)
+    }
+
+    /// Log-probabilities (`[Q, V]` f32, row-major) of the masked-LM head at token rows `rows`
+    /// of `last`, the last layer's output `[T, H]` of a forward.
+    pub fn head_log_probs(&self, last: &Tensor, rows: Vec<u32>) -> Result<Vec<f32>> {
+        let head = self.head()?;
         let rows = Tensor::from_vec(rows.clone(), rows.len(), &self.device)?;
-        let log_probs = head.log_probs(&hidden.index_select(&rows, 0)?)?;
+        let log_probs = head.log_probs(&last.index_select(&rows, 0)?)?;
         Ok(log_probs.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    fn head(&self) -> Result<&head::LmHead> {
+        self.head.as_ref().ok_or_else(|| {
+            Error::InvalidOption(
+                "scores need the masked-LM head, and this model was loaded without one (its \
+                 checkpoint has none: use EsmForMaskedLM weights, as every published ESM-2 has; \
+                 in the library, Esm2::load_with_head)"
+                    .into(),
+            )
+        })
     }
 
     /// Whether the masked-LM head is loaded.
@@ -358,6 +367,8 @@ impl Esm2 {
         self.head.is_some()
     }
 
+    /// Per-token factor `[T, 1]` of the embedding: 0 on `<mask>` rows, else
+    /// `(1 - 0.12) / (1 - masks/tokens)` of the token's own sequence (counts include cls and eos).
     fn embedding_scale(&self, batch: &PackedBatch) -> Result<Tensor> {
         let mut scale = vec![1f32; batch.total_tokens()];
         if self.config.token_dropout {

@@ -3,7 +3,8 @@
 //! Columns: the input's pass-through columns, `length` (residues of the input sequence),
 //! `truncated`, then per requested layer `embedding[_k]` (mean over residues),
 //! `bos_embedding[_k]`, `residue_embeddings[_k]`. The unsuffixed names belong to the model's last
-//! layer when it is requested (the usual choice), else to the first layer listed.
+//! layer when it is requested (the usual choice), else to the first layer listed. With `--pll`,
+//! `pll` and `pseudo_perplexity` (Float64) come last, as `esmbed score` writes them.
 //! Vectors are `FixedSizeList<Float32|Float16>[H]`, per-residue outputs `List<FixedSizeList>`:
 //! DuckDB reads them as `FLOAT[H]`, pyarrow and Polars as fixed-size lists / arrays.
 
@@ -58,6 +59,8 @@ pub struct EmbeddingColumns {
     pub hidden: usize,
     /// Element type.
     pub dtype: OutputDType,
+    /// Also `pll` and `pseudo_perplexity` (`embed --pll`).
+    pub pll: bool,
 }
 
 impl EmbeddingColumns {
@@ -111,6 +114,10 @@ impl EmbeddingColumns {
                     false,
                 ));
             }
+        }
+        if self.pll {
+            fields.push(Field::new("pll", DataType::Float64, false));
+            fields.push(Field::new("pseudo_perplexity", DataType::Float64, false));
         }
         fields.into_iter().map(Arc::new).collect()
     }
@@ -172,6 +179,7 @@ mod tests {
             },
             hidden: 2,
             dtype,
+            pll: false,
         }
     }
 

@@ -4,10 +4,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, BooleanArray, Int32Array, RecordBatch, UInt32Array};
+use arrow::array::{ArrayRef, BooleanArray, Float64Array, Int32Array, RecordBatch, UInt32Array};
 use arrow::datatypes::SchemaRef;
 
-use super::plan::{PartPlan, RowPlan, Segment};
+use super::plan::{MaskedResidue, PartPlan, RowPlan, Segment};
 use super::reuse::{HeldRow, ResultCache, RowSource};
 use crate::error::{Error, Result};
 use crate::output::columns::EmbeddingColumns;
@@ -15,6 +15,7 @@ use crate::output::{ErrorRow, PartRecord};
 use crate::pack::PackedBatch;
 use crate::pool::PooledLayer;
 use crate::prepare::WindowSums;
+use crate::tokenize::VOCAB_SIZE;
 
 /// The windows of one long row: per layer, their per-residue sums and the first window's BOS.
 struct Windows {
@@ -49,6 +50,10 @@ pub struct PartAssembly {
     residues: Vec<Vec<Option<Vec<f32>>>>,
     windows: HashMap<u32, Windows>,
     failed: HashMap<u32, String>,
+    /// Per row (`--pll`): the log-probability of each residue with it masked, in residue order.
+    pll_terms: HashMap<u32, Vec<f32>>,
+    /// Per row (`--pll`): the pseudo-log-likelihood, once the part is complete.
+    pll: Vec<f64>,
 }
 
 impl PartAssembly {
@@ -86,6 +91,12 @@ impl PartAssembly {
             ],
             windows: HashMap::new(),
             failed: HashMap::new(),
+            pll_terms: HashMap::new(),
+            pll: if columns.pll {
+                vec![0.0; rows]
+            } else {
+                Vec::new()
+            },
             plan,
             columns,
         }
@@ -149,6 +160,9 @@ impl PartAssembly {
                     *slot = Some((0..embedded * h).map(|_| value(&mut state)).collect());
                 }
             }
+            if let Some(pll) = part.pll.get_mut(row) {
+                *pll = -(embedded as f64) * (2.0 + value(&mut state) as f64).abs();
+            }
         }
         part.remaining = 0;
         part
@@ -164,54 +178,98 @@ impl PartAssembly {
         self.remaining == 0
     }
 
-    /// Take the results of one pack.
+    /// Take the results of one pack: its layers and, for a pack of masked copies (`--pll`), a
+    /// trailing entry of log-probabilities at its masks ([`crate::engine::Request::Configured`]).
     pub fn add(&mut self, segments: &[Segment], batch: &PackedBatch, pooled: &[PooledLayer]) {
-        let h = self.columns.hidden;
+        let (layers, log_probs) = match pooled.split_last() {
+            Some((last, layers)) if last.log_probs.is_some() => (layers, last.log_probs.as_deref()),
+            _ => (pooled, None),
+        };
         let counts = batch.residue_counts();
         let mut residue_offset = 0;
+        let mut mask = 0;
         for (i, segment) in segments.iter().enumerate() {
-            let row = segment.row as usize;
-            let n = counts[i];
-            let windows = match self.plan.rows[row] {
-                RowPlan::Embed { windows, .. } => windows,
-                RowPlan::Error => unreachable!("error rows have no segments"),
-            };
-            for (l, layer) in pooled.iter().enumerate() {
-                let residues = layer
-                    .residues
-                    .as_ref()
-                    .map(|r| &r[residue_offset * h..(residue_offset + n) * h]);
-                let bos = layer.bos.as_ref().map(|b| &b[i * h..(i + 1) * h]);
-                if windows > 1 {
-                    let length = match self.plan.rows[row] {
-                        RowPlan::Embed { length, .. } => length,
-                        RowPlan::Error => 0,
-                    };
-                    let layers = pooled.len();
-                    let entry = self.windows.entry(segment.row).or_insert_with(|| Windows {
-                        sums: vec![WindowSums::new(length, h); layers],
-                        bos: vec![None; layers],
-                    });
-                    let residues = residues.expect("windowed packs carry residues");
-                    entry.sums[l].add(segment.offset as usize, residues);
-                    if segment.window == 0 {
-                        entry.bos[l] = bos.map(<[f32]>::to_vec);
-                    }
-                    continue;
-                }
-                if let Some(mean) = &layer.mean {
-                    self.mean[l][row * h..(row + 1) * h].copy_from_slice(&mean[i * h..(i + 1) * h]);
-                }
-                if let Some(bos) = bos {
-                    self.bos[l][row * h..(row + 1) * h].copy_from_slice(bos);
-                }
-                if self.columns.pooling.per_residue {
-                    self.residues[l][row] = residues.map(<[f32]>::to_vec);
-                }
+            if let Some(masked) = segment.masked {
+                let log_probs = log_probs.expect("packs of masked copies carry log-probabilities");
+                let row = &log_probs[mask * VOCAB_SIZE..(mask + 1) * VOCAB_SIZE];
+                self.add_pll_term(segment.row, masked, row[masked.token as usize]);
+                mask += 1;
+                continue;
             }
-            residue_offset += n;
+            self.add_segment(segment, i, residue_offset, counts[i], layers);
+            residue_offset += counts[i];
         }
         self.remaining -= segments.len();
+    }
+
+    /// One term of row `row`'s pseudo-log-likelihood.
+    fn add_pll_term(&mut self, row: u32, masked: MaskedResidue, log_prob: f32) {
+        let embedded = match self.plan.rows[row as usize] {
+            RowPlan::Embed { embedded, .. } => embedded,
+            RowPlan::Error => unreachable!("error rows have no segments"),
+        };
+        let terms = self
+            .pll_terms
+            .entry(row)
+            .or_insert_with(|| vec![0.0; embedded]);
+        terms[masked.position as usize - 1] = log_prob;
+    }
+
+    /// Segment `i` of a pack (not a masked copy): its layers' outputs, its residue vectors
+    /// at `residue_offset` (`n` of them) in the pack's per-residue outputs.
+    fn add_segment(
+        &mut self,
+        segment: &Segment,
+        i: usize,
+        residue_offset: usize,
+        n: usize,
+        pooled: &[PooledLayer],
+    ) {
+        let h = self.columns.hidden;
+        let row = segment.row as usize;
+        let (windows, length) = match self.plan.rows[row] {
+            RowPlan::Embed {
+                windows, length, ..
+            } => (windows, length),
+            RowPlan::Error => unreachable!("error rows have no segments"),
+        };
+        for (l, layer) in pooled.iter().enumerate() {
+            let residues = layer
+                .residues
+                .as_ref()
+                .map(|r| &r[residue_offset * h..(residue_offset + n) * h]);
+            let bos = layer.bos.as_ref().map(|b| &b[i * h..(i + 1) * h]);
+            if windows > 1 {
+                let layers = pooled.len();
+                let entry = self.windows.entry(segment.row).or_insert_with(|| Windows {
+                    sums: vec![WindowSums::new(length, h); layers],
+                    bos: vec![None; layers],
+                });
+                let residues = residues.expect("windowed packs carry residues");
+                entry.sums[l].add(segment.offset as usize, residues);
+                if segment.window == 0 {
+                    entry.bos[l] = bos.map(<[f32]>::to_vec);
+                }
+                continue;
+            }
+            if let Some(mean) = &layer.mean {
+                self.mean[l][row * h..(row + 1) * h].copy_from_slice(&mean[i * h..(i + 1) * h]);
+            }
+            if let Some(bos) = bos {
+                self.bos[l][row * h..(row + 1) * h].copy_from_slice(bos);
+            }
+            if self.columns.pooling.per_residue {
+                self.residues[l][row] = residues.map(<[f32]>::to_vec);
+            }
+        }
+    }
+
+    /// Sum every row's pseudo-log-likelihood terms, in residue order (the order `esmbed score`
+    /// sums them in, whatever order the packs came back in).
+    fn sum_pll(&mut self) {
+        for (row, terms) in std::mem::take(&mut self.pll_terms) {
+            self.pll[row as usize] = terms.iter().map(|&v| v as f64).sum();
+        }
     }
 
     /// A segment could not be embedded (out of memory even alone): its row becomes an error.
@@ -249,6 +307,7 @@ impl PartAssembly {
         cache: &mut ResultCache,
     ) -> Result<(RecordBatch, Vec<ErrorRow>, PartRecord)> {
         self.merge_windows();
+        self.sum_pll();
         self.share_results(cache)?;
         let rows = self.settle();
         let mut columns = self.passthrough_columns(schema, &rows.keep)?;
@@ -319,6 +378,7 @@ impl PartAssembly {
                 .iter()
                 .map(|r| r.get(row).cloned().flatten())
                 .collect(),
+            pll: self.pll.get(row).copied(),
         }
     }
 
@@ -333,7 +393,13 @@ impl PartAssembly {
                 mean,
                 bos,
                 residues,
-            } => (mean, bos, residues),
+                pll,
+            } => {
+                if let (Some(to), Some(from)) = (self.pll.get_mut(row), pll) {
+                    *to = from;
+                }
+                (mean, bos, residues)
+            }
         };
         let h = self.columns.hidden;
         for (to, from) in self
@@ -437,7 +503,30 @@ impl PartAssembly {
                 columns.push(self.columns.vector_lists(values, &counts));
             }
         }
+        if self.columns.pll {
+            columns.extend(self.pll_columns(keep));
+        }
         columns
+    }
+
+    /// `pll` and `pseudo_perplexity` (`exp(−PLL / L)`) of the kept rows.
+    fn pll_columns(&self, keep: &[u32]) -> [ArrayRef; 2] {
+        let pll: Vec<f64> = keep.iter().map(|&r| self.pll[r as usize]).collect();
+        let perplexity: Vec<f64> = keep
+            .iter()
+            .zip(&pll)
+            .map(|(&r, &pll)| {
+                let embedded = match self.plan.rows[r as usize] {
+                    RowPlan::Embed { embedded, .. } => embedded,
+                    RowPlan::Error => 0,
+                };
+                (-pll / embedded.max(1) as f64).exp()
+            })
+            .collect();
+        [
+            Arc::new(Float64Array::from(pll)),
+            Arc::new(Float64Array::from(perplexity)),
+        ]
     }
 }
 

@@ -12,11 +12,11 @@ use candle_core::DType;
 use serde::Serialize;
 
 use super::assemble::PartAssembly;
-use super::plan::{Pack, PartPlan, RowPlan};
+use super::plan::{Pack, Packs, PartPlan, RowPlan, Segment};
 use super::planner::{PartSink, Planner};
 use super::reuse::{segments_key, ResultCache, RowSource};
 use super::JobSpec;
-use crate::engine::{PackEmbedder, Request};
+use crate::engine::PackEmbedder;
 use crate::error::Result;
 use crate::model::memory::{self, MemoryEstimate};
 use crate::model::EsmConfig;
@@ -136,8 +136,9 @@ pub fn dry_run(
     model: &ModelFacts,
     bench: Option<&dyn PackEmbedder>,
 ) -> Result<DryRun> {
-    let done = finished_parts(spec)?;
     let opts = &spec.options;
+    opts.check()?;
+    let done = finished_parts(spec)?;
     let policy = opts.plan.policy(spec.tokenizer);
     let scan = super::scan::scan(&spec.inputs, opts.dedupe, &policy, opts.reuse)?;
     if scan.rows == 0 {
@@ -210,15 +211,12 @@ impl DryRun {
         let Some((warm, measured)) = packs.split_first() else {
             return Ok(());
         };
-        let request = |p: &Pack| Request::Configured {
-            residues: p.needs_residues,
-        };
-        device.embed(&warm.batch, request(warm))?;
+        device.embed(&warm.batch, warm.request())?;
         device.synchronize()?;
         let started = Instant::now();
         let mut tokens = 0u64;
-        for pack in measured.iter().take(8) {
-            device.embed(&pack.batch, request(pack))?;
+        for pack in measured.iter().take(BENCH_PACKS) {
+            device.embed(&pack.batch, pack.request())?;
             tokens += pack.batch.total_tokens() as u64;
         }
         device.synchronize()?;
@@ -286,7 +284,7 @@ struct Copies {
 }
 
 impl PartSink for &mut Tally {
-    fn take(&mut self, plan: PartPlan, packs: Vec<Pack>) -> bool {
+    fn take(&mut self, plan: PartPlan, packs: Packs) -> bool {
         let mut residues = 0;
         for row in &plan.rows {
             if let RowPlan::Embed {
@@ -306,20 +304,31 @@ impl PartSink for &mut Tally {
         for e in &plan.errors {
             count_error(&mut self.errors, &mut self.examples, e);
         }
-        for pack in &packs {
+        let keep = self.bench && self.first_packs.is_none();
+        let mut first = Vec::new();
+        let mut originals = Vec::new();
+        for pack in packs {
             let batch = &pack.batch;
             self.packs += 1;
             self.tokens += batch.total_tokens() as u64;
             self.longest_pack = self.longest_pack.max(batch.total_tokens());
             let longest = (0..batch.len()).map(|i| batch.range(i).len()).max();
             self.longest_sequence = self.longest_sequence.max(longest.unwrap_or(0));
+            for (i, s) in pack.segments.iter().enumerate() {
+                if s.masked.is_none() {
+                    originals.push((*s, batch.tokens(i).to_vec()));
+                }
+            }
+            if keep && first.len() <= BENCH_PACKS {
+                first.push(pack);
+            }
         }
-        self.count_nearby(&plan, &packs);
+        self.count_nearby(&plan, &row_keys(originals));
         if self.sample.is_none() {
             self.sample = Some(plan);
         }
-        if self.bench && self.first_packs.is_none() {
-            self.first_packs = Some(packs);
+        if keep {
+            self.first_packs = Some(first);
         }
         true
     }
@@ -334,8 +343,7 @@ impl Tally {
     }
 
     /// Sort a part's output rows into `nearby` copies and `distant` ones.
-    fn count_nearby(&mut self, plan: &PartPlan, packs: &[Pack]) {
-        let keys = row_keys(packs);
+    fn count_nearby(&mut self, plan: &PartPlan, keys: &HashMap<u32, u128>) {
         let page = PAGE_BYTES / self.vector_bytes;
         // Per key: the row and the residue offset where it last ended.
         let mut last: HashMap<u128, (usize, u64)> = HashMap::new();
@@ -375,28 +383,26 @@ impl Tally {
     }
 }
 
+/// Packs `--bench` times, after one to warm up.
+const BENCH_PACKS: usize = 8;
+
 /// Parquet's default data page size: vectors repeated within a page compress away.
 const PAGE_BYTES: usize = 1 << 20;
 
-/// The sequence key of each computed row of a part, from its packs' segments.
-fn row_keys(packs: &[Pack]) -> HashMap<u32, u128> {
+/// The sequence key of each computed row of a part, from its segments (masked copies left out)
+/// and their tokens.
+fn row_keys(segments: Vec<(Segment, Vec<u32>)>) -> HashMap<u32, u128> {
     // Per row: (window, offset, tokens).
-    type Windows<'a> = Vec<(u32, usize, &'a [u32])>;
-    let mut segments: HashMap<u32, Windows> = HashMap::new();
-    for pack in packs {
-        for (i, s) in pack.segments.iter().enumerate() {
-            let tokens = pack.batch.tokens(i);
-            segments
-                .entry(s.row)
-                .or_default()
-                .push((s.window, s.offset as usize, tokens));
-        }
+    let mut rows: HashMap<u32, Vec<(u32, usize, Vec<u32>)>> = HashMap::new();
+    for (s, tokens) in segments {
+        rows.entry(s.row)
+            .or_default()
+            .push((s.window, s.offset as usize, tokens));
     }
-    segments
-        .into_iter()
+    rows.into_iter()
         .map(|(row, mut windows)| {
             windows.sort_by_key(|w| w.0);
-            (row, segments_key(windows.iter().map(|w| (w.1, w.2))))
+            (row, segments_key(windows.iter().map(|w| (w.1, &w.2[..]))))
         })
         .collect()
 }

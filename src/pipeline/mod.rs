@@ -77,6 +77,18 @@ pub struct JobOptions {
 }
 
 impl JobOptions {
+    /// Refuse combinations that have no meaning, before any work.
+    pub fn check(&self) -> Result<()> {
+        if self.plan.pll && self.plan.long == plan::LongPolicy::Window {
+            return Err(Error::InvalidOption(
+                "--pll scores whole sequences, and --long window embeds a long one in windows: \
+                 use --long truncate (the PLL of its first --max-length residues) or --long error"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Default for [`JobOptions::reuse_memory`]: 1 GiB, the pooled results of ~200,000 distinct
     /// repeated sequences of the 650M model at a time.
     pub const DEFAULT_REUSE_MEMORY: usize = 1 << 30;
@@ -203,6 +215,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 /// then the pre-pass over the inputs; the staging directory and manifest are written last.
 fn open_output(spec: &JobSpec, devices: &[Arc<dyn PackEmbedder>]) -> Result<(Manifest, Scan)> {
     let (layout, opts) = (&spec.layout, &spec.options);
+    opts.check()?;
     if let Some(remote) = &spec.remote {
         remote.start(opts.overwrite, opts.resume)?;
     }

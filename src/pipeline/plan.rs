@@ -26,6 +26,9 @@ pub struct PlanOptions {
     pub max_length: usize,
     /// Policy beyond `max_length`.
     pub long: LongPolicy,
+    /// Also every row's pseudo-log-likelihood: each computed sequence is followed, in the
+    /// packs, by its masked copies ([`crate::pack::masked_copies`]).
+    pub pll: bool,
 }
 
 impl PlanOptions {
@@ -48,6 +51,17 @@ pub struct Segment {
     pub window: u32,
     /// First residue of the window in the sequence.
     pub offset: u32,
+    /// For a masked copy (`--pll`), the residue it masks; `None` for the sequence itself.
+    pub masked: Option<MaskedResidue>,
+}
+
+/// The residue a masked copy hides: its token position and its token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaskedResidue {
+    /// Token position (residue k is at position k).
+    pub position: u32,
+    /// The token the `<mask>` replaced.
+    pub token: u32,
 }
 
 /// A pack of segments of one part, ready for the model.
@@ -61,7 +75,23 @@ pub struct Pack {
     pub batch: PackedBatch,
     /// Whether per-residue outputs are needed (windows are averaged per residue).
     pub needs_residues: bool,
+    /// Whether the pack holds masked copies (`--pll`): their log-probabilities are needed.
+    pub log_probs: bool,
 }
+
+impl Pack {
+    /// What the device must compute for this pack.
+    pub fn request(&self) -> crate::engine::Request {
+        crate::engine::Request::Configured {
+            residues: self.needs_residues,
+            log_probs: self.log_probs,
+        }
+    }
+}
+
+/// A part's packs, made as they are taken: with `--pll` a part's masked copies are far too
+/// many tokens to hold at once.
+pub type Packs = Box<dyn Iterator<Item = Pack>>;
 
 /// How one input row of a part ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -209,6 +239,7 @@ impl PartBuilder {
                 row,
                 window: w as u32,
                 offset: offset as u32,
+                masked: None,
             };
             self.segments.push((segment, tokens));
         }
@@ -243,10 +274,34 @@ impl PartBuilder {
         self.rows.push(RowPlan::Error);
     }
 
-    /// Close the part: sort its segments by length and pack them.
-    pub fn finish(self, options: &PlanOptions) -> (PartPlan, Vec<Pack>) {
+    /// Close the part: sort its segments by length and pack them (with `--pll`, followed each
+    /// by its masked copies, packed as they are taken).
+    pub fn finish(self, options: &PlanOptions) -> (PartPlan, Packs) {
+        let copies: usize = match options.pll {
+            true => self.segments.iter().map(|(_, t)| t.len() - 2).sum(),
+            false => 0,
+        };
+        let packs = if options.pll {
+            self.masked_packs(options.tokens_per_batch)
+        } else {
+            Box::new(self.packs(options.tokens_per_batch).into_iter())
+        };
+        let plan = PartPlan {
+            index: self.index,
+            first_position: self.first_position,
+            passthrough: self.passthrough,
+            rows: self.rows,
+            errors: self.errors,
+            origins: self.origins,
+            segments: self.segments.len() + copies,
+        };
+        (plan, packs)
+    }
+
+    /// The segments, first-fit decreasing into packs of at most `budget` tokens.
+    fn packs(&self, budget: usize) -> Vec<Pack> {
         let tokens: Vec<&[u32]> = self.segments.iter().map(|(_, t)| &t[..]).collect();
-        let packs = pack(&tokens, options.tokens_per_batch)
+        pack(&tokens, budget)
             .into_iter()
             .map(|group| {
                 let needs_residues = group
@@ -258,19 +313,40 @@ impl PartBuilder {
                     segments: group.members.iter().map(|&g| self.segments[g].0).collect(),
                     batch: group.batch,
                     needs_residues,
+                    log_probs: false,
                 }
             })
-            .collect();
-        let plan = PartPlan {
-            index: self.index,
-            first_position: self.first_position,
-            passthrough: self.passthrough,
-            rows: self.rows,
-            errors: self.errors,
-            origins: self.origins,
-            segments: self.segments.len(),
-        };
-        (plan, packs)
+            .collect()
+    }
+
+    /// The segments longest first, each followed by its masked copies, next-fit into packs.
+    /// (Windows are refused with `--pll`: every segment is a whole, or truncated, row.)
+    fn masked_packs(&self, budget: usize) -> Packs {
+        let mut order: Vec<usize> = (0..self.segments.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(self.segments[i].1.len()));
+        let segments: Vec<Segment> = order.iter().map(|&i| self.segments[i].0).collect();
+        let tokens: Arc<[Vec<u32>]> = order.iter().map(|&i| self.segments[i].1.clone()).collect();
+        let positions = tokens.iter().map(|t| (1..t.len() - 1).collect()).collect();
+        let part = self.index;
+        let copies = crate::pack::masked_copies(tokens.clone(), positions, budget, true);
+        Box::new(copies.map(move |(batch, which)| {
+            Pack {
+                part,
+                segments: which
+                    .iter()
+                    .map(|c| Segment {
+                        masked: c.masked.map(|k| MaskedResidue {
+                            position: k as u32,
+                            token: tokens[c.sequence][k],
+                        }),
+                        ..segments[c.sequence]
+                    })
+                    .collect(),
+                batch,
+                needs_residues: false,
+                log_probs: true,
+            }
+        }))
     }
 
     fn windows_of(&self, row: u32) -> usize {
@@ -290,10 +366,15 @@ mod tests {
     use crate::tokenize::EOS;
 
     fn make_plan(seqs: &[Option<&str>], long: LongPolicy) -> (PartPlan, Vec<Pack>) {
+        make_plan_with(seqs, long, false)
+    }
+
+    fn make_plan_with(seqs: &[Option<&str>], long: LongPolicy, pll: bool) -> (PartPlan, Vec<Pack>) {
         let options = PlanOptions {
             tokens_per_batch: 16,
             max_length: 6,
             long,
+            pll,
         };
         let mut part = PartBuilder::new(2, 100);
         let input: Arc<str> = Arc::from("in.fa");
@@ -311,7 +392,8 @@ mod tests {
                 None,
             );
         }
-        part.finish(&options)
+        let (plan, packs) = part.finish(&options);
+        (plan, packs.collect())
     }
 
     #[test]
@@ -365,5 +447,44 @@ mod tests {
             .collect();
         offsets.sort();
         assert_eq!(offsets, [0, 3, 4]);
+    }
+
+    #[test]
+    fn pll_follows_each_sequence_with_its_masked_copies() {
+        let (plan, packs) = make_plan_with(
+            &[Some("MK"), Some("MKTVRQGL"), None],
+            LongPolicy::Truncate,
+            true,
+        );
+        // Two computed rows (the second truncated to 6 residues): 2 originals and 2 + 6 copies.
+        assert_eq!(plan.segments, 2 + 2 + 6);
+        let segments: Vec<Segment> = packs.iter().flat_map(|p| p.segments.clone()).collect();
+        assert_eq!(segments.len(), plan.segments);
+        assert!(packs.iter().all(|p| p.log_probs && !p.needs_residues));
+        // Longest first, the original before its copies, one copy per residue.
+        assert_eq!((segments[0].row, segments[0].masked), (1, None));
+        let masked: Vec<u32> = segments[1..7]
+            .iter()
+            .map(|s| s.masked.unwrap().position)
+            .collect();
+        assert_eq!(masked, [1, 2, 3, 4, 5, 6]);
+        assert_eq!(segments[7].masked, None);
+        for pack in &packs {
+            assert!(pack.batch.total_tokens() <= 16 || pack.segments.len() == 1);
+            for (i, s) in pack.segments.iter().enumerate() {
+                let tokens = pack.batch.tokens(i);
+                match s.masked {
+                    Some(m) => {
+                        assert_eq!(tokens[m.position as usize], crate::tokenize::MASK);
+                        let original = if s.row == 1 { "MKTVRQ" } else { "MK" };
+                        let want = crate::tokenize::residue_token(
+                            original.chars().nth(m.position as usize - 1).unwrap(),
+                        );
+                        assert_eq!(Some(m.token), want);
+                    }
+                    None => assert!(!tokens.contains(&crate::tokenize::MASK)),
+                }
+            }
+        }
     }
 }

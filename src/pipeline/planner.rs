@@ -11,12 +11,12 @@ use arrow::array::Array;
 
 use tokio::sync::mpsc;
 
-use super::plan::{Duplicates, Origin, Pack, PartBuilder, PartPlan, RowPlan, Segment};
+use super::plan::{Duplicates, Origin, Packs, PartBuilder, PartPlan, RowPlan, Segment};
 use super::progress::Event;
 use super::reuse::{sequence_key, ReusePlanner, RowSize, RowSource, SequenceCounts};
 use super::writer::{self, WriterMsg};
 use super::JobSpec;
-use crate::engine::{DevicePool, Request, Submission};
+use crate::engine::{DevicePool, Submission};
 use crate::error::{Error, Result};
 use crate::prepare::Problem;
 
@@ -42,7 +42,7 @@ pub struct PlannerStats {
 /// Where planned parts go.
 pub trait PartSink {
     /// A part's plan and its packs; false stops planning (the job stopped).
-    fn take(&mut self, plan: PartPlan, packs: Vec<Pack>) -> bool;
+    fn take(&mut self, plan: PartPlan, packs: Packs) -> bool;
 }
 
 /// A job's sink: the plan to the writer, then the packs to the device pool.
@@ -54,16 +54,14 @@ pub struct JobSink<'a> {
 }
 
 impl PartSink for JobSink<'_> {
-    fn take(&mut self, plan: PartPlan, packs: Vec<Pack>) -> bool {
+    fn take(&mut self, plan: PartPlan, mut packs: Packs) -> bool {
         if self.writer_tx.blocking_send(WriterMsg::Plan(plan)).is_err() {
             return false;
         }
         let reply = writer::reply(self.writer_tx.clone());
-        packs.into_iter().all(|pack| {
+        packs.all(|pack| {
             self.pool.submit(Submission {
-                request: Request::Configured {
-                    residues: pack.needs_residues,
-                },
+                request: pack.request(),
                 batch: pack.batch,
                 context: Arc::new(PackMeta {
                     part: pack.part,

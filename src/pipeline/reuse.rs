@@ -165,6 +165,8 @@ pub enum HeldRow {
         bos: Vec<Vec<f32>>,
         /// Per layer: residue vectors.
         residues: Vec<Option<Vec<f32>>>,
+        /// The pseudo-log-likelihood (`--pll`).
+        pll: Option<f64>,
     },
     /// The error row's reason.
     Failed(String),

@@ -114,6 +114,7 @@ impl JobSpec {
             pooling,
             hidden: config.hidden_size,
             dtype: options.output_dtype,
+            pll: options.plan.pll,
         });
         let settings = Settings {
             pooling: PoolingMeta {
@@ -126,7 +127,10 @@ impl JobSpec {
             max_length: options.plan.max_length,
             long: options.plan.long,
             unknown: format!("{:?}", view.tokenizer.unknown).to_lowercase(),
-            scores: None,
+            scores: options
+                .plan
+                .pll
+                .then(|| crate::score::job::ScoreMode::Pll { per_residue: false }.describe()),
         };
         let metadata = FileMetadata {
             esmbed_version: env!("CARGO_PKG_VERSION").into(),

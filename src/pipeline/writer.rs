@@ -121,8 +121,7 @@ pub fn write_parts(
             } => {
                 let assembly = parts.get_mut(&part).expect("plan precedes results");
                 assembly.add(&segments, &batch, &pooled);
-                let rows = segments.iter().filter(|s| s.window == 0).count();
-                (rows, batch.residue_counts().iter().sum::<usize>())
+                finished_rows(&segments, &batch, spec.options.plan.pll)
             }
             WriterMsg::Failed {
                 part,
@@ -157,6 +156,21 @@ pub fn write_parts(
         }
     }
     Ok(written)
+}
+
+/// For the progress bar: rows and residues that a pack's results finish. A row counts once,
+/// with its first window or, with `--pll`, its last masked copy (its other copies and itself
+/// came in the same pack or earlier, give or take the order in which devices return packs).
+fn finished_rows(segments: &[Segment], batch: &PackedBatch, pll: bool) -> (usize, usize) {
+    let counts = batch.residue_counts();
+    let finished = segments
+        .iter()
+        .zip(&counts)
+        .filter(|(s, &n)| match s.masked {
+            None => s.window == 0 && !pll,
+            Some(m) => m.position as usize == n,
+        });
+    finished.fold((0, 0), |(rows, residues), (_, &n)| (rows + 1, residues + n))
 }
 
 /// The schema of the job's part files. esmbed's metadata goes in the Arrow schema (pyarrow and

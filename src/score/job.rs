@@ -49,6 +49,29 @@ pub enum ScoreMode {
     },
 }
 
+impl ScoreMode {
+    /// What the output's metadata records of the mode (a resume must match it).
+    pub fn describe(&self) -> String {
+        match self {
+            ScoreMode::Pll { per_residue } => format!("pll (per residue: {per_residue})"),
+            ScoreMode::Logits => "log_probs over ACDEFGHIKLMNPQRSTVWY".into(),
+            ScoreMode::Mutants {
+                wt,
+                offset,
+                strategy,
+            } => {
+                use sha2::{Digest, Sha256};
+                let digest = Sha256::digest(wt.as_bytes());
+                format!(
+                    "mutants of a wild type of {} residues (sha256 {:x}), offset {offset}, {strategy:?}",
+                    wt.len(),
+                    digest
+                )
+            }
+        }
+    }
+}
+
 /// Options of a score job.
 #[derive(Debug, Clone)]
 pub struct ScoreOptions {

@@ -10,9 +10,9 @@
 //!   position, shared by every mutant);
 //! - the `pll` strategy: `PLL(mutant) − PLL(wild type)`.
 //!
-//! The masked copies of a sequence are sequences of one length: they pack perfectly, and every
-//! copy gets its own token-dropout rescale (the model computes it per sequence). Copies are made
-//! pack by pack, never all at once: a 15,000-residue PLL is 15,000 copies.
+//! The masked copies of a sequence ([`crate::pack::masked_copies`]) are sequences of one length:
+//! they pack perfectly, and every copy gets its own token-dropout rescale (the model computes it
+//! per sequence).
 
 pub mod dry_run;
 pub mod job;
@@ -23,7 +23,7 @@ use std::collections::HashMap;
 
 use crate::engine::{LogProbsAt, PackEmbedder, Request};
 use crate::error::{Error, Result};
-use crate::pack::{pack, PackedBatch};
+use crate::pack::{masked_copies, pack, MaskedCopies, PackedBatch};
 use crate::tokenize::{MASK, VOCAB_SIZE};
 pub use mutant::{MutantError, Mutation};
 pub use runner::Runner;
@@ -57,82 +57,6 @@ pub enum Strategy {
     Pll,
 }
 
-/// Masked copies of sequences, a pack at a time: copy `(s, k)` is sequence `s` with residue `k`
-/// replaced by `<mask>`.
-struct MaskedCopies<'a> {
-    tokens: &'a [Vec<u32>],
-    /// Per sequence, the residues to mask (all of them for a PLL).
-    positions: Vec<Vec<usize>>,
-    budget: usize,
-    next: (usize, usize),
-}
-
-impl Iterator for MaskedCopies<'_> {
-    type Item = (PackedBatch, Vec<(usize, usize)>);
-
-    fn next(&mut self) -> Option<Self::Item> {
-        let mut copies: Vec<Vec<u32>> = Vec::new();
-        let mut which = Vec::new();
-        let mut tokens = 0;
-        while let Some(&position) = self
-            .positions
-            .get(self.next.0)
-            .and_then(|p| p.get(self.next.1))
-        {
-            let (s, i) = self.next;
-            let len = self.tokens[s].len();
-            if !copies.is_empty() && tokens + len > self.budget {
-                break;
-            }
-            let mut copy = self.tokens[s].clone();
-            copy[position] = MASK;
-            copies.push(copy);
-            which.push((s, position));
-            tokens += len;
-            self.next = if i + 1 < self.positions[s].len() {
-                (s, i + 1)
-            } else {
-                (s + 1, 0)
-            };
-            while self
-                .positions
-                .get(self.next.0)
-                .is_some_and(|p| p.is_empty())
-            {
-                self.next.0 += 1;
-            }
-        }
-        if copies.is_empty() {
-            return None;
-        }
-        Some((
-            PackedBatch::from_sequences(copies.iter().map(|c| &c[..])),
-            which,
-        ))
-    }
-}
-
-fn masked_copies(
-    tokens: &[Vec<u32>],
-    positions: Vec<Vec<usize>>,
-    budget: usize,
-) -> MaskedCopies<'_> {
-    let mut copies = MaskedCopies {
-        tokens,
-        positions,
-        budget: budget.max(1),
-        next: (0, 0),
-    };
-    while copies
-        .positions
-        .get(copies.next.0)
-        .is_some_and(|p| p.is_empty())
-    {
-        copies.next.0 += 1;
-    }
-    copies
-}
-
 /// The log-probability rows of a scores request on `batch`: `rows` of them.
 pub(crate) fn run_one<D: PackEmbedder + ?Sized>(
     device: &D,
@@ -155,10 +79,10 @@ pub(crate) fn run_one<D: PackEmbedder + ?Sized>(
 /// and its row of log-probabilities.
 fn run_copies(
     runner: &dyn Runner,
-    copies: MaskedCopies<'_>,
+    copies: MaskedCopies<&[Vec<u32>]>,
     mut take: impl FnMut(usize, usize, &[f32]),
 ) -> Result<()> {
-    let mut pending: HashMap<usize, Vec<(usize, usize)>> = HashMap::new();
+    let mut pending: HashMap<usize, Vec<crate::pack::MaskedCopy>> = HashMap::new();
     let mut packs = copies.enumerate().map(|(i, (batch, which))| {
         pending.insert(i, which);
         batch
@@ -169,7 +93,10 @@ fn run_copies(
     })?;
     drop(packs);
     for (i, rows) in done {
-        for (j, &(s, k)) in pending[&i].iter().enumerate() {
+        let masked = pending[&i]
+            .iter()
+            .filter_map(|c| Some((c.sequence, c.masked?)));
+        for (j, (s, k)) in masked.enumerate() {
             take(s, k, &rows[j * VOCAB_SIZE..(j + 1) * VOCAB_SIZE]);
         }
     }
@@ -193,7 +120,7 @@ pub fn pseudo_log_likelihoods(
         .collect();
     run_copies(
         runner,
-        masked_copies(tokens, positions, budget),
+        masked_copies(tokens, positions, budget, false),
         |s, k, row| {
             out[s].per_position[k - 1] = row[tokens[s][k] as usize];
         },
@@ -248,7 +175,7 @@ pub fn mutant_scores(
             let mut lp: HashMap<usize, Vec<f32>> = HashMap::new();
             run_copies(
                 runner,
-                masked_copies(&wt, vec![positions], budget),
+                masked_copies(&wt[..], vec![positions], budget, false),
                 |_, k, row| {
                     lp.insert(k, row.to_vec());
                 },
@@ -301,34 +228,6 @@ pub fn standard_columns(log_probs: &[f32]) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn copies_mask_one_position_each_and_respect_the_budget() {
-        let tokens = vec![
-            vec![0, 5, 6, 7, 2],
-            vec![0, 8, 2],
-            vec![0, 9, 9, 9, 9, 9, 2],
-        ];
-        let positions = tokens.iter().map(|t| (1..t.len() - 1).collect()).collect();
-        let packs: Vec<_> = masked_copies(&tokens, positions, 12).collect();
-        let all: Vec<(usize, usize)> = packs.iter().flat_map(|p| p.1.clone()).collect();
-        assert_eq!(all.len(), 3 + 1 + 5);
-        assert_eq!(all[0], (0, 1));
-        assert_eq!(all[3], (1, 1));
-        for (batch, which) in &packs {
-            assert!(batch.total_tokens() <= 12 || which.len() == 1);
-            for (i, &(s, k)) in which.iter().enumerate() {
-                let copy = batch.tokens(i);
-                assert_eq!(copy[k], MASK);
-                assert_eq!(copy.iter().filter(|&&t| t == MASK).count(), 1);
-                assert_eq!(copy.len(), tokens[s].len());
-            }
-        }
-        // Sequences with nothing to mask are skipped.
-        let packs: Vec<_> = masked_copies(&tokens, vec![vec![], vec![1], vec![]], 100).collect();
-        assert_eq!(packs.len(), 1);
-        assert_eq!(packs[0].1, [(1, 1)]);
-    }
 
     #[test]
     fn standard_columns_follow_the_documented_order() {

@@ -273,6 +273,7 @@ pub fn run_job_with(
             tokens_per_batch: 4096,
             max_length: 1022,
             long: LongPolicy::Truncate,
+            pll: false,
         },
         rows_per_part: 1000,
         strict: false,

@@ -629,3 +629,163 @@ fn a_killed_score_job_resumes_to_the_same_result() {
     assert_eq!(strings(&a, "id"), strings(&b, "id"));
     assert_eq!(floats(&a, "pll"), floats(&b, "pll"));
 }
+
+/// `esmbed embed --pll`: the PLL columns beside the embeddings, in one job whose packs mix
+/// sequences and their masked copies. The PLLs are the reference's (1e-4) and bitwise those of
+/// `esmbed score`; the embeddings are bitwise those of a job without `--pll`; repeats reuse.
+#[test]
+fn embed_pll_adds_the_score_jobs_plls_to_unchanged_embeddings() {
+    let dir = scratch("embed-pll");
+    let want = scores("tiny_h64");
+    let mut fasta = String::new();
+    for s in &want.sequences {
+        fasta.push_str(&format!(
+            ">{}\n{}\n>{}_again\n{}\n",
+            s.id, s.sequence, s.id, s.sequence
+        ));
+    }
+    fasta.push_str(">bad\nMK1T\n");
+    std::fs::write(dir.join("in.fasta"), fasta).unwrap();
+    let model = fixture_dir("tiny_h64");
+    let embed = |args: &[&str]| {
+        let mut all = vec!["embed", "in.fasta", "--model", model.to_str().unwrap()];
+        all.extend_from_slice(&["--no-progress", "--tokens-per-batch", "100"]);
+        all.extend_from_slice(args);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_esmbed"))
+            .args(&all)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code().unwrap_or(-1), stderr)
+    };
+    for args in [
+        &[
+            "-o",
+            "pll.parquet",
+            "--pll",
+            "--per-residue",
+            "--rows-per-part",
+            "3",
+        ][..],
+        &["-o", "plain.parquet", "--per-residue"],
+    ] {
+        let (code, stderr) = embed(args);
+        assert_eq!(code, 0, "{stderr}");
+    }
+    let (code, stderr) = score_cli(&dir, &["in.fasta", "-o", "score.parquet"]);
+    assert_eq!(code, 0, "{stderr}");
+
+    let (pll, plain) = (
+        read_parquet(&dir.join("pll.parquet")),
+        read_parquet(&dir.join("plain.parquet")),
+    );
+    assert_eq!(pll.num_rows(), 2 * want.sequences.len());
+    let plls = floats(&pll, "pll");
+    let ppl = floats(&pll, "pseudo_perplexity");
+    for (i, s) in want.sequences.iter().enumerate() {
+        for row in [2 * i, 2 * i + 1] {
+            close(plls[row], s.pll, &s.id);
+            close(ppl[row], s.pseudo_perplexity, &s.id);
+        }
+    }
+    let bits = |v: Vec<f64>| v.into_iter().map(f64::to_bits).collect::<Vec<_>>();
+    let scored = read_parquet(&dir.join("score.parquet"));
+    assert_eq!(bits(plls), bits(floats(&scored, "pll")));
+    for column in ["embedding", "residue_embeddings"] {
+        assert_eq!(
+            pll.column_by_name(column),
+            plain.column_by_name(column),
+            "{column}"
+        );
+    }
+    let errors = read_parquet(&dir.join("pll.errors.parquet"));
+    assert_eq!(strings(&errors, "id"), [Some("bad".to_string())]);
+
+    // The dry run plans the same packs: each distinct sequence of L residues and its L copies,
+    // L + 2 tokens each.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_esmbed"))
+        .args([
+            "embed",
+            "in.fasta",
+            "-o",
+            "d.parquet",
+            "--pll",
+            "--dry-run",
+            "--json",
+        ])
+        .args(["--model", model.to_str().unwrap()])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tokens: usize = want
+        .sequences
+        .iter()
+        .map(|s| (s.sequence.len() + 1) * (s.sequence.len() + 2))
+        .sum();
+    assert_eq!(plan["tokens"], tokens);
+
+    // Refused before any work: windows, and a model without the head.
+    let (code, stderr) = embed(&["-o", "w.parquet", "--pll", "--long", "window"]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("--long truncate"), "{stderr}");
+    let headless = fixture_dir("tiny_h16_bf16");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_esmbed"))
+        .args(["embed", "in.fasta", "-o", "h.parquet", "--pll", "--model"])
+        .arg(&headless)
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(stderr.contains("lm_head"), "{stderr}");
+}
+
+/// `--pll` on the device pool: copies of one row spread over packs that two workers return in
+/// any order, packs that run out of memory split; the PLLs are still the one-device ones.
+#[test]
+fn embed_pll_on_several_workers_sums_in_residue_order() {
+    let dir = scratch("embed-pll-pool");
+    let want = scores("tiny_h64");
+    let fasta: String = want
+        .sequences
+        .iter()
+        .map(|s| format!(">{}\n{}\n", s.id, s.sequence))
+        .collect();
+    std::fs::write(dir.join("in.fasta"), fasta).unwrap();
+    let model = with_head(&fixture_dir("tiny_h64")).unwrap();
+    let run = |name: &str, workers: Vec<std::sync::Arc<dyn esmbed::engine::PackEmbedder>>| {
+        let output = dir.join(name);
+        run_job_with(&dir.join("in.fasta"), &output, &model, workers, |o| {
+            o.plan.pll = true;
+            o.plan.tokens_per_batch = 60;
+        })
+        .unwrap();
+        floats(&read_parquet(&output), "pll")
+    };
+    let faulty = std::sync::Arc::new(Faulty {
+        inner: with_head(&fixture_dir("tiny_h64")).unwrap(),
+        max_tokens: 40,
+        poison: usize::MAX,
+        failures: Default::default(),
+    });
+    let one = run(
+        "one.parquet",
+        vec![std::sync::Arc::new(
+            with_head(&fixture_dir("tiny_h64")).unwrap(),
+        )],
+    );
+    let two = run(
+        "two.parquet",
+        vec![
+            faulty.clone(),
+            std::sync::Arc::new(with_head(&fixture_dir("tiny_h64")).unwrap()),
+        ],
+    );
+    assert!(faulty.failures.load(std::sync::atomic::Ordering::SeqCst) > 0);
+    assert_eq!(one, two);
+    for (got, s) in one.iter().zip(&want.sequences) {
+        close(*got, s.pll, &s.id);
+    }
+}

@@ -7,6 +7,10 @@
 
 use std::ops::Range;
 
+mod masked;
+
+pub use masked::{masked_copies, MaskedCopies, MaskedCopy};
+
 /// Token sequences laid end to end, with their boundaries.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PackedBatch {
