@@ -8,9 +8,13 @@ comparison (transformers EsmForMaskedLM, bf16, random weights of a real ESM-2 sh
 
 Each procedure scores the sequences in order for at most SECONDS (then stops at a sequence
 boundary) and prints one JSON line: residues scored, seconds, residues/s.
+
+With WAIT_FOR=PATH in the environment, the model is built first, then the script waits until PATH
+exists and takes SECONDS from its content: it can start beside another GPU job and run after it.
 """
 import gzip
 import json
+import os
 import sys
 import time
 
@@ -85,6 +89,12 @@ def main():
     path, size, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
     seqs = read_fasta(path)
     model = model_of(size)
+    go = os.environ.get("WAIT_FOR")
+    if go:
+        while not os.path.exists(go):
+            time.sleep(0.2)
+        time.sleep(0.2)
+        seconds = float(open(go).read().strip() or seconds)
     for name, fn in (("fair_esm", fair_esm), ("batched", batched)):
         fn(model, tokens(seqs[0][:50]))  # warm-up
         torch.cuda.synchronize()

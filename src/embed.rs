@@ -9,7 +9,7 @@ use candle_core::{DType, Device};
 
 use crate::engine::{LogProbsAt, Request};
 use crate::error::{Error, Result};
-use crate::model::{Checkpoint, Esm2, ModelSource};
+use crate::model::{Checkpoint, Model, ModelSource};
 use crate::pack::PackedBatch;
 use crate::pool::{pool, pool_selected, PooledLayer, Pooling};
 use crate::tokenize::{Tokenizer, UnknownResidue};
@@ -63,7 +63,7 @@ pub struct SequenceEmbedding {
 
 /// A loaded model with its output choices.
 pub struct Embedder {
-    model: Esm2,
+    model: Model,
     layers: Vec<usize>,
     pooling: Pooling,
     tokenizer: Tokenizer,
@@ -72,7 +72,8 @@ pub struct Embedder {
 
 impl Embedder {
     /// Wrap a loaded model.
-    pub fn new(model: Esm2, options: &EmbedOptions) -> Result<Self> {
+    pub fn new(model: impl Into<Model>, options: &EmbedOptions) -> Result<Self> {
+        let model = model.into();
         if options.layers.is_empty() {
             return Err(Error::InvalidOption("no layers requested".into()));
         }
@@ -88,10 +89,10 @@ impl Embedder {
             return Err(Error::InvalidOption("no pooling selected".into()));
         }
         Ok(Self {
+            tokenizer: Tokenizer::for_family(model.config().family, options.unknown),
             model,
             layers,
             pooling: options.pooling,
-            tokenizer: Tokenizer::new(options.unknown),
             tokens_per_batch: options.tokens_per_batch.max(1),
         })
     }
@@ -99,7 +100,7 @@ impl Embedder {
     /// Load a model from what the user typed (directory, `.pt`, hub id or short name).
     pub fn load(spec: &str, device: &Device, dtype: DType, options: &EmbedOptions) -> Result<Self> {
         let checkpoint = Checkpoint::open(&ModelSource::parse(spec)?)?;
-        Self::new(Esm2::load(&checkpoint, device, dtype)?, options)
+        Self::new(Model::load(&checkpoint, device, dtype, false)?, options)
     }
 
     /// The same embedder on another device. Weights are copied, not reloaded, so every replica
@@ -120,7 +121,7 @@ impl Embedder {
     }
 
     /// The model.
-    pub fn model(&self) -> &Esm2 {
+    pub fn model(&self) -> &Model {
         &self.model
     }
 

@@ -3,7 +3,7 @@
 //! ESM-2 protein embeddings, exact and fast, for the Arrow/Parquet/SQL world.
 //!
 //! ```text
-//!   text ──tokenize──> ids ──pack──> PackedBatch ──Esm2::forward──> [T, H] per layer ──pool──> vectors
+//!   text ──tokenize──> ids ──pack──> PackedBatch ──Model::forward──> [T, H] per layer ──pool──> vectors
 //! ```
 //! - [`tokenize`]: the ESM alphabet and the input policy;
 //! - [`pack`]: sequences laid end to end with `cu_seqlens`, no padding;
@@ -49,7 +49,7 @@ pub mod verify;
 pub use candle_core::{DType, Device};
 pub use embed::{EmbedOptions, Embedder, LayerEmbedding, SequenceEmbedding};
 pub use error::{Error, ErrorKind, Result};
-pub use model::{Checkpoint, Esm2, EsmConfig, HubOptions, ModelSource};
+pub use model::{Checkpoint, Esm2, EsmConfig, Esmc, Family, HubOptions, Model, ModelSource};
 pub use pack::PackedBatch;
 pub use pool::{PooledLayer, Pooling};
 pub use tokenize::{Tokenizer, UnknownResidue};

@@ -27,6 +27,8 @@ pub const EOS: u32 = 2;
 pub const UNK: u32 = 3;
 /// `X`, the "any residue" letter.
 pub const X: u32 = 24;
+/// `|`, ESM C's chain break (ESM-2's `<null_1>`, never produced for it).
+pub const CHAIN_BREAK: u32 = 31;
 /// `<mask>`: its embedding row is zeroed and it counts in the token-dropout rescale.
 pub const MASK: u32 = 32;
 /// Size of the ESM-2 vocabulary.
@@ -103,6 +105,7 @@ fn describe(c: char) -> String {
 fn hint_for(c: char) -> &'static str {
     match c {
         '-' | '.' => "gap characters are not residues; embed unaligned sequences (delete gaps)",
+        '|' => "'|' is ESM C's chain break; ESM-2 has none: embed the chains one by one, or use an ESM C model",
         '*' => {
             "'*' (stop) is only allowed as the last character; split the sequence at internal stops"
         }
@@ -122,12 +125,25 @@ fn hint_for(c: char) -> &'static str {
 pub struct Tokenizer {
     /// What to do with characters outside the alphabet.
     pub unknown: UnknownResidue,
+    /// Whether `|` is a chain break ([`CHAIN_BREAK`], ESM C) rather than a foreign character.
+    pub chain_breaks: bool,
 }
 
 impl Tokenizer {
-    /// A tokenizer with the given policy for unknown characters.
+    /// An ESM-2 tokenizer with the given policy for unknown characters.
     pub fn new(unknown: UnknownResidue) -> Self {
-        Self { unknown }
+        Self {
+            unknown,
+            chain_breaks: false,
+        }
+    }
+
+    /// The tokenizer of a model family: ESM C reads `|` as its chain break.
+    pub fn for_family(family: crate::model::Family, unknown: UnknownResidue) -> Self {
+        Self {
+            unknown,
+            chain_breaks: family == crate::model::Family::Esmc,
+        }
     }
 
     /// Tokenize into `[<cls>] residues [<eos>]`.
@@ -160,7 +176,10 @@ impl Tokenizer {
             if c.is_ascii_whitespace() {
                 continue;
             }
-            let id = residue_token(c).unwrap_or(0);
+            let id = match c {
+                '|' if self.chain_breaks => CHAIN_BREAK,
+                c => residue_token(c).unwrap_or(0),
+            };
             let id = match (id, self.unknown) {
                 (0, UnknownResidue::Error) => {
                     out.truncate(start);

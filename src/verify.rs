@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::embed::{EmbedOptions, Embedder};
 use crate::error::Result;
-use crate::model::{Checkpoint, Esm2};
+use crate::model::{Checkpoint, Model};
 use crate::pack::pack;
 
 /// Agreement of one device/dtype with the CPU f32 reference.
@@ -51,8 +51,11 @@ pub fn compare(
 ) -> Result<Agreement> {
     let budget = 8192;
     let options = EmbedOptions::default();
-    let reference = Embedder::new(Esm2::load(checkpoint, &Device::Cpu, DType::F32)?, &options)?;
-    let subject = Embedder::new(Esm2::load(checkpoint, device, dtype)?, &options)?;
+    let reference = Embedder::new(
+        Model::load(checkpoint, &Device::Cpu, DType::F32, false)?,
+        &options,
+    )?;
+    let subject = Embedder::new(Model::load(checkpoint, device, dtype, false)?, &options)?;
     let expected = means(&reference, sequences, budget)?;
     let got = means(&subject, sequences, budget)?;
     let mut a = Agreement {

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Args;
 
 use esmbed::bench::{self, Method, H100_PEAK_TFLOPS};
-use esmbed::{EmbedOptions, Embedder, Esm2, EsmConfig};
+use esmbed::{EmbedOptions, Embedder, EsmConfig, Model};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -112,7 +112,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             } else {
                 65536
             });
-        let model = Esm2::random(&config, &device, dtype, 0)?;
+        let model = Model::random(&config, &device, dtype, 0)?;
         let embedders = model
             .replicate_to(&devices)?
             .into_iter()

@@ -36,9 +36,9 @@ pub fn run(
         dtype,
         layers,
         pooling: pooling(args),
-        tokenizer: Tokenizer::new(args.columns.unknown.into()),
+        tokenizer: Tokenizer::for_family(config.family, args.columns.unknown.into()),
     };
-    let options = job_options(args, tokens_per_batch, rows_per_part, devices);
+    let options = job_options(args, &config, tokens_per_batch, rows_per_part, devices);
     let output = std::path::Path::new(&args.output);
     let identity = ModelIdentity { name, fingerprint };
     let mut spec = JobSpec::for_model(inputs, output, &view, identity, options);

@@ -114,7 +114,7 @@ pub struct EmbedArgs {
 pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
     let devices = super::parse_devices(&args.model.run.device)?;
     let dtype = super::parse_dtype(&args.model.run.dtype, &devices[0])?;
-    if args.columns.max_length == 0 {
+    if args.columns.max_length == Some(0) {
         anyhow::bail!("--max-length must be at least 1");
     }
     let rows_per_part = args.rows_per_part.unwrap_or(match () {
@@ -151,7 +151,8 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         return super::dry_run::run(&args, inputs, remote, &devices, dtype, rows_per_part);
     }
     let (embedders, model, tokens_per_batch) = load(&args, &devices, dtype)?;
-    let options = job_options(&args, tokens_per_batch, rows_per_part, &devices);
+    let config = embedders[0].model().config();
+    let options = job_options(&args, config, tokens_per_batch, rows_per_part, &devices);
     let output = std::path::Path::new(&args.output);
     let mut spec = JobSpec::new(inputs, output, &embedders[0], model, options);
     if let Some(remote) = remote {
@@ -169,6 +170,7 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
 /// The job's options from the command line.
 pub fn job_options(
     args: &EmbedArgs,
+    config: &esmbed::EsmConfig,
     tokens_per_batch: usize,
     rows_per_part: usize,
     devices: &[esmbed::Device],
@@ -176,7 +178,7 @@ pub fn job_options(
     JobOptions {
         plan: PlanOptions {
             tokens_per_batch,
-            max_length: args.columns.max_length,
+            max_length: args.columns.max_length.unwrap_or(config.crop()),
             long: args.columns.long,
             pll: args.pll,
         },

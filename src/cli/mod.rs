@@ -219,9 +219,10 @@ pub struct OutputArgs {
     #[arg(long, value_enum, default_value = "f32")]
     pub output_dtype: OutputDType,
 
-    /// Sequences longer than this many residues follow --long (ESM-2 was trained on 1022).
-    #[arg(long, default_value_t = 1022)]
-    pub max_length: usize,
+    /// Sequences longer than this many residues follow --long (default: the model's training
+    /// crop, 1022 for ESM-2, 2046 for ESM C).
+    #[arg(long)]
+    pub max_length: Option<usize>,
 
     /// Long sequences: truncate (first --max-length residues, row marked `truncated`), error
     /// (to the errors file), or window (overlapping windows averaged per residue: a heuristic).
@@ -246,7 +247,7 @@ pub fn parse_device(spec: &str) -> anyhow::Result<esmbed::Device> {
 /// A model loaded on every device of a job.
 pub struct LoadedModel {
     /// One replica per device, in device order (copies of the first: identical results).
-    pub replicas: Vec<esmbed::Esm2>,
+    pub replicas: Vec<esmbed::Model>,
     /// The model as the user named it.
     pub name: String,
     /// Fingerprint of its weights (for resume checks and the output's metadata).
@@ -273,12 +274,12 @@ pub fn load_model(
     dtype: esmbed::DType,
     head: Head,
 ) -> anyhow::Result<LoadedModel> {
-    use esmbed::{Checkpoint, Esm2, ModelSource};
+    use esmbed::{Checkpoint, Model, ModelSource};
     let source = ModelSource::parse(spec)?;
     let (model, fingerprint) = match &source {
         ModelSource::Random(shape) => {
             let config = esmbed::EsmConfig::published(shape).expect("checked by parse");
-            let model = Esm2::random(&config, &devices[0], dtype, 0)?;
+            let model = Model::random(&config, &devices[0], dtype, 0)?;
             (model, format!("random:{shape}:seed0"))
         }
         _ => {
@@ -289,16 +290,12 @@ pub fn load_model(
                 Head::IfPresent => checkpoint.has_lm_head(),
                 Head::Required => true,
             };
-            let model = if with_head {
-                Esm2::load_with_head(&checkpoint, &devices[0], dtype)?
-            } else {
-                Esm2::load(&checkpoint, &devices[0], dtype)?
-            };
+            let model = Model::load(&checkpoint, &devices[0], dtype, with_head)?;
             (model, fingerprint)
         }
     };
     Ok(LoadedModel {
-        replicas: Esm2::replicate_to(model, devices)?,
+        replicas: model.replicate_to(devices)?,
         name: source.display_name(),
         fingerprint,
     })

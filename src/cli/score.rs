@@ -70,9 +70,9 @@ pub struct ScoreArgs {
     pub strategy: Strategy,
 
     /// Sequences longer than this many residues are truncated to their first residues (scores
-    /// do not window).
-    #[arg(long, default_value_t = 1022)]
-    pub max_length: usize,
+    /// do not window). Default: the model's training crop, 1022 for ESM-2, 2046 for ESM C.
+    #[arg(long)]
+    pub max_length: Option<usize>,
 
     /// Characters outside the ESM alphabet: error (the row goes to the errors file), x or unk.
     #[arg(long, value_enum, default_value = "error")]
@@ -155,7 +155,8 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
             .min()
             .unwrap_or(4096)
     });
-    let tokenizer = Tokenizer::new(args.unknown.into());
+    let tokenizer = Tokenizer::for_family(config.family, args.unknown.into());
+    let max_length = args.max_length.unwrap_or(config.crop());
     let settings = Settings {
         pooling: PoolingMeta {
             embedding: "none (scores)".into(),
@@ -164,7 +165,7 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
         },
         compute_dtype: format!("{dtype:?}").to_lowercase(),
         output_dtype: OutputDType::F32,
-        max_length: args.max_length,
+        max_length,
         long: LongPolicy::Truncate,
         unknown: format!("{:?}", tokenizer.unknown).to_lowercase(),
         scores: Some(mode.describe()),
@@ -186,7 +187,7 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
         "num_layers": config.num_hidden_layers,
         "scores": settings.scores,
         "compute_dtype": settings.compute_dtype,
-        "max_length": args.max_length,
+        "max_length": max_length,
     })
     .to_string();
     let options = ScoreOptions {
@@ -194,7 +195,7 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
         rows_per_part: args.rows_per_part,
         policy: InputPolicy {
             tokenizer,
-            max_length: args.max_length,
+            max_length,
             long: LongPolicy::Truncate,
         },
         resume: args.resume,
@@ -224,10 +225,7 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
     let warm_up = if devices[0].is_cpu() {
         Vec::new()
     } else {
-        vec![esmbed::embed::warm_up_pack(
-            tokens_per_batch,
-            args.max_length,
-        )]
+        vec![esmbed::embed::warm_up_pack(tokens_per_batch, max_length)]
     };
     let cancel = Arc::new(AtomicBool::new(false));
     let pool: DevicePool<usize> = DevicePool::start(

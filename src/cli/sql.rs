@@ -46,9 +46,10 @@ pub struct SqlArgs {
     #[arg(long, value_enum, default_value = "error")]
     pub unknown: UnknownArg,
 
-    /// Sequences longer than this many residues follow --long (ESM-2 was trained on 1022).
-    #[arg(long, default_value_t = 1022)]
-    pub max_length: usize,
+    /// Sequences longer than this many residues follow --long (default: the model's training
+    /// crop, 1022 for ESM-2, 2046 for ESM C).
+    #[arg(long)]
+    pub max_length: Option<usize>,
 
     /// Long sequences, as for `esmbed embed`: truncate (first --max-length residues), error (the
     /// query fails naming the row, or NULL with --lenient), or window (overlapping windows
@@ -153,6 +154,7 @@ fn start_service(args: &SqlArgs) -> anyhow::Result<EmbedService> {
         super::Head::IfPresent,
     )?;
     let hidden = loaded.replicas[0].config().hidden_size;
+    let crop = loaded.replicas[0].config().crop();
     let tokens_per_batch = args.tokens_per_batch.unwrap_or_else(|| {
         devices
             .iter()
@@ -183,7 +185,7 @@ fn start_service(args: &SqlArgs) -> anyhow::Result<EmbedService> {
         embedders,
         ServiceOptions {
             tokens_per_batch,
-            max_length: args.max_length,
+            max_length: args.max_length.unwrap_or(crop),
             long: args.long,
             bad_rows: if args.lenient {
                 BadRows::Null

@@ -120,7 +120,7 @@ impl<C> std::fmt::Debug for DevicePool<C> {
 
 impl<C: Send + Sync + 'static> DevicePool<C> {
     /// Start one worker per device (replicas of one model, e.g. from
-    /// [`crate::Esm2::replicate_to`]) and wait for their warm-up. `stop` ends the pool early
+    /// [`crate::Model::replicate_to`]) and wait for their warm-up. `stop` ends the pool early
     /// (a cancelled job); the pool sets it when no device is left.
     pub fn start(
         devices: Vec<Arc<dyn PackEmbedder>>,

@@ -21,10 +21,11 @@ use super::config::EsmConfig;
 use crate::error::{Error, Result};
 use crate::pack::PackedBatch;
 
-mod head;
 mod load;
 
-pub(crate) use head::LmHead;
+pub(crate) use load::computed_inv_freq;
+
+use super::head::LmHead;
 
 /// Token-dropout rate seen in training: 15 % of tokens masked, 80 % of those replaced by `<mask>`
 /// (HF `EsmEmbeddings.forward`: `mask_ratio_train = 0.15 * 0.8`).
@@ -106,40 +107,6 @@ impl Esm2 {
             device: device.clone(),
             dtype: self.dtype,
         })
-    }
-
-    /// This model on `devices[0]` (where it must already be) and replicas on the others, copied
-    /// in parallel; in device order.
-    pub fn replicate_to(self, devices: &[Device]) -> Result<Vec<Self>> {
-        let this = &self;
-        let copies: Vec<Result<Self>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = devices
-                .iter()
-                .skip(1)
-                .map(|d| {
-                    scope.spawn(move || {
-                        let started = std::time::Instant::now();
-                        let copy = this.replicate(d);
-                        tracing::info!(
-                            "replicated the model to {} in {:.1}s",
-                            crate::devices::label(d),
-                            started.elapsed().as_secs_f64()
-                        );
-                        copy
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("replication does not panic"))
-                .collect()
-        });
-        let mut all = Vec::with_capacity(devices.len());
-        all.push(self);
-        for copy in copies {
-            all.push(copy?);
-        }
-        Ok(all)
     }
 
     /// The model's hyper-parameters.
@@ -325,46 +292,9 @@ impl Esm2 {
         })
     }
 
-    /// Log-probabilities over the vocabulary (`[Q, V]` f32, row-major) at the positions `at`
-    /// picks in each sequence of `batch`, in order, from the masked-LM head on the last layer.
-    pub fn log_probs(
-        &self,
-        batch: &PackedBatch,
-        at: crate::engine::LogProbsAt,
-    ) -> Result<Vec<f32>> {
-        self.head()?;
-        let rows = query_positions(batch, at, self.config.mask_token_id);
-        if rows.is_empty() {
-            return Ok(Vec::new());
-        }
-        let n = self.config.num_hidden_layers;
-        let hidden = self.forward(batch, &[n])?.remove(0);
-        self.head_log_probs(&hidden, rows)
-    }
-
-    /// Log-probabilities (`[Q, V]` f32, row-major) of the masked-LM head at token rows `rows`
-    /// of `last`, the last layer's output `[T, H]` of a forward.
-    pub fn head_log_probs(&self, last: &Tensor, rows: Vec<u32>) -> Result<Vec<f32>> {
-        let head = self.head()?;
-        let rows = Tensor::from_vec(rows.clone(), rows.len(), &self.device)?;
-        let log_probs = head.log_probs(&last.index_select(&rows, 0)?)?;
-        Ok(log_probs.flatten_all()?.to_vec1::<f32>()?)
-    }
-
-    fn head(&self) -> Result<&head::LmHead> {
-        self.head.as_ref().ok_or_else(|| {
-            Error::InvalidOption(
-                "scores need the masked-LM head, and this model was loaded without one (its \
-                 checkpoint has none: use EsmForMaskedLM weights, as every published ESM-2 has; \
-                 in the library, Esm2::load_with_head)"
-                    .into(),
-            )
-        })
-    }
-
-    /// Whether the masked-LM head is loaded.
-    pub fn has_head(&self) -> bool {
-        self.head.is_some()
+    /// The masked-LM head, if loaded.
+    pub(crate) fn head(&self) -> Option<&LmHead> {
+        self.head.as_ref()
     }
 
     /// Per-token factor `[T, 1]` of the embedding: 0 on `<mask>` rows, else
@@ -421,7 +351,7 @@ pub(super) fn prepare_device(device: &Device) -> Result<()> {
 
 /// Rotate-half (NeoX) rotary on the packed layout `[T, heads, d]`, positions restarting per
 /// sequence (they are baked into `cos`/`sin`, `[T, d/2]`).
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+pub(super) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let x = x.contiguous()?.unsqueeze(0)?;
     Ok(candle_nn::rotary_emb::rope_thd(&x, cos, sin)?.squeeze(0)?)
 }
@@ -434,7 +364,7 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 const MIN_CPU_ROWS: usize = 32;
 
 /// `x · wᵀ + b`, with tiny CPU inputs padded to [`MIN_CPU_ROWS`] rows.
-fn linear(layer: &Linear, x: &Tensor) -> Result<Tensor> {
+pub(super) fn linear(layer: &Linear, x: &Tensor) -> Result<Tensor> {
     row_padded(x, |x| Ok(layer.forward(x)?))
 }
 

@@ -5,6 +5,7 @@
 use candle_core::DType;
 use serde::Serialize;
 
+use super::config::Family;
 use super::EsmConfig;
 
 /// Peak activation bytes per token per hidden unit, in units of the compute dtype's size: the
@@ -35,9 +36,11 @@ pub fn parameters(config: &EsmConfig) -> u64 {
         config.intermediate_size as u64,
         config.vocab_size as u64,
     );
-    let attention = 4 * h * h + 4 * h;
-    let ffn = 2 * h * f + f + h;
-    let norms = 2 * 2 * h;
+    let (attention, ffn, norms) = match config.family {
+        Family::Esm2 => (4 * h * h + 4 * h, 2 * h * f + f + h, 2 * 2 * h),
+        // No biases; q/k norms over the hidden width; gate, up and down.
+        Family::Esmc => (4 * h * h, 3 * h * f, 2 * 2 * h + 2 * h),
+    };
     v * h + config.num_hidden_layers as u64 * (attention + ffn + norms) + 2 * h
 }
 

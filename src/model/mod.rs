@@ -5,11 +5,14 @@
 pub mod attention;
 pub mod config;
 pub mod esm2;
+pub mod esmc;
 mod fair_esm;
+mod family;
 #[cfg(feature = "cuda")]
 pub(crate) mod flash;
 #[cfg(feature = "cuda")]
 pub(crate) mod gemm;
+mod head;
 pub mod hub;
 #[cfg(feature = "cuda")]
 pub mod kernels;
@@ -19,7 +22,10 @@ pub mod profile;
 pub mod weights;
 
 pub use config::EsmConfig;
+pub use config::Family;
 pub use esm2::Esm2;
+pub use esmc::Esmc;
+pub use family::Model;
 #[cfg(feature = "cuda")]
 pub use gemm::DeviceOutOfMemory;
 pub use hub::HubOptions;

@@ -12,7 +12,11 @@
 //! - the masked-LM head keeps its names (`lm_head.dense.*`, `lm_head.layer_norm.*`, `lm_head.bias`,
 //!   `lm_head.decoder.weight`, which is the word-embedding matrix unless the config unties it);
 //!   it is loaded only for scores;
-//! - heads esmbed does not use (`contact_head.*`, `pooler.*`) are ignored.
+//! - heads esmbed does not use (`contact_head.*`, `pooler.*`) are ignored;
+//! - ESM C (`modeling_esmc.py`, no conversion rules): `EsmcForMaskedLM` keys are under `esmc.`
+//!   (optional, as `esm.` is), its encoder names are `embed_tokens.*`, `layers.{i}.*`, `norm.*`,
+//!   its head `lm_head.{dense,layer_norm,decoder}.*` (untied). The two families' names do not
+//!   overlap.
 //!
 //! Several names of one checkpoint may resolve to the same parameter; that is fine when they hold
 //! the same values, and refused (naming both) when they do not: esmbed never picks one silently.
@@ -25,11 +29,18 @@ pub const INV_FREQ: &str = "rotary_embeddings.inv_freq";
 /// The canonical name (HF `EsmModel` naming without the `esm.` prefix) of a tensor as a
 /// checkpoint names it, or `None` for tensors esmbed does not use.
 pub fn canonical(name: &str) -> Option<String> {
-    let name = name.strip_prefix("esm.").unwrap_or(name);
+    let name = name
+        .strip_prefix("esm.")
+        .or_else(|| name.strip_prefix("esmc."))
+        .unwrap_or(name);
     if name.ends_with("rotary_embeddings.inv_freq") {
         return Some(INV_FREQ.to_string());
     }
     if name.starts_with("lm_head.") {
+        return Some(name.to_string());
+    }
+    let esmc = ["embed_tokens.", "layers.", "norm."];
+    if esmc.iter().any(|stem| name.starts_with(stem)) {
         return Some(name.to_string());
     }
     let used = name.starts_with("embeddings.word_embeddings.") || name.starts_with("encoder.");
@@ -60,7 +71,12 @@ pub fn aliases(canonical: &str) -> Vec<String> {
         bare.push("encoder.layer.{i}.attention.self.rotary_embeddings.inv_freq".into());
         bare.push("encoder.layer.*.attention.self.rotary_embeddings.inv_freq".into());
     }
-    let prefixed: Vec<String> = bare.iter().map(|n| format!("esm.{n}")).collect();
+    let esmc = ["embed_tokens.", "layers.", "norm."];
+    let prefix = match esmc.iter().any(|stem| canonical.starts_with(stem)) {
+        true => "esmc.",
+        false => "esm.",
+    };
+    let prefixed: Vec<String> = bare.iter().map(|n| format!("{prefix}{n}")).collect();
     bare.into_iter().chain(prefixed).collect()
 }
 
@@ -110,6 +126,18 @@ mod tests {
         );
         assert_eq!(canonical("esm.contact_head.regression.weight"), None);
         assert_eq!(canonical("esm.embeddings.position_embeddings.weight"), None);
+        // ESM C.
+        assert_eq!(
+            canonical("esmc.layers.3.self_attn.q_norm.weight").as_deref(),
+            Some("layers.3.self_attn.q_norm.weight")
+        );
+        assert_eq!(canonical("norm.weight").as_deref(), Some("norm.weight"));
+        assert_eq!(
+            canonical("lm_head.decoder.bias").as_deref(),
+            Some("lm_head.decoder.bias")
+        );
+        assert!(aliases("layers.0.mlp.up_proj.weight")
+            .contains(&"esmc.layers.0.mlp.up_proj.weight".to_string()));
     }
 
     #[test]

@@ -39,7 +39,7 @@ pub enum ModelSource {
 
 impl ModelSource {
     /// Interpret what the user typed: an existing directory or `.pt`/`.pth` file, a published short
-    /// name (`650M`), or a hub id (`org/name`).
+    /// name (`650M`, `esmc-600m`), or a hub id (`org/name`).
     pub fn parse(spec: &str) -> Result<Self> {
         if let Some(shape) = spec.strip_prefix("random:") {
             return match EsmConfig::published(shape) {
@@ -66,10 +66,7 @@ impl ModelSource {
                 )),
             };
         }
-        if let Some(&(_, id, ..)) = super::config::PUBLISHED
-            .iter()
-            .find(|p| p.0.eq_ignore_ascii_case(spec))
-        {
+        if let Some(id) = EsmConfig::published_id(spec).filter(|id| *id != spec) {
             return Ok(ModelSource::Hub(id.to_string()));
         }
         let looks_like_id = spec.split('/').count() == 2
@@ -138,7 +135,7 @@ impl Checkpoint {
             }
             ModelSource::Random(_) => Err(Error::model(
                 source.display_name(),
-                "random weights have no checkpoint; build them with Esm2::random",
+                "random weights have no checkpoint; build them with Model::random",
             )),
         }
     }
@@ -152,7 +149,7 @@ impl Checkpoint {
                 format!("cannot read {}: {e}", config_path.display()),
             )
         })?;
-        let config: EsmConfig = serde_json::from_str(&text)
+        let config = EsmConfig::from_json(&text)
             .map_err(|e| Error::model(source_name, format!("{}: {e}", config_path.display())))?;
         config
             .validate()

@@ -143,7 +143,7 @@ impl JobSummary {
 /// Run a job to completion (or interruption through `cancel`).
 ///
 /// `devices` holds one embedder per device (replicas of one model: see
-/// [`crate::Esm2::replicate_to`]); they share the packs, and the result does not depend on their
+/// [`crate::Model::replicate_to`]); they share the packs, and the result does not depend on their
 /// number. A device that fails leaves the job and its pack goes to the others; the job fails
 /// only when none is left.
 pub async fn run(

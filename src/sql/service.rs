@@ -109,7 +109,7 @@ struct CallInputs {
 
 impl EmbedService {
     /// Start one worker per embedder (replicas of one model, e.g. from
-    /// [`crate::Esm2::replicate_to`]).
+    /// [`crate::Model::replicate_to`]).
     pub fn start(embedders: Vec<Embedder>, options: ServiceOptions) -> Result<Self> {
         let first = embedders
             .first()

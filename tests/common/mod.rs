@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use esmbed::{Checkpoint, DType, Device, Esm2, ModelSource};
+use esmbed::{Checkpoint, DType, Device, Model, ModelSource};
 
 /// One reference case of `reference.json`.
 #[derive(Debug, serde::Deserialize)]
@@ -61,9 +61,9 @@ impl Fixture {
     }
 
     /// The model loaded from the HF directory, f32 on the CPU.
-    pub fn hf_model(&self) -> Esm2 {
+    pub fn hf_model(&self) -> Model {
         let checkpoint = Checkpoint::open(&ModelSource::HfDir(self.dir.clone())).unwrap();
-        Esm2::load(&checkpoint, &Device::Cpu, DType::F32).unwrap()
+        Model::load(&checkpoint, &Device::Cpu, DType::F32, false).unwrap()
     }
 
     pub fn get(&self, key: &str) -> Option<candle_core::Tensor> {

@@ -11,6 +11,7 @@ mod bad_models;
 mod cli;
 mod dry_run;
 mod engine;
+mod esmc;
 mod hostile;
 mod hub;
 mod invariance;

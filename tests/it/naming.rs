@@ -5,15 +5,15 @@
 //! different values is refused; a truly missing tensor names what was tried.
 
 use crate::common::*;
-use esmbed::{Checkpoint, DType, Device, Esm2, ModelSource, PackedBatch};
+use esmbed::{Checkpoint, DType, Device, Model, ModelSource, PackedBatch};
 
-fn load(dir: &std::path::Path) -> esmbed::Result<Esm2> {
+fn load(dir: &std::path::Path) -> esmbed::Result<Model> {
     let checkpoint = Checkpoint::open(&ModelSource::HfDir(dir.to_path_buf()))?;
-    Esm2::load(&checkpoint, &Device::Cpu, DType::F32)
+    Model::load(&checkpoint, &Device::Cpu, DType::F32, false)
 }
 
 /// Every layer's hidden states of the fixture's cases, in one pack.
-fn hidden(model: &Esm2, fixture: &Fixture) -> Vec<Vec<f32>> {
+fn hidden(model: &Model, fixture: &Fixture) -> Vec<Vec<f32>> {
     let batch = PackedBatch::from_sequences(fixture.cases.iter().map(|c| &c.tokens[..]));
     let layers: Vec<usize> = (0..=fixture.num_layers).collect();
     model

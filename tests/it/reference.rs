@@ -17,7 +17,7 @@ fn check_fixture(name: &str) {
     let fixture = Fixture::load(name);
     let model = fixture.hf_model();
     let n = fixture.num_layers;
-    let tokenizer = Tokenizer::default();
+    let tokenizer = Tokenizer::for_family(model.config().family, Default::default());
     for case in &fixture.cases {
         if let Some(input) = &case.input {
             assert_eq!(
@@ -96,6 +96,16 @@ fn tiny_h64_matches_transformers() {
 #[test]
 fn bf16_checkpoint_without_prefix_matches_transformers() {
     check_fixture("tiny_h16_bf16");
+}
+
+#[test]
+fn esmc_masked_lm_directory_matches_transformers() {
+    check_fixture("tiny_esmc");
+}
+
+#[test]
+fn esmc_base_model_sharded_without_prefix_matches_transformers() {
+    check_fixture("tiny_esmc_h16");
 }
 
 #[test]

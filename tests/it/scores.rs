@@ -11,7 +11,7 @@ use crate::common::*;
 use esmbed::engine::{LogProbsAt, Request};
 use esmbed::score::{self, mutant, Strategy};
 use esmbed::{
-    Checkpoint, DType, Device, EmbedOptions, Embedder, Esm2, ModelSource, PackedBatch, Tokenizer,
+    Checkpoint, DType, Device, EmbedOptions, Embedder, Model, ModelSource, PackedBatch, Tokenizer,
 };
 
 #[derive(serde::Deserialize)]
@@ -52,7 +52,7 @@ fn scores(name: &str) -> Scores {
 fn with_head(path: &Path) -> esmbed::Result<Embedder> {
     let source = ModelSource::parse(path.to_str().unwrap())?;
     let checkpoint = Checkpoint::open(&source)?;
-    let model = Esm2::load_with_head(&checkpoint, &Device::Cpu, DType::F32)?;
+    let model = Model::load(&checkpoint, &Device::Cpu, DType::F32, true)?;
     Embedder::new(model, &EmbedOptions::default())
 }
 
@@ -117,7 +117,8 @@ fn check_model(name: &str, model: &Embedder) {
 
 #[test]
 fn scores_equal_transformers_masked_lm_with_fair_esm_definitions() {
-    for name in ["tiny_h16", "tiny_h64"] {
+    // ESM C's head: log-softmax over its 64-token vocabulary, as transformers computes it.
+    for name in ["tiny_h16", "tiny_h64", "tiny_esmc"] {
         let model = with_head(&fixture_dir(name)).unwrap();
         check_model(name, &model);
     }
@@ -141,16 +142,18 @@ fn a_checkpoint_without_a_head_is_refused_by_name() {
     for dir in [
         fixture_dir("tiny_h16_bf16"),
         fixture_dir("naming").join("bare_bin"),
+        fixture_dir("tiny_esmc_h16"),
     ] {
         let err = with_head(&dir).err().expect("no head").to_string();
         assert!(err.contains("lm_head.dense.weight"), "{err}");
-        assert!(err.contains("EsmForMaskedLM"), "{err}");
+        assert!(err.contains("ForMaskedLM"), "{err}");
         // The same checkpoint embeds as before.
         let source = ModelSource::parse(dir.to_str().unwrap()).unwrap();
-        Esm2::load(
+        Model::load(
             &Checkpoint::open(&source).unwrap(),
             &Device::Cpu,
             DType::F32,
+            false,
         )
         .unwrap();
     }

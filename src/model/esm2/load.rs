@@ -155,7 +155,7 @@ fn fused_qkv(checkpoint: &Checkpoint, attn: &str, dtype: DType, device: &Device)
 }
 
 /// `1 / base^(2i/d)`, in f32 as HF's `RotaryEmbedding.__init__` computes it.
-pub(super) fn computed_inv_freq(config: &EsmConfig) -> Vec<f32> {
+pub(crate) fn computed_inv_freq(config: &EsmConfig) -> Vec<f32> {
     let d = config.head_dim();
     let base = config.rope_theta as f32;
     (0..d)

@@ -1,12 +1,16 @@
-//! ESM-2's masked-LM head, for scores (likelihoods, variant effects): HF `EsmLMHead`
+//! The masked-LM head, for scores (likelihoods, variant effects): HF `EsmLMHead`
 //! (`x = LayerNorm(gelu(dense(h)))`, logits `= x · decoderᵀ + bias`, the decoder tied to the word
-//! embeddings unless the config unties it); fair-esm's `RobertaLMHead` is the same.
+//! embeddings unless the config unties it); fair-esm's `RobertaLMHead` is the same, and so is
+//! ESM C's `EsmcMaskedLMHead` (untied, its bias named `lm_head.decoder.bias`, 64 logits of which
+//! the first 33 are tokens: log-softmax over all 64, as transformers computes it, then the 33).
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{LayerNorm, Linear};
 
+use super::config::Family;
 use crate::error::{Error, Result};
 use crate::model::weights::Checkpoint;
+use crate::tokenize::VOCAB_SIZE;
 
 /// The head's tensors, on the model's device and in its dtype.
 pub(crate) struct LmHead {
@@ -18,14 +22,23 @@ pub(crate) struct LmHead {
     bias: Tensor,
 }
 
-/// Names of the head's tensors (HF `EsmForMaskedLM`).
-const HEAD: [&str; 5] = [
+/// Names of the head's tensors (HF `EsmForMaskedLM`; `EsmcForMaskedLM` names its bias
+/// `lm_head.decoder.bias` and always has `lm_head.decoder.weight`).
+const HEAD: [&str; 4] = [
     "lm_head.dense.weight",
     "lm_head.dense.bias",
     "lm_head.layer_norm.weight",
     "lm_head.layer_norm.bias",
-    "lm_head.bias",
 ];
+
+/// The head's output bias and, when untied, decoder, as `family` names them.
+fn decoder_names(family: Family, tied: bool) -> Vec<&'static str> {
+    match (family, tied) {
+        (Family::Esm2, true) => vec!["lm_head.bias"],
+        (Family::Esm2, false) => vec!["lm_head.bias", "lm_head.decoder.weight"],
+        (Family::Esmc, _) => vec!["lm_head.decoder.bias", "lm_head.decoder.weight"],
+    }
+}
 
 impl LmHead {
     /// Load the head of `checkpoint`; `embeddings` is the model's word-embedding matrix, the
@@ -39,9 +52,11 @@ impl LmHead {
     ) -> Result<Self> {
         let config = &checkpoint.config;
         let (h, v) = (config.hidden_size, config.vocab_size);
+        let outputs = decoder_names(config.family, config.tie_word_embeddings);
         let missing: Vec<&str> = HEAD
             .iter()
             .copied()
+            .chain(outputs.iter().copied())
             .filter(|n| !checkpoint.contains(n))
             .collect();
         if !missing.is_empty() {
@@ -49,17 +64,20 @@ impl LmHead {
                 &checkpoint.source_name,
                 format!(
                     "no masked-LM head (missing {}): scores need the weights of an \
-                     EsmForMaskedLM (as facebook/esm2_* and fair-esm .pt files have), not an \
-                     EsmModel save",
-                    missing.join(", ")
+                     {arch}ForMaskedLM (as every published checkpoint has), not an {arch}Model \
+                     save",
+                    missing.join(", "),
+                    arch = match config.family {
+                        Family::Esm2 => "Esm",
+                        Family::Esmc => "Esmc",
+                    }
                 ),
             ));
         }
         let load = |name: &str, shape: &[usize]| checkpoint.load(name, shape, dtype, device);
-        let decoder = if config.tie_word_embeddings {
-            embeddings.clone()
-        } else {
-            load("lm_head.decoder.weight", &[v, h])?
+        let decoder = match outputs.get(1) {
+            None => embeddings.clone(),
+            Some(name) => load(name, &[v, h])?,
         };
         Ok(Self {
             dense: Linear::new(
@@ -73,7 +91,7 @@ impl LmHead {
             ),
             eps: config.layer_norm_eps,
             decoder,
-            bias: load("lm_head.bias", &[v])?,
+            bias: load(outputs[0], &[v])?,
         })
     }
 
@@ -131,7 +149,7 @@ impl LmHead {
     /// decoder's 33 dot products per row are summed in a fixed order (`gemm` rounds a
     /// 33-column product differently as the row count changes).
     pub(crate) fn log_probs(&self, hidden: &Tensor) -> Result<Tensor> {
-        let x = super::row_padded(hidden, |h| Ok(self.dense.forward(h)?))?.gelu_erf()?;
+        let x = super::esm2::row_padded(hidden, |h| Ok(self.dense.forward(h)?))?.gelu_erf()?;
         let x = self.norm.forward(&x)?.to_dtype(DType::F32)?;
         let decoder = self.decoder.to_dtype(DType::F32)?;
         let bias = self.bias.to_dtype(DType::F32)?;
@@ -140,10 +158,12 @@ impl LmHead {
         } else {
             x.matmul(&decoder.t()?)?.broadcast_add(&bias)?
         };
-        Ok(candle_nn::ops::log_softmax(
-            &logits,
-            candle_core::D::Minus1,
-        )?)
+        let log_probs = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?;
+        // ESM C pads its vocabulary to 64: no token beyond the 33 is ever looked at.
+        match log_probs.dim(1)? > VOCAB_SIZE {
+            true => Ok(log_probs.narrow(1, 0, VOCAB_SIZE)?.contiguous()?),
+            false => Ok(log_probs),
+        }
     }
 }
 

@@ -1,0 +1,333 @@
+//! ESM C with one forward: packed, variable length, no padding.
+//!
+//! Biohub's ESM Cambrian (2024; MIT licence since 2026). Reference implementation: HF
+//! transformers `models/esmc/modeling_esmc.py` (`EsmcModel`), which this module matches on the
+//! same weights.
+//!
+//! ```text
+//!   ids [T] ──embed──> x [T, H]                                                     repr 0
+//!   for each block:  q, k, v = split(LN(x) · Wqkv);  q = LN_q(q), k = LN_k(k)   (over all of H)
+//!                    x += out(attn(rope(q)·d^-½, rope(k), v)) / s                      pre-LN
+//!                    x += down(silu(gate(LN(x))) ⊙ up(LN(x))) / s                       repr k
+//!   last block only: LN_final(x) (no bias)                                              repr N
+//! ```
+//! with `s = √(N / 36)`. No biases in attention or MLP, no token-dropout rescale (a `<mask>` is
+//! embedded as it is). Folded at load, as for ESM-2's query scale: `d^-½` into `LN_q`'s weight
+//! (no bias, so exact; `d` = 64 in every released size, a power of two), `1/s` into the output and
+//! down projections (no biases), gate and up into one `[2I, H]` matmul. LayerNorms without a bias
+//! get a zero one, which adds nothing. Positions restart at 0 for every packed sequence, as they do
+//! for one sequence alone in transformers; a chain break `|` is a token like any other (full
+//! attention across it, positions running on), as transformers runs it without `sequence_id`.
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{LayerNorm, Linear};
+
+use super::attention::{self, PackLayout};
+use super::config::EsmConfig;
+use super::esm2::{linear, prepare_device, rope};
+use super::head::LmHead;
+use super::weights::Checkpoint;
+use crate::error::{Error, Result};
+use crate::pack::PackedBatch;
+
+/// One pre-LN block.
+struct Block {
+    attn_norm: LayerNorm,
+    /// `[3H, H]`: query, key, value.
+    qkv: Linear,
+    /// Over the query's full width, its weight times `d^-½`.
+    q_norm: LayerNorm,
+    k_norm: LayerNorm,
+    /// Its weight divided by the residual scale.
+    out: Linear,
+    ffn_norm: LayerNorm,
+    /// `[2I, H]`: gate rows, then up rows.
+    gate_up: Linear,
+    /// Its weight divided by the residual scale.
+    down: Linear,
+}
+
+/// An ESM C model on one device, in one dtype.
+pub struct Esmc {
+    config: EsmConfig,
+    embed_tokens: Tensor,
+    blocks: Vec<Block>,
+    final_norm: LayerNorm,
+    inv_freq: Tensor,
+    head: Option<LmHead>,
+    device: Device,
+    dtype: DType,
+}
+
+impl Esmc {
+    /// Build the model from a checkpoint, converting weights to `dtype` on `device`.
+    pub fn load(checkpoint: &Checkpoint, device: &Device, dtype: DType) -> Result<Self> {
+        prepare_device(device)?;
+        let config = checkpoint.config.clone();
+        let (h, ffn) = (config.hidden_size, config.intermediate_size);
+        let eps = config.layer_norm_eps;
+        let host =
+            |name: &str, shape: &[usize]| checkpoint.load(name, shape, DType::F32, &Device::Cpu);
+        let to_device = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(device)?) };
+        let norm = |name: &str, bias: bool, scale: f64| -> Result<LayerNorm> {
+            let weight = (host(&format!("{name}.weight"), &[h])? * scale)?;
+            let bias = match bias {
+                true => host(&format!("{name}.bias"), &[h])?,
+                false => Tensor::zeros(h, DType::F32, &Device::Cpu)?,
+            };
+            Ok(LayerNorm::new(to_device(weight)?, to_device(bias)?, eps))
+        };
+        let weight = |names: &[String], rows: usize, cols: usize, scale: f64| -> Result<Linear> {
+            let parts = names
+                .iter()
+                .map(|n| host(n, &[rows, cols]))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Linear::new(
+                to_device((Tensor::cat(&parts, 0)? * scale)?)?,
+                None,
+            ))
+        };
+        let residual = 1.0 / residual_scale(&config);
+        let query = (config.head_dim() as f64).powf(-0.5);
+        let mut blocks = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("layers.{i}");
+            let attn = |n: &str| format!("{p}.self_attn.{n}.weight");
+            let mlp = |n: &str| format!("{p}.mlp.{n}.weight");
+            blocks.push(Block {
+                attn_norm: norm(&format!("{p}.input_layernorm"), true, 1.0)?,
+                qkv: weight(&[attn("q_proj"), attn("k_proj"), attn("v_proj")], h, h, 1.0)?,
+                q_norm: norm(&format!("{p}.self_attn.q_norm"), false, query)?,
+                k_norm: norm(&format!("{p}.self_attn.k_norm"), false, 1.0)?,
+                out: weight(&[attn("o_proj")], h, h, residual)?,
+                ffn_norm: norm(&format!("{p}.post_attention_layernorm"), true, 1.0)?,
+                gate_up: weight(&[mlp("gate_proj"), mlp("up_proj")], ffn, h, 1.0)?,
+                down: weight(&[mlp("down_proj")], h, ffn, residual)?,
+            });
+        }
+        Ok(Self {
+            embed_tokens: to_device(host("embed_tokens.weight", &[config.vocab_size, h])?)?,
+            blocks,
+            final_norm: norm("norm", false, 1.0)?,
+            inv_freq: Tensor::from_vec(
+                super::esm2::computed_inv_freq(&config),
+                config.head_dim() / 2,
+                device,
+            )?,
+            head: None,
+            device: device.clone(),
+            dtype,
+            config,
+        })
+    }
+
+    /// [`Esmc::load`] with the masked-LM head, for scores.
+    pub fn load_with_head(checkpoint: &Checkpoint, device: &Device, dtype: DType) -> Result<Self> {
+        let mut model = Self::load(checkpoint, device, dtype)?;
+        model.head = Some(LmHead::load(
+            checkpoint,
+            &model.embed_tokens,
+            dtype,
+            device,
+        )?);
+        Ok(model)
+    }
+
+    /// A model of the given shape with random weights, for benchmarks. Deterministic in `seed`
+    /// on GPUs.
+    pub fn random(config: &EsmConfig, device: &Device, dtype: DType, seed: u64) -> Result<Self> {
+        config.validate().map_err(|r| Error::model("random", r))?;
+        prepare_device(device)?;
+        if !device.is_cpu() {
+            device.set_seed(seed)?;
+        }
+        let (h, ffn) = (config.hidden_size, config.intermediate_size);
+        let eps = config.layer_norm_eps;
+        let randn = |shape: &[usize], std: f64| -> Result<Tensor> {
+            Ok(Tensor::randn(0f32, std as f32, shape, device)?.to_dtype(dtype)?)
+        };
+        let linear = |out: usize, inp: usize| -> Result<Linear> {
+            Ok(Linear::new(randn(&[out, inp], 0.02)?, None))
+        };
+        let norm = || -> Result<LayerNorm> {
+            Ok(LayerNorm::new(
+                Tensor::ones(h, dtype, device)?,
+                Tensor::zeros(h, dtype, device)?,
+                eps,
+            ))
+        };
+        let blocks = (0..config.num_hidden_layers)
+            .map(|_| {
+                Ok(Block {
+                    attn_norm: norm()?,
+                    qkv: linear(3 * h, h)?,
+                    q_norm: norm()?,
+                    k_norm: norm()?,
+                    out: linear(h, h)?,
+                    ffn_norm: norm()?,
+                    gate_up: linear(2 * ffn, h)?,
+                    down: linear(h, ffn)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let embed_tokens = randn(&[config.vocab_size, h], 1.0)?;
+        let head = LmHead::random(&embed_tokens, eps)?;
+        Ok(Self {
+            config: config.clone(),
+            embed_tokens,
+            blocks,
+            final_norm: norm()?,
+            inv_freq: Tensor::from_vec(
+                super::esm2::computed_inv_freq(config),
+                config.head_dim() / 2,
+                device,
+            )?,
+            head: Some(head),
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// The same model on another device, every weight copied (through the host).
+    pub fn replicate(&self, device: &Device) -> Result<Self> {
+        prepare_device(device)?;
+        let copy =
+            |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(&Device::Cpu)?.to_device(device)?) };
+        let linear = |l: &Linear| -> Result<Linear> { Ok(Linear::new(copy(l.weight())?, None)) };
+        let eps = self.config.layer_norm_eps;
+        let norm = |n: &LayerNorm| -> Result<LayerNorm> {
+            let bias = n.bias().expect("esmbed gives every LayerNorm a bias");
+            Ok(LayerNorm::new(copy(n.weight())?, copy(bias)?, eps))
+        };
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| {
+                Ok(Block {
+                    attn_norm: norm(&b.attn_norm)?,
+                    qkv: linear(&b.qkv)?,
+                    q_norm: norm(&b.q_norm)?,
+                    k_norm: norm(&b.k_norm)?,
+                    out: linear(&b.out)?,
+                    ffn_norm: norm(&b.ffn_norm)?,
+                    gate_up: linear(&b.gate_up)?,
+                    down: linear(&b.down)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let embed_tokens = copy(&self.embed_tokens)?;
+        let head = match &self.head {
+            Some(h) => Some(h.replicate(device, &embed_tokens, false)?),
+            None => None,
+        };
+        Ok(Self {
+            config: self.config.clone(),
+            embed_tokens,
+            blocks,
+            final_norm: norm(&self.final_norm)?,
+            inv_freq: copy(&self.inv_freq)?,
+            head,
+            device: device.clone(),
+            dtype: self.dtype,
+        })
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &EsmConfig {
+        &self.config
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The masked-LM head, if loaded.
+    pub(crate) fn head(&self) -> Option<&LmHead> {
+        self.head.as_ref()
+    }
+
+    /// The packed forward: the representation `[T, H]` of each requested layer (resolved
+    /// numbers, 0 = embeddings, N = after the final norm), in the order asked; blocks after the
+    /// deepest requested layer are skipped.
+    pub fn forward(&self, batch: &PackedBatch, layers: &[usize]) -> Result<Vec<Tensor>> {
+        let n = self.config.num_hidden_layers;
+        if let Some(&bad) = layers.iter().find(|&&l| l > n) {
+            return Err(Error::internal(format!(
+                "layer {bad} does not exist (model has {n}); layers are resolved before a forward"
+            )));
+        }
+        if batch.is_empty() {
+            return Err(Error::internal("a forward of an empty pack"));
+        }
+        let deepest = layers.iter().copied().max().unwrap_or(n);
+        let total = batch.total_tokens();
+        let layout = PackLayout::new(batch, &self.device)?;
+        let ids = Tensor::from_slice(&batch.ids, total, &self.device)?;
+        let mut x = self.embed_tokens.embedding(&ids)?;
+        let mut reprs: Vec<Option<Tensor>> = vec![None; n + 1];
+        if layers.contains(&0) {
+            reprs[0] = Some(x.clone());
+        }
+        // cos/sin in f32, then the compute dtype, as transformers' EsmcRotaryEmbedding.
+        let positions: Vec<f32> = batch.positions().into_iter().map(|p| p as f32).collect();
+        let positions = Tensor::from_vec(positions, (total, 1), &self.device)?;
+        let freqs = positions.broadcast_mul(&self.inv_freq.unsqueeze(0)?)?;
+        let cos = freqs.cos()?.to_dtype(self.dtype)?;
+        let sin = freqs.sin()?.to_dtype(self.dtype)?;
+        for (index, block) in self.blocks.iter().enumerate().take(deepest) {
+            x = self.block_forward(block, &x, &cos, &sin, &layout)?;
+            let layer = index + 1;
+            if layer == n {
+                x = self.final_norm.forward(&x)?;
+            }
+            if layers.contains(&layer) {
+                reprs[layer] = Some(x.clone());
+            }
+        }
+        Ok(layers
+            .iter()
+            .map(|&l| {
+                reprs[l]
+                    .clone()
+                    .expect("every requested layer was computed")
+            })
+            .collect())
+    }
+
+    fn block_forward(
+        &self,
+        block: &Block,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        layout: &PackLayout,
+    ) -> Result<Tensor> {
+        let (total, h) = x.dims2()?;
+        let heads = self.config.num_attention_heads;
+        let d = self.config.head_dim();
+        let qkv = linear(&block.qkv, &block.attn_norm.forward(x)?)?;
+        let q = block.q_norm.forward(&qkv.narrow(1, 0, h)?.contiguous()?)?;
+        let k = block.k_norm.forward(&qkv.narrow(1, h, h)?.contiguous()?)?;
+        let qk = Tensor::cat(&[q, k], 1)?.reshape((total, 2 * heads, d))?;
+        let qk = rope(&qk, cos, sin)?;
+        let (q, k) = (qk.narrow(1, 0, heads)?, qk.narrow(1, heads, heads)?);
+        let v = qkv.narrow(1, 2 * h, h)?.reshape((total, heads, d))?;
+        let context = attention::attend(&q, &k, &v, layout)?.reshape((total, h))?;
+        let x = (x + linear(&block.out, &context)?)?;
+        let gate_up = linear(&block.gate_up, &block.ffn_norm.forward(&x)?)?;
+        let ffn = self.config.intermediate_size;
+        let act = (gate_up.narrow(1, 0, ffn)?.silu()? * gate_up.narrow(1, ffn, ffn)?)?;
+        Ok((x + linear(&block.down, &act)?)?)
+    }
+}
+
+/// ESM C's residual-branch divisor `√(N / 36)` (ESM3's scaling; every released checkpoint has it).
+fn residual_scale(config: &EsmConfig) -> f64 {
+    (config.num_hidden_layers as f64 / 36.0).sqrt()
+}
