@@ -18,7 +18,8 @@ use candle_nn::{LayerNorm, Linear};
 
 use super::attention::{self, PackLayout};
 use super::config::EsmConfig;
-use crate::error::{Error, Result};
+use super::trunk;
+use crate::error::Result;
 use crate::pack::PackedBatch;
 
 mod load;
@@ -62,36 +63,25 @@ impl Esm2 {
     /// bitwise-identical results (random weights included, whatever the device's generator).
     pub fn replicate(&self, device: &Device) -> Result<Self> {
         prepare_device(device)?;
-        // Through the host: a direct copy between GPUs needs peer access, which not every host
-        // grants (and the host copy costs seconds once per job).
-        let copy =
-            |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(&Device::Cpu)?.to_device(device)?) };
-        let linear = |l: &Linear| -> Result<Linear> {
-            Ok(Linear::new(
-                copy(l.weight())?,
-                l.bias().map(copy).transpose()?,
-            ))
-        };
-        let eps = self.config.layer_norm_eps;
-        let norm = |n: &LayerNorm| -> Result<LayerNorm> {
-            let bias = n.bias().expect("ESM-2 LayerNorms have a bias");
-            Ok(LayerNorm::new(copy(n.weight())?, copy(bias)?, eps))
+        let to = trunk::Replicator {
+            device,
+            eps: self.config.layer_norm_eps,
         };
         let blocks = self
             .blocks
             .iter()
             .map(|b| {
                 Ok(Block {
-                    attn_norm: norm(&b.attn_norm)?,
-                    qkv: linear(&b.qkv)?,
-                    out: linear(&b.out)?,
-                    ffn_norm: norm(&b.ffn_norm)?,
-                    fc1: linear(&b.fc1)?,
-                    fc2: linear(&b.fc2)?,
+                    attn_norm: to.norm(&b.attn_norm)?,
+                    qkv: to.linear(&b.qkv)?,
+                    out: to.linear(&b.out)?,
+                    ffn_norm: to.norm(&b.ffn_norm)?,
+                    fc1: to.linear(&b.fc1)?,
+                    fc2: to.linear(&b.fc2)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let word_embeddings = copy(&self.word_embeddings)?;
+        let word_embeddings = to.tensor(&self.word_embeddings)?;
         let tied = self.config.tie_word_embeddings;
         let head = match &self.head {
             Some(h) => Some(h.replicate(device, &word_embeddings, tied)?),
@@ -101,8 +91,8 @@ impl Esm2 {
             config: self.config.clone(),
             word_embeddings,
             blocks,
-            final_norm: norm(&self.final_norm)?,
-            inv_freq: copy(&self.inv_freq)?,
+            final_norm: to.norm(&self.final_norm)?,
+            inv_freq: to.tensor(&self.inv_freq)?,
             head,
             device: device.clone(),
             dtype: self.dtype,
@@ -135,58 +125,26 @@ impl Esm2 {
     /// deepest requested layer are skipped.
     pub fn forward(&self, batch: &PackedBatch, layers: &[usize]) -> Result<Vec<Tensor>> {
         let n = self.config.num_hidden_layers;
-        if let Some(&bad) = layers.iter().find(|&&l| l > n) {
-            return Err(Error::internal(format!(
-                "layer {bad} does not exist (model has {n}); layers are resolved before a forward"
-            )));
-        }
-        if batch.is_empty() {
-            return Err(Error::internal("a forward of an empty pack"));
-        }
-        let deepest = layers.iter().copied().max().unwrap_or(n);
-        let total = batch.total_tokens();
+        trunk::check_request(n, batch, layers)?;
         let layout = PackLayout::new(batch, &self.device)?;
-
-        let ids = Tensor::from_slice(&batch.ids, total, &self.device)?;
+        let ids = Tensor::from_slice(&batch.ids, batch.total_tokens(), &self.device)?;
         let scale = self.embedding_scale(batch)?;
-        let mut x = self
+        let x = self
             .word_embeddings
             .embedding(&ids)?
             .broadcast_mul(&scale)?;
-
-        let mut reprs: Vec<Option<Tensor>> = vec![None; n + 1];
-        if layers.contains(&0) {
-            reprs[0] = Some(x.clone());
-        }
-        let positions: Vec<f32> = batch.positions().into_iter().map(|p| p as f32).collect();
-        let positions = Tensor::from_vec(positions, (total, 1), &self.device)?;
-        let fused = self.fused();
-        // freqs = t ⊗ inv_freq and its cos/sin in f32 as HF does. The fused kernel reads the f32
-        // tables; candle's rope wants them in the compute dtype.
-        let freqs = positions.broadcast_mul(&self.inv_freq.unsqueeze(0)?)?;
-        let (mut cos, mut sin) = (freqs.cos()?, freqs.sin()?);
-        if !fused {
+        // The fused kernel reads the f32 tables; candle's rope wants the compute dtype.
+        let (mut cos, mut sin) = trunk::rotary_tables(batch, &self.inv_freq)?;
+        if !self.fused() {
             (cos, sin) = (cos.to_dtype(self.dtype)?, sin.to_dtype(self.dtype)?);
         }
-
-        for (index, block) in self.blocks.iter().enumerate().take(deepest) {
-            x = self.block_forward(block, &x, &cos, &sin, &layout)?;
-            let layer = index + 1;
-            if layer == n {
-                x = self.layer_norm(&self.final_norm, &x)?;
-            }
-            if layers.contains(&layer) {
-                reprs[layer] = Some(x.clone());
-            }
-        }
-        Ok(layers
-            .iter()
-            .map(|&l| {
-                reprs[l]
-                    .clone()
-                    .expect("every requested layer was computed")
-            })
-            .collect())
+        trunk::run_blocks(
+            x,
+            n,
+            layers,
+            |i, x| self.block_forward(&self.blocks[i], x, &cos, &sin, &layout),
+            |x| self.layer_norm(&self.final_norm, x),
+        )
     }
 
     /// Whether this model runs on the fused CUDA kernels: bf16/f16 on a GPU, a head dim that is a

@@ -26,6 +26,7 @@ use super::attention::{self, PackLayout};
 use super::config::EsmConfig;
 use super::esm2::{linear, prepare_device, rope};
 use super::head::LmHead;
+use super::trunk;
 use super::weights::Checkpoint;
 use crate::error::{Error, Result};
 use crate::pack::PackedBatch;
@@ -191,31 +192,27 @@ impl Esmc {
     /// The same model on another device, every weight copied (through the host).
     pub fn replicate(&self, device: &Device) -> Result<Self> {
         prepare_device(device)?;
-        let copy =
-            |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(&Device::Cpu)?.to_device(device)?) };
-        let linear = |l: &Linear| -> Result<Linear> { Ok(Linear::new(copy(l.weight())?, None)) };
-        let eps = self.config.layer_norm_eps;
-        let norm = |n: &LayerNorm| -> Result<LayerNorm> {
-            let bias = n.bias().expect("esmbed gives every LayerNorm a bias");
-            Ok(LayerNorm::new(copy(n.weight())?, copy(bias)?, eps))
+        let to = trunk::Replicator {
+            device,
+            eps: self.config.layer_norm_eps,
         };
         let blocks = self
             .blocks
             .iter()
             .map(|b| {
                 Ok(Block {
-                    attn_norm: norm(&b.attn_norm)?,
-                    qkv: linear(&b.qkv)?,
-                    q_norm: norm(&b.q_norm)?,
-                    k_norm: norm(&b.k_norm)?,
-                    out: linear(&b.out)?,
-                    ffn_norm: norm(&b.ffn_norm)?,
-                    gate_up: linear(&b.gate_up)?,
-                    down: linear(&b.down)?,
+                    attn_norm: to.norm(&b.attn_norm)?,
+                    qkv: to.linear(&b.qkv)?,
+                    q_norm: to.norm(&b.q_norm)?,
+                    k_norm: to.norm(&b.k_norm)?,
+                    out: to.linear(&b.out)?,
+                    ffn_norm: to.norm(&b.ffn_norm)?,
+                    gate_up: to.linear(&b.gate_up)?,
+                    down: to.linear(&b.down)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let embed_tokens = copy(&self.embed_tokens)?;
+        let embed_tokens = to.tensor(&self.embed_tokens)?;
         let head = match &self.head {
             Some(h) => Some(h.replicate(device, &embed_tokens, false)?),
             None => None,
@@ -224,8 +221,8 @@ impl Esmc {
             config: self.config.clone(),
             embed_tokens,
             blocks,
-            final_norm: norm(&self.final_norm)?,
-            inv_freq: copy(&self.inv_freq)?,
+            final_norm: to.norm(&self.final_norm)?,
+            inv_freq: to.tensor(&self.inv_freq)?,
             head,
             device: device.clone(),
             dtype: self.dtype,
@@ -257,47 +254,20 @@ impl Esmc {
     /// deepest requested layer are skipped.
     pub fn forward(&self, batch: &PackedBatch, layers: &[usize]) -> Result<Vec<Tensor>> {
         let n = self.config.num_hidden_layers;
-        if let Some(&bad) = layers.iter().find(|&&l| l > n) {
-            return Err(Error::internal(format!(
-                "layer {bad} does not exist (model has {n}); layers are resolved before a forward"
-            )));
-        }
-        if batch.is_empty() {
-            return Err(Error::internal("a forward of an empty pack"));
-        }
-        let deepest = layers.iter().copied().max().unwrap_or(n);
-        let total = batch.total_tokens();
+        trunk::check_request(n, batch, layers)?;
         let layout = PackLayout::new(batch, &self.device)?;
-        let ids = Tensor::from_slice(&batch.ids, total, &self.device)?;
-        let mut x = self.embed_tokens.embedding(&ids)?;
-        let mut reprs: Vec<Option<Tensor>> = vec![None; n + 1];
-        if layers.contains(&0) {
-            reprs[0] = Some(x.clone());
-        }
+        let ids = Tensor::from_slice(&batch.ids, batch.total_tokens(), &self.device)?;
+        let x = self.embed_tokens.embedding(&ids)?;
         // cos/sin in f32, then the compute dtype, as transformers' EsmcRotaryEmbedding.
-        let positions: Vec<f32> = batch.positions().into_iter().map(|p| p as f32).collect();
-        let positions = Tensor::from_vec(positions, (total, 1), &self.device)?;
-        let freqs = positions.broadcast_mul(&self.inv_freq.unsqueeze(0)?)?;
-        let cos = freqs.cos()?.to_dtype(self.dtype)?;
-        let sin = freqs.sin()?.to_dtype(self.dtype)?;
-        for (index, block) in self.blocks.iter().enumerate().take(deepest) {
-            x = self.block_forward(block, &x, &cos, &sin, &layout)?;
-            let layer = index + 1;
-            if layer == n {
-                x = self.final_norm.forward(&x)?;
-            }
-            if layers.contains(&layer) {
-                reprs[layer] = Some(x.clone());
-            }
-        }
-        Ok(layers
-            .iter()
-            .map(|&l| {
-                reprs[l]
-                    .clone()
-                    .expect("every requested layer was computed")
-            })
-            .collect())
+        let (cos, sin) = trunk::rotary_tables(batch, &self.inv_freq)?;
+        let (cos, sin) = (cos.to_dtype(self.dtype)?, sin.to_dtype(self.dtype)?);
+        trunk::run_blocks(
+            x,
+            n,
+            layers,
+            |i, x| self.block_forward(&self.blocks[i], x, &cos, &sin, &layout),
+            |x| Ok(self.final_norm.forward(x)?),
+        )
     }
 
     fn block_forward(

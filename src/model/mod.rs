@@ -19,6 +19,7 @@ pub mod kernels;
 pub mod memory;
 pub mod names;
 pub mod profile;
+mod trunk;
 pub mod weights;
 
 pub use config::EsmConfig;
