@@ -15,7 +15,9 @@
 //! embedded as it is). Folded at load, as for ESM-2's query scale: `d^-½` into `LN_q`'s weight
 //! (no bias, so exact; `d` = 64 in every released size, a power of two), `1/s` into the output and
 //! down projections (no biases), gate and up into one `[2I, H]` matmul. LayerNorms without a bias
-//! get a zero one, which adds nothing. Positions restart at 0 for every packed sequence, as they do
+//! get a zero one, which adds nothing; on the fused CUDA path (bf16/f16, opt-in for now: see
+//! [`fused`]) the linear layers get zero biases too, so that ESM-2's fused kernels apply
+//! (LayerNorm, and cuBLASLt GEMMs with the residual in their epilogue). Positions restart at 0 for every packed sequence, as they do
 //! for one sequence alone in transformers; a chain break `|` is a token like any other (full
 //! attention across it, positions running on), as transformers runs it without `sequence_id`.
 
@@ -78,15 +80,13 @@ impl Esmc {
             };
             Ok(LayerNorm::new(to_device(weight)?, to_device(bias)?, eps))
         };
+        let fused = fused(&config, device, dtype);
         let weight = |names: &[String], rows: usize, cols: usize, scale: f64| -> Result<Linear> {
             let parts = names
                 .iter()
                 .map(|n| host(n, &[rows, cols]))
                 .collect::<Result<Vec<_>>>()?;
-            Ok(Linear::new(
-                to_device((Tensor::cat(&parts, 0)? * scale)?)?,
-                None,
-            ))
+            unbiased(to_device((Tensor::cat(&parts, 0)? * scale)?)?, fused)
         };
         let residual = 1.0 / residual_scale(&config);
         let query = (config.head_dim() as f64).powf(-0.5);
@@ -147,9 +147,8 @@ impl Esmc {
         let randn = |shape: &[usize], std: f64| -> Result<Tensor> {
             Ok(Tensor::randn(0f32, std as f32, shape, device)?.to_dtype(dtype)?)
         };
-        let linear = |out: usize, inp: usize| -> Result<Linear> {
-            Ok(Linear::new(randn(&[out, inp], 0.02)?, None))
-        };
+        let fused = fused(config, device, dtype);
+        let linear = |out: usize, inp: usize| unbiased(randn(&[out, inp], 0.02)?, fused);
         let norm = || -> Result<LayerNorm> {
             Ok(LayerNorm::new(
                 Tensor::ones(h, dtype, device)?,
@@ -278,6 +277,10 @@ impl Esmc {
         sin: &Tensor,
         layout: &PackLayout,
     ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if fused(&self.config, &self.device, self.dtype) {
+            return self.block_forward_fused(block, x, cos, sin, layout);
+        }
         let (total, h) = x.dims2()?;
         let heads = self.config.num_attention_heads;
         let d = self.config.head_dim();
@@ -295,6 +298,88 @@ impl Esmc {
         let act = (gate_up.narrow(1, 0, ffn)?.silu()? * gate_up.narrow(1, ffn, ffn)?)?;
         Ok((x + linear(&block.down, &act)?)?)
     }
+}
+
+impl Esmc {
+    /// The block on ESM-2's fused CUDA kernels (the linear layers carry zero biases there).
+    #[cfg(feature = "cuda")]
+    fn block_forward_fused(
+        &self,
+        block: &Block,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        layout: &PackLayout,
+    ) -> Result<Tensor> {
+        use super::kernels;
+        use super::profile::time;
+        let (total, h) = x.dims2()?;
+        let heads = self.config.num_attention_heads;
+        let (d, ffn) = (self.config.head_dim(), self.config.intermediate_size);
+        let dev = &self.device;
+        let eps = self.config.layer_norm_eps;
+        let norm = |n: &LayerNorm, x: &Tensor| -> Result<Tensor> {
+            let bias = n.bias().expect("esmbed gives every LayerNorm a bias");
+            kernels::layer_norm(x, n.weight(), bias, eps)
+        };
+        let normed = time(dev, "attn_layernorm", || norm(&block.attn_norm, x))?;
+        let qkv = time(dev, "qkv", || kernels::linear(&normed, &block.qkv))?;
+        let qk = time(dev, "qk_norm_rotary", || {
+            let q = norm(&block.q_norm, &qkv.narrow(1, 0, h)?)?;
+            let k = norm(&block.k_norm, &qkv.narrow(1, h, h)?)?;
+            let qk = Tensor::cat(&[q, k], 1)?.reshape((total, 2 * heads, d))?;
+            rope(&qk, cos, sin)
+        })?;
+        let (q, k) = (qk.narrow(1, 0, heads)?, qk.narrow(1, heads, heads)?);
+        let v = qkv.narrow(1, 2 * h, h)?.reshape((total, heads, d))?;
+        let context = time(dev, "attention", || {
+            Ok(attention::attend(&q, &k, &v, layout)?.reshape((total, h))?)
+        })?;
+        let x = time(dev, "out_proj_residual", || {
+            kernels::linear_residual(&context, &block.out, x)
+        })?;
+        let normed = time(dev, "ffn_layernorm", || norm(&block.ffn_norm, &x))?;
+        let act = time(dev, "gate_up_swiglu", || {
+            let gate_up = kernels::linear(&normed, &block.gate_up)?;
+            Ok((gate_up.narrow(1, 0, ffn)?.silu()? * gate_up.narrow(1, ffn, ffn)?)?)
+        })?;
+        time(dev, "down_residual", || {
+            kernels::linear_residual(&act, &block.down, &x)
+        })
+    }
+}
+
+/// Whether the model runs on the fused CUDA kernels: bf16/f16 on a GPU, a head dim that is a
+/// multiple of 4 and a hidden size that is a multiple of 8 up to the LayerNorm kernel's width
+/// (every released size). Opt-in (`ESMBED_ESMC_FUSED=1`) until `esmbed verify` and the
+/// benchmark have run it on a GPU; by default ESM C runs on candle's CUDA ops, verified.
+fn fused(config: &EsmConfig, device: &Device, dtype: DType) -> bool {
+    #[cfg(feature = "cuda")]
+    if std::env::var("ESMBED_ESMC_FUSED").is_ok_and(|v| v == "1")
+        && device.is_cuda()
+        && matches!(dtype, DType::BF16 | DType::F16)
+        && config.head_dim().is_multiple_of(4)
+        && config.hidden_size.is_multiple_of(8)
+        && config.hidden_size <= super::kernels::MAX_LAYER_NORM_WIDTH
+    {
+        return true;
+    }
+    let _ = (config, device, dtype);
+    false
+}
+
+/// `weight` as a Linear: with a zero bias where the fused kernels run (they add one in the
+/// GEMM's epilogue; zero adds nothing), else without.
+fn unbiased(weight: Tensor, fused: bool) -> Result<Linear> {
+    let bias = match fused {
+        true => Some(Tensor::zeros(
+            weight.dim(0)?,
+            weight.dtype(),
+            weight.device(),
+        )?),
+        false => None,
+    };
+    Ok(Linear::new(weight, bias))
 }
 
 /// ESM C's residual-branch divisor `√(N / 36)` (ESM3's scaling; every released checkpoint has it).

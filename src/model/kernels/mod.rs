@@ -186,11 +186,13 @@ pub(crate) fn applies(x: &Tensor) -> bool {
     x.device().is_cuda() && matches!(x.dtype(), DType::BF16 | DType::F16)
 }
 
-/// A contiguous `t` whose first element is 16-byte aligned (the kernels' vector accesses).
+/// A contiguous `t` whose first element is 16-byte aligned (the kernels' vector accesses): `t`
+/// itself, or a fresh copy at the start of its own allocation (`Tensor::copy` would keep the
+/// layout, strides and offset included).
 fn aligned(t: &Tensor) -> Result<Tensor> {
     let bytes = t.layout().start_offset() * t.dtype().size_in_bytes();
     let ok = t.is_contiguous() && bytes.is_multiple_of(16);
-    Ok(if ok { t.clone() } else { t.copy()? })
+    Ok(if ok { t.clone() } else { t.force_contiguous()? })
 }
 
 /// `post(x · wᵀ + b (+ residual))` for an ESM-2 Linear (they all have a bias).
@@ -205,6 +207,11 @@ fn apply(x: &Tensor, layer: &Linear, residual: Option<&Tensor>, post: Post<'_>) 
         post,
     };
     Ok(x.contiguous()?.apply_op1_no_bwd(&op)?)
+}
+
+/// `x · wᵀ + b`, one rounding.
+pub fn linear(x: &Tensor, layer: &Linear) -> Result<Tensor> {
+    apply(x, layer, None, Post::None)
 }
 
 /// `residual + x · wᵀ + b`, one rounding.
