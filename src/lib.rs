@@ -1,14 +1,15 @@
 //! # esmbed
 //!
-//! ESM-2 protein embeddings, exact and fast, for the Arrow/Parquet/SQL world.
+//! ESM-2 and ESM C protein embeddings and scores, exact and fast, for the Arrow/Parquet/SQL world.
 //!
 //! ```text
 //!   text ──tokenize──> ids ──pack──> PackedBatch ──Model::forward──> [T, H] per layer ──pool──> vectors
 //! ```
 //! - [`tokenize`]: the ESM alphabet and the input policy;
 //! - [`pack`]: sequences laid end to end with `cu_seqlens`, no padding;
-//! - [`model`]: ESM-2 loaded from HF directories, fair-esm `.pt` files or the hub, with one packed
-//!   forward (exact per-segment attention on CPU, FlashAttention varlen on CUDA);
+//! - [`model`]: ESM-2 and ESM C ([`Model`], chosen by the checkpoint's config) loaded from HF
+//!   directories, fair-esm `.pt` files or the hub, with one packed forward (exact per-segment
+//!   attention on CPU, FlashAttention varlen on CUDA);
 //! - [`pool`]: mean / BOS / per-residue outputs for a whole pack at once;
 //! - [`prepare`]: the input policy (unknown letters, `--max-length`, `--long`), one for every front;
 //! - [`embed`]: [`Embedder`], the API that ties them together;
@@ -17,6 +18,7 @@
 //!   out-of-memory splitting, failover);
 //! - [`pipeline`]: the job (read → plan → device pool → write), resumable;
 //! - [`sql`]: DataFusion with `esm_embed(sequence)` and FASTA tables, a thin front over the pool;
+//! - [`score`]: zero-shot scores from the masked-LM head (likelihoods, variant effects);
 //! - [`bench`]: throughput on the reference benchmark's workload, through the same pool.
 //!
 //! ```no_run

@@ -10,8 +10,8 @@ use esmbed::{EmbedOptions, Embedder, EsmConfig, Model};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// ESM-2 shapes to measure, with random weights (the cost does not depend on the values):
-    /// 8M, 35M, 150M, 650M, 3B, 15B.
+    /// Shapes to measure, with random weights (the cost does not depend on the values): ESM-2's
+    /// 8M, 35M, 150M, 650M, 3B, 15B and ESM C's esmc-300m, esmc-600m, esmc-6b.
     #[arg(long, value_delimiter = ',', default_value = "650M")]
     pub shape: Vec<String>,
 

@@ -342,3 +342,31 @@ pub fn edited_model(
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
     dir
 }
+
+/// Run `esmbed args` in `dir` with its writer slowed down after each part, and kill it (SIGKILL)
+/// once the manifest of `output` lists `parts` finished parts: a job stopped mid-way, for resume
+/// tests. Fails the test if that takes over two minutes.
+pub fn kill_after_parts(dir: &std::path::Path, args: &[&str], output: &str, parts: usize) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_esmbed"))
+        .args(args)
+        .current_dir(dir)
+        .env("ESMBED_TEST_PART_DELAY_MS", "300")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let manifest = esmbed::output::OutputLayout::new(&dir.join(output)).manifest_path();
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&manifest)
+        .map(|t| t.matches("first_position").count() < parts)
+        .unwrap_or(true)
+    {
+        assert!(started.elapsed().as_secs() < 120, "no progress");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !dir.join(output).exists(),
+        "a killed job left a complete-looking output"
+    );
+}

@@ -178,25 +178,7 @@ fn esmc_jobs_on_two_workers_and_resumed_equal_a_plain_one() {
         "--model",
         model_dir.to_str().unwrap(),
     ];
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_esmbed"))
-        .args(args)
-        .current_dir(&dir)
-        .env("ESMBED_TEST_PART_DELAY_MS", "300")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let manifest = esmbed::output::OutputLayout::new(&dir.join("resumed.parquet")).manifest_path();
-    let started = std::time::Instant::now();
-    while std::fs::read_to_string(&manifest)
-        .map(|t| t.matches("first_position").count() < 2)
-        .unwrap_or(true)
-    {
-        assert!(started.elapsed().as_secs() < 120, "no progress");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert!(!dir.join("resumed.parquet").exists());
+    kill_after_parts(&dir, &args, "resumed.parquet", 2);
     let (code, stderr) = embed(
         &dir,
         MODEL,

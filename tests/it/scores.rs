@@ -588,25 +588,7 @@ fn a_killed_score_job_resumes_to_the_same_result() {
         "--model",
         model.to_str().unwrap(),
     ];
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_esmbed"))
-        .args(args)
-        .current_dir(&dir)
-        .env("ESMBED_TEST_PART_DELAY_MS", "300")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let manifest = esmbed::output::OutputLayout::new(&dir.join("out.parquet")).manifest_path();
-    let started = std::time::Instant::now();
-    while std::fs::read_to_string(&manifest)
-        .map(|t| t.matches("first_position").count() < 3)
-        .unwrap_or(true)
-    {
-        assert!(started.elapsed().as_secs() < 120, "no progress");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert!(!dir.join("out.parquet").exists());
+    kill_after_parts(&dir, &args, "out.parquet", 3);
     let (code, stderr) = score_cli(
         &dir,
         &["in.fasta", "-o", "out.parquet", "--rows-per-part", "6"],
