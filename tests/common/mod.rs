@@ -135,8 +135,18 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
+    esmbed_in(std::path::Path::new("."), args)
+}
+
+/// [`esmbed`] in the directory `dir` (relative input and output paths resolve there).
+pub fn esmbed_in<I, S>(dir: &std::path::Path, args: I) -> (i32, String, String)
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_esmbed"))
         .args(args)
+        .current_dir(dir)
         .env("HF_HUB_OFFLINE", "1")
         .env_remove("ESMBED_MODEL")
         .output()

@@ -34,15 +34,8 @@ fn embed(dir: &Path, model: &str, args: &[&str]) -> (i32, String) {
         "--no-progress",
     ];
     all.extend_from_slice(args);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_esmbed"))
-        .args(&all)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let (code, _, stderr) = esmbed_in(dir, &all);
+    (code, stderr)
 }
 
 #[test]
@@ -107,24 +100,17 @@ fn esm_embed_in_sql_equals_esmbed_embed_for_esmc() {
     let model = fixture_dir(MODEL);
     let query = "CREATE EXTERNAL TABLE p STORED AS FASTA LOCATION 'in.fasta'; \
                  COPY (SELECT id, esm_embed(sequence) AS embedding FROM p) TO 'sql.parquet'";
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_esmbed"))
-        .args([
-            "sql",
-            "--model",
-            model.to_str().unwrap(),
-            "--device",
-            "cpu",
-            "-c",
-            query,
-        ])
-        .current_dir(&dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let sql = [
+        "sql",
+        "--model",
+        model.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "-c",
+        query,
+    ];
+    let (code, _, stderr) = esmbed_in(&dir, sql);
+    assert_eq!(code, 0, "{stderr}");
     let (a, b) = (
         read_parquet(&dir.join("embed.parquet")),
         read_parquet(&dir.join("sql.parquet")),

@@ -384,16 +384,7 @@ fn score_cli_out(dir: &Path, args: &[&str]) -> (i32, String, String) {
     let model = fixture_dir("tiny_h64");
     let mut all = vec!["score", "--model", model.to_str().unwrap(), "--no-progress"];
     all.extend_from_slice(args);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_esmbed"))
-        .args(&all)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    esmbed_in(dir, &all)
 }
 
 fn floats(batch: &arrow::array::RecordBatch, name: &str) -> Vec<f64> {
@@ -636,13 +627,8 @@ fn embed_pll_adds_the_score_jobs_plls_to_unchanged_embeddings() {
         let mut all = vec!["embed", "in.fasta", "--model", model.to_str().unwrap()];
         all.extend_from_slice(&["--no-progress", "--tokens-per-batch", "100"]);
         all.extend_from_slice(args);
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_esmbed"))
-            .args(&all)
-            .current_dir(&dir)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        (out.status.code().unwrap_or(-1), stderr)
+        let (code, _, stderr) = esmbed_in(&dir, &all);
+        (code, stderr)
     };
     for args in [
         &[
@@ -689,21 +675,21 @@ fn embed_pll_adds_the_score_jobs_plls_to_unchanged_embeddings() {
 
     // The dry run plans the same packs: each distinct sequence of L residues and its L copies,
     // L + 2 tokens each.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_esmbed"))
-        .args([
-            "embed",
-            "in.fasta",
-            "-o",
-            "d.parquet",
-            "--pll",
-            "--dry-run",
-            "--json",
-        ])
-        .args(["--model", model.to_str().unwrap()])
-        .current_dir(&dir)
-        .output()
-        .unwrap();
-    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let model_arg = model.to_str().unwrap();
+    let dry = [
+        "embed",
+        "in.fasta",
+        "-o",
+        "d.parquet",
+        "--pll",
+        "--dry-run",
+        "--json",
+        "--model",
+        model_arg,
+    ];
+    let (code, stdout, stderr) = esmbed_in(&dir, dry);
+    assert_eq!(code, 0, "{stderr}");
+    let plan: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let tokens: usize = want
         .sequences
         .iter()
@@ -716,14 +702,17 @@ fn embed_pll_adds_the_score_jobs_plls_to_unchanged_embeddings() {
     assert_ne!(code, 0);
     assert!(stderr.contains("--long truncate"), "{stderr}");
     let headless = fixture_dir("tiny_h16_bf16");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_esmbed"))
-        .args(["embed", "in.fasta", "-o", "h.parquet", "--pll", "--model"])
-        .arg(&headless)
-        .current_dir(&dir)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_ne!(out.status.code(), Some(0));
+    let headless = [
+        "embed",
+        "in.fasta",
+        "-o",
+        "h.parquet",
+        "--pll",
+        "--model",
+        headless.to_str().unwrap(),
+    ];
+    let (code, _, stderr) = esmbed_in(&dir, headless);
+    assert_ne!(code, 0);
     assert!(stderr.contains("lm_head"), "{stderr}");
 }
 
