@@ -21,7 +21,7 @@ use crate::error::Result;
 use crate::model::memory::{self, MemoryEstimate};
 use crate::model::EsmConfig;
 use crate::output;
-use crate::pack::packing_efficiency;
+use crate::pack::{packing_efficiency, PackedBatch};
 
 /// What the dry run knows of the model and device, without weights on it.
 #[derive(Debug, Clone)]
@@ -160,45 +160,25 @@ pub fn dry_run(
         Some(plan) => estimate_size(spec, plan, &tally, stats.parts - stats.resumed)?,
         None => 0,
     };
-    let outputs = spec.columns.layers.len();
-    let memory = memory::estimate(
-        &model.config,
-        model.dtype,
-        model.cpu,
-        tally.longest_pack,
-        tally.longest_sequence,
-        outputs,
-    );
-    let throughput = known_throughput(model);
     let mut report = DryRun {
         rows: scan.rows,
         output_rows: tally.output_rows,
         distinct,
         reused: tally.reused,
         residues: tally.residues,
-        tokens: tally.tokens,
         truncated: tally.truncated,
         errors: tally.errors.values().sum(),
         errors_by_problem: tally.errors,
         error_examples: tally.examples,
         parts: stats.parts - stats.resumed,
         parts_resumed: stats.resumed,
-        packs: tally.packs,
-        tokens_per_batch: opts.plan.tokens_per_batch,
-        packing_efficiency: packing_efficiency(
-            tally.tokens as usize,
-            tally.packs as usize,
-            opts.plan.tokens_per_batch,
-        ),
-        longest_pack_tokens: tally.longest_pack,
-        longest_sequence_tokens: tally.longest_sequence,
         output_bytes,
-        memory,
-        estimated_seconds: throughput
-            .as_ref()
-            .map(|t| tally.tokens as f64 / t.tokens_per_second),
-        throughput,
+        ..DryRun::default()
     };
+    let outputs = spec.columns.layers.len();
+    tally
+        .packs
+        .report(&mut report, model, opts.plan.tokens_per_batch, outputs);
     if let (Some(device), Some(packs)) = (bench, &tally.first_packs) {
         report.measure(packs, device)?;
     }
@@ -255,13 +235,10 @@ struct Tally {
     output_rows: u64,
     reused: u64,
     residues: u64,
-    tokens: u64,
     truncated: u64,
     errors: BTreeMap<&'static str, u64>,
     examples: Vec<ErrorExample>,
-    packs: u64,
-    longest_pack: usize,
-    longest_sequence: usize,
+    packs: PackTally,
     /// Rows whose vectors repeat a row shortly before them in the same part (within a Parquet
     /// page, where the compressor finds them), and the other rows; by rows for pooled vectors,
     /// by residues for per-residue ones (whose rows are larger: fewer fit a page).
@@ -274,6 +251,58 @@ struct Tally {
     /// Whether to keep the first part's packs, for `--bench`.
     bench: bool,
     first_packs: Option<Vec<Pack>>,
+}
+
+/// What a dry run counts of the packs it planned (the embed job's and the score job's alike).
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct PackTally {
+    packs: u64,
+    tokens: u64,
+    longest_pack: usize,
+    longest_sequence: usize,
+}
+
+impl PackTally {
+    /// Count one pack.
+    pub(crate) fn add(&mut self, batch: &PackedBatch) {
+        self.packs += 1;
+        self.tokens += batch.total_tokens() as u64;
+        self.longest_pack = self.longest_pack.max(batch.total_tokens());
+        let longest = (0..batch.len()).map(|i| batch.range(i).len()).max();
+        self.longest_sequence = self.longest_sequence.max(longest.unwrap_or(0));
+    }
+
+    /// Put the figures that come from the packs into `report`, `outputs` layers returned per
+    /// token: packs, tokens, packing efficiency against `budget`, the longest pack and
+    /// sequence, the memory they need, and the time where a throughput is known.
+    pub(crate) fn report(
+        &self,
+        report: &mut DryRun,
+        model: &ModelFacts,
+        budget: usize,
+        outputs: usize,
+    ) {
+        report.packs = self.packs;
+        report.tokens = self.tokens;
+        report.tokens_per_batch = budget;
+        report.packing_efficiency =
+            packing_efficiency(self.tokens as usize, self.packs as usize, budget);
+        report.longest_pack_tokens = self.longest_pack;
+        report.longest_sequence_tokens = self.longest_sequence;
+        report.memory = memory::estimate(
+            &model.config,
+            model.dtype,
+            model.cpu,
+            self.longest_pack,
+            self.longest_sequence,
+            outputs,
+        );
+        report.throughput = known_throughput(model);
+        report.estimated_seconds = report
+            .throughput
+            .as_ref()
+            .map(|t| self.tokens as f64 / t.tokens_per_second);
+    }
 }
 
 /// Rows and residues.
@@ -309,11 +338,7 @@ impl PartSink for &mut Tally {
         let mut originals = Vec::new();
         for pack in packs {
             let batch = &pack.batch;
-            self.packs += 1;
-            self.tokens += batch.total_tokens() as u64;
-            self.longest_pack = self.longest_pack.max(batch.total_tokens());
-            let longest = (0..batch.len()).map(|i| batch.range(i).len()).max();
-            self.longest_sequence = self.longest_sequence.max(longest.unwrap_or(0));
+            self.packs.add(batch);
             for (i, s) in pack.segments.iter().enumerate() {
                 if s.masked.is_none() {
                     originals.push((*s, batch.tokens(i).to_vec()));

@@ -12,17 +12,14 @@ use crate::error::{Error, Result};
 use crate::model::esm2::query_positions;
 use crate::output;
 use crate::pack::PackedBatch;
-use crate::pipeline::dry_run::{count_error, DryRun, ModelFacts};
+use crate::pipeline::dry_run::{count_error, DryRun, ModelFacts, PackTally};
 use crate::tokenize::{MASK, VOCAB_SIZE};
 
 /// A runner that runs nothing, for `--dry-run`: it counts the packs and tokens the job would
 /// run and answers with made-up log-probabilities of the right shape.
 #[derive(Default)]
 struct Planned {
-    packs: Cell<u64>,
-    tokens: Cell<u64>,
-    longest_pack: Cell<usize>,
-    longest_sequence: Cell<usize>,
+    packs: Cell<PackTally>,
     state: Cell<u64>,
 }
 
@@ -34,14 +31,9 @@ impl Runner for Planned {
         take: &mut dyn FnMut(usize, Vec<f32>),
     ) -> Result<()> {
         for (i, batch) in packs.enumerate() {
-            self.packs.set(self.packs.get() + 1);
-            self.tokens
-                .set(self.tokens.get() + batch.total_tokens() as u64);
-            self.longest_pack
-                .set(self.longest_pack.get().max(batch.total_tokens()));
-            let longest = (0..batch.len()).map(|s| batch.range(s).len()).max();
-            self.longest_sequence
-                .set(self.longest_sequence.get().max(longest.unwrap_or(0)));
+            let mut packs = self.packs.get();
+            packs.add(&batch);
+            self.packs.set(packs);
             let rows = query_positions(&batch, at, MASK).len();
             let mut state = self.state.get() | 1;
             let values = (0..rows * VOCAB_SIZE)
@@ -74,7 +66,6 @@ pub fn dry_run(job: &ScoreJob, model: &ModelFacts) -> Result<DryRun> {
     let mut cache = ScoreCache::default();
     let mut tally = DryRun {
         rows,
-        tokens_per_batch: opts.tokens_per_batch,
         ..DryRun::default()
     };
     // The output as the job would leave it, with made-up scores: its part files written and
@@ -107,15 +98,6 @@ pub fn dry_run(job: &ScoreJob, model: &ModelFacts) -> Result<DryRun> {
     tally.parts = parts - tally.parts_resumed;
     tally.errors = tally.errors_by_problem.values().sum();
     tally.distinct = Some(tally.output_rows - tally.reused);
-    tally.packs = planned.packs.get();
-    tally.tokens = planned.tokens.get();
-    tally.longest_pack_tokens = planned.longest_pack.get();
-    tally.longest_sequence_tokens = planned.longest_sequence.get();
-    tally.packing_efficiency = crate::pack::packing_efficiency(
-        tally.tokens as usize,
-        tally.packs as usize,
-        opts.tokens_per_batch,
-    );
     let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
     tally.output_bytes = match job.layout.kind {
         output::OutputKind::File if !part_paths.is_empty() => {
@@ -127,18 +109,9 @@ pub fn dry_run(job: &ScoreJob, model: &ModelFacts) -> Result<DryRun> {
         output::OutputKind::Dataset => part_paths.iter().map(|p| size(p)).sum(),
     };
     let _ = std::fs::remove_dir_all(&scratch);
-    tally.memory = crate::model::memory::estimate(
-        &model.config,
-        model.dtype,
-        model.cpu,
-        tally.longest_pack_tokens,
-        tally.longest_sequence_tokens,
-        1,
-    );
-    tally.throughput = crate::pipeline::dry_run::known_throughput(model);
-    tally.estimated_seconds = tally
-        .throughput
-        .as_ref()
-        .map(|t| tally.tokens as f64 / t.tokens_per_second);
+    planned
+        .packs
+        .get()
+        .report(&mut tally, model, opts.tokens_per_batch, 1);
     Ok(tally)
 }
