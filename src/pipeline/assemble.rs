@@ -268,7 +268,7 @@ impl PartAssembly {
     /// sums them in, whatever order the packs came back in).
     fn sum_pll(&mut self) {
         for (row, terms) in std::mem::take(&mut self.pll_terms) {
-            self.pll[row as usize] = terms.iter().map(|&v| v as f64).sum();
+            self.pll[row as usize] = crate::score::Pll::from_terms(terms).pll;
         }
     }
 
@@ -520,7 +520,7 @@ impl PartAssembly {
                     RowPlan::Embed { embedded, .. } => embedded,
                     RowPlan::Error => 0,
                 };
-                (-pll / embedded.max(1) as f64).exp()
+                crate::score::pseudo_perplexity(pll, embedded)
             })
             .collect();
         [

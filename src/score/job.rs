@@ -623,7 +623,7 @@ fn assemble(
                         };
                         residues += per.len() as u64;
                         plls.push(*pll);
-                        perplexities.push((-pll / per.len().max(1) as f64).exp());
+                        perplexities.push(super::pseudo_perplexity(*pll, per.len()));
                         terms.push(per.clone());
                     }
                     columns.push(Arc::new(Float64Array::from(plls)));

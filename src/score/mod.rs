@@ -40,8 +40,22 @@ pub struct Pll {
 impl Pll {
     /// `exp(−PLL / L)`.
     pub fn pseudo_perplexity(&self) -> f64 {
-        (-self.pll / self.per_position.len().max(1) as f64).exp()
+        pseudo_perplexity(self.pll, self.per_position.len())
     }
+
+    /// The pseudo-log-likelihood of these terms (residue order): their sum in f64, in order,
+    /// as every front computes it.
+    pub fn from_terms(per_position: Vec<f32>) -> Self {
+        Self {
+            pll: per_position.iter().map(|&v| v as f64).sum(),
+            per_position,
+        }
+    }
+}
+
+/// `exp(−PLL / L)` of a sequence of `residues` residues.
+pub fn pseudo_perplexity(pll: f64, residues: usize) -> f64 {
+    (-pll / residues.max(1) as f64).exp()
 }
 
 /// How a mutant is scored.
@@ -126,7 +140,7 @@ pub fn pseudo_log_likelihoods(
         },
     )?;
     for p in &mut out {
-        p.pll = p.per_position.iter().map(|&v| v as f64).sum();
+        *p = Pll::from_terms(std::mem::take(&mut p.per_position));
     }
     Ok(out)
 }
