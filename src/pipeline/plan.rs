@@ -277,14 +277,11 @@ impl PartBuilder {
     /// Close the part: sort its segments by length and pack them (with `--pll`, followed each
     /// by its masked copies, packed as they are taken).
     pub fn finish(self, options: &PlanOptions) -> (PartPlan, Packs) {
+        let budget = options.tokens_per_batch;
+        let packed = (!options.pll).then(|| self.packs(budget));
         let copies: usize = match options.pll {
             true => self.segments.iter().map(|(_, t)| t.len() - 2).sum(),
             false => 0,
-        };
-        let packs = if options.pll {
-            self.masked_packs(options.tokens_per_batch)
-        } else {
-            Box::new(self.packs(options.tokens_per_batch).into_iter())
         };
         let plan = PartPlan {
             index: self.index,
@@ -294,6 +291,10 @@ impl PartBuilder {
             errors: self.errors,
             origins: self.origins,
             segments: self.segments.len() + copies,
+        };
+        let packs = match packed {
+            Some(packs) => Box::new(packs.into_iter()),
+            None => masked_packs(self.index, self.segments, budget),
         };
         (plan, packs)
     }
@@ -319,42 +320,41 @@ impl PartBuilder {
             .collect()
     }
 
-    /// The segments longest first, each followed by its masked copies, next-fit into packs.
-    /// (Windows are refused with `--pll`: every segment is a whole, or truncated, row.)
-    fn masked_packs(&self, budget: usize) -> Packs {
-        let mut order: Vec<usize> = (0..self.segments.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(self.segments[i].1.len()));
-        let segments: Vec<Segment> = order.iter().map(|&i| self.segments[i].0).collect();
-        let tokens: Arc<[Vec<u32>]> = order.iter().map(|&i| self.segments[i].1.clone()).collect();
-        let positions = tokens.iter().map(|t| (1..t.len() - 1).collect()).collect();
-        let part = self.index;
-        let copies = crate::pack::masked_copies(tokens.clone(), positions, budget, true);
-        Box::new(copies.map(move |(batch, which)| {
-            Pack {
-                part,
-                segments: which
-                    .iter()
-                    .map(|c| Segment {
-                        masked: c.masked.map(|k| MaskedResidue {
-                            position: k as u32,
-                            token: tokens[c.sequence][k],
-                        }),
-                        ..segments[c.sequence]
-                    })
-                    .collect(),
-                batch,
-                needs_residues: false,
-                log_probs: true,
-            }
-        }))
-    }
-
     fn windows_of(&self, row: u32) -> usize {
         match self.rows[row as usize] {
             RowPlan::Embed { windows, .. } => windows,
             RowPlan::Error => 0,
         }
     }
+}
+
+/// Part `part`'s segments longest first, each followed by its masked copies, next-fit into packs
+/// of at most `budget` tokens. (Windows are refused with `--pll`: every segment is a whole, or
+/// truncated, row.)
+fn masked_packs(part: usize, mut segments: Vec<(Segment, Vec<u32>)>, budget: usize) -> Packs {
+    segments.sort_by_key(|(_, t)| std::cmp::Reverse(t.len()));
+    let (segments, tokens): (Vec<Segment>, Vec<Vec<u32>>) = segments.into_iter().unzip();
+    let tokens: Arc<[Vec<u32>]> = tokens.into();
+    let positions = tokens.iter().map(|t| (1..t.len() - 1).collect()).collect();
+    let copies = crate::pack::masked_copies(tokens.clone(), positions, budget, true);
+    Box::new(copies.map(move |(batch, which)| {
+        Pack {
+            part,
+            segments: which
+                .iter()
+                .map(|c| Segment {
+                    masked: c.masked.map(|k| MaskedResidue {
+                        position: k as u32,
+                        token: tokens[c.sequence][k],
+                    }),
+                    ..segments[c.sequence]
+                })
+                .collect(),
+            batch,
+            needs_residues: false,
+            log_probs: true,
+        }
+    }))
 }
 
 /// Ids seen more than once: `position → first position` of each later duplicate.
