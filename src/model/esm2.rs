@@ -147,19 +147,9 @@ impl Esm2 {
         )
     }
 
-    /// Whether this model runs on the fused CUDA kernels: bf16/f16 on a GPU, a head dim that is a
-    /// multiple of 4 and a hidden size that is a multiple of 8 up to 5120, as in every ESM-2 size.
+    /// Whether this model runs on the fused CUDA kernels ([`trunk::fused_kernels_apply`]).
     fn fused(&self) -> bool {
-        #[cfg(feature = "cuda")]
-        if self.device.is_cuda()
-            && matches!(self.dtype, DType::BF16 | DType::F16)
-            && self.config.head_dim().is_multiple_of(4)
-            && self.config.hidden_size.is_multiple_of(8)
-            && self.config.hidden_size <= super::kernels::MAX_LAYER_NORM_WIDTH
-        {
-            return true;
-        }
-        false
+        trunk::fused_kernels_apply(&self.config, &self.device, self.dtype)
     }
 
     fn layer_norm(&self, norm: &LayerNorm, x: &Tensor) -> Result<Tensor> {

@@ -60,6 +60,8 @@ pub struct Esmc {
     head: Option<LmHead>,
     device: Device,
     dtype: DType,
+    /// Whether the blocks run on the fused CUDA kernels (see [`fused`]).
+    fused: bool,
 }
 
 impl Esmc {
@@ -118,6 +120,7 @@ impl Esmc {
             head: None,
             device: device.clone(),
             dtype,
+            fused,
             config,
         })
     }
@@ -185,6 +188,7 @@ impl Esmc {
             head: Some(head),
             device: device.clone(),
             dtype,
+            fused,
         })
     }
 
@@ -225,6 +229,7 @@ impl Esmc {
             head,
             device: device.clone(),
             dtype: self.dtype,
+            fused: self.fused && trunk::fused_kernels_apply(&self.config, device, self.dtype),
         })
     }
 
@@ -278,7 +283,7 @@ impl Esmc {
         layout: &PackLayout,
     ) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if fused(&self.config, &self.device, self.dtype) {
+        if self.fused {
             return self.block_forward_fused(block, x, cos, sin, layout);
         }
         let (total, h) = x.dims2()?;
@@ -349,23 +354,13 @@ impl Esmc {
     }
 }
 
-/// Whether the model runs on the fused CUDA kernels: bf16/f16 on a GPU, a head dim that is a
-/// multiple of 4 and a hidden size that is a multiple of 8 up to the LayerNorm kernel's width
-/// (every released size). Opt-in (`ESMBED_ESMC_FUSED=1`) until `esmbed verify` and the
-/// benchmark have run it on a GPU; by default ESM C runs on candle's CUDA ops, verified.
+/// Whether a model built now runs on the fused CUDA kernels ([`trunk::fused_kernels_apply`]).
+/// Opt-in (`ESMBED_ESMC_FUSED=1`) until `esmbed verify` and the benchmark have run it on a GPU;
+/// by default ESM C runs on candle's CUDA ops, verified. Decided once per model, at build: the
+/// zero biases the fused kernels need are made then.
 fn fused(config: &EsmConfig, device: &Device, dtype: DType) -> bool {
-    #[cfg(feature = "cuda")]
-    if std::env::var("ESMBED_ESMC_FUSED").is_ok_and(|v| v == "1")
-        && device.is_cuda()
-        && matches!(dtype, DType::BF16 | DType::F16)
-        && config.head_dim().is_multiple_of(4)
-        && config.hidden_size.is_multiple_of(8)
-        && config.hidden_size <= super::kernels::MAX_LAYER_NORM_WIDTH
-    {
-        return true;
-    }
-    let _ = (config, device, dtype);
-    false
+    std::env::var("ESMBED_ESMC_FUSED").is_ok_and(|v| v == "1")
+        && trunk::fused_kernels_apply(config, device, dtype)
 }
 
 /// `weight` as a Linear: with a zero bias where the fused kernels run (they add one in the

@@ -65,6 +65,27 @@ pub(super) fn run_blocks(
         .collect())
 }
 
+/// Whether ESM-2's fused CUDA kernels can run a model of `config` on `device` in `dtype`:
+/// bf16/f16 on a GPU, a head dim that is a multiple of 4 and a hidden size that is a multiple of
+/// 8 up to the LayerNorm kernel's width (every published ESM-2 and ESM C size).
+pub(super) fn fused_kernels_apply(
+    config: &super::config::EsmConfig,
+    device: &Device,
+    dtype: candle_core::DType,
+) -> bool {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda()
+        && matches!(dtype, candle_core::DType::BF16 | candle_core::DType::F16)
+        && config.head_dim().is_multiple_of(4)
+        && config.hidden_size.is_multiple_of(8)
+        && config.hidden_size <= super::kernels::MAX_LAYER_NORM_WIDTH
+    {
+        return true;
+    }
+    let _ = (config, device, dtype);
+    false
+}
+
 /// Copies weights to one device, through the host: a direct copy between GPUs needs peer access,
 /// which not every host grants (and the host copy costs seconds once per job). Every replica
 /// then holds the same bits, so replicas give identical results.
