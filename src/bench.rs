@@ -80,7 +80,7 @@ pub fn random_sequences(lengths: &[usize], seed: u64) -> Vec<Vec<u32>> {
 
 /// How sequences are batched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
     /// Packed, no padding (esmbed).

@@ -40,6 +40,24 @@ pub fn cuda_device_count() -> usize {
     0
 }
 
+/// The compute dtype `spec` names for `device` (`auto`: f32 on the CPU, where it is exact; bf16
+/// on a GPU).
+pub fn parse_dtype(spec: &str, device: &Device) -> Result<candle_core::DType> {
+    use candle_core::DType;
+    Ok(match spec.trim().to_ascii_lowercase().as_str() {
+        "auto" if device.is_cpu() => DType::F32,
+        "auto" => DType::BF16,
+        "f32" | "fp32" | "float32" => DType::F32,
+        "bf16" | "bfloat16" => DType::BF16,
+        "f16" | "fp16" | "float16" | "half" => DType::F16,
+        other => {
+            return Err(Error::InvalidOption(format!(
+                "unknown --dtype {other:?}: use auto, f32, bf16 or f16"
+            )))
+        }
+    })
+}
+
 /// The GPU ordinals (or the CPU) that `spec` names, without opening them.
 pub fn plan(spec: &str, visible_gpus: usize) -> Result<Vec<Option<usize>>> {
     let spec = spec.trim().to_ascii_lowercase();

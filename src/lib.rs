@@ -31,6 +31,8 @@
 //! ```
 
 pub mod bench;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod devices;
 pub mod embed;
 pub mod engine;

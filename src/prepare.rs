@@ -6,7 +6,7 @@ use crate::tokenize::{Tokenizer, CLS, EOS};
 
 /// What to do with sequences longer than `--max-length` residues.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum LongPolicy {
     /// Keep the first `max_length` residues (and `<eos>`), mark the row `truncated` (fair-esm).

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 
-use esmbed::bench::{self, Method, H100_PEAK_TFLOPS};
-use esmbed::{EmbedOptions, Embedder, EsmConfig, Model};
+use crate::bench::{self, Method, H100_PEAK_TFLOPS};
+use crate::{EmbedOptions, Embedder, EsmConfig, Model};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -117,7 +117,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             .replicate_to(&devices)?
             .into_iter()
             .map(|m| Embedder::new(m, &EmbedOptions::default()).map(std::sync::Arc::new))
-            .collect::<esmbed::Result<Vec<_>>>()?;
+            .collect::<crate::Result<Vec<_>>>()?;
         let methods = if args.no_pack {
             vec![Method::Padded]
         } else {
@@ -141,8 +141,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 
 /// Print one measurement (and the per-op profile, when enabled).
 fn report(r: &bench::BenchResult, shape: &str, json: bool) -> anyhow::Result<()> {
-    if esmbed::model::profile::enabled() {
-        for (name, seconds, calls, share) in esmbed::model::profile::take_report() {
+    if crate::model::profile::enabled() {
+        for (name, seconds, calls, share) in crate::model::profile::take_report() {
             let row = serde_json::json!({"model": shape, "method": r.method, "op": name,
                 "seconds": seconds, "calls": calls, "share": share});
             eprintln!("{row}");

@@ -1,12 +1,12 @@
 //! `esmbed embed --dry-run`: the job's plan and estimates, printed (see
-//! [`esmbed::pipeline::dry_run`]).
+//! [`crate::pipeline::dry_run`]).
 
-use esmbed::input::Inputs;
-use esmbed::output::remote::RemoteOutput;
-use esmbed::pipeline::dry_run::{self, DryRun, ModelFacts};
-use esmbed::pipeline::spec::ModelView;
-use esmbed::pipeline::{JobSpec, ModelIdentity};
-use esmbed::{DType, Device, Embedder, Tokenizer};
+use crate::input::Inputs;
+use crate::output::remote::RemoteOutput;
+use crate::pipeline::dry_run::{self, DryRun, ModelFacts};
+use crate::pipeline::spec::ModelView;
+use crate::pipeline::{JobSpec, ModelIdentity};
+use crate::{DType, Device, Embedder, Tokenizer};
 
 use super::embed::{job_options, pooling, EmbedArgs};
 
@@ -66,23 +66,23 @@ pub fn run_measured(
 
 /// The token budget a job would pick on `device` once the weights are loaded (they are not: the
 /// free memory less their estimated size).
-pub fn planned_budget(device: &Device, config: &esmbed::EsmConfig, dtype: DType) -> usize {
-    let weights = esmbed::model::memory::parameters(config) * dtype.size_in_bytes() as u64;
-    esmbed::embed::free_device_memory(device)
+pub fn planned_budget(device: &Device, config: &crate::EsmConfig, dtype: DType) -> usize {
+    let weights = crate::model::memory::parameters(config) * dtype.size_in_bytes() as u64;
+    crate::embed::free_device_memory(device)
         .map(|free| {
             let left = (free as u64).saturating_sub(weights);
-            esmbed::embed::tokens_per_batch_for(left, config.hidden_size, dtype)
+            crate::embed::tokens_per_batch_for(left, config.hidden_size, dtype)
         })
         .unwrap_or(4096)
 }
 
 /// What the dry run needs of the model and device.
-pub fn facts(config: &esmbed::EsmConfig, dtype: DType, device: &Device) -> ModelFacts {
+pub fn facts(config: &crate::EsmConfig, dtype: DType, device: &Device) -> ModelFacts {
     ModelFacts {
         config: config.clone(),
         dtype,
         cpu: device.is_cpu(),
-        device_name: esmbed::devices::name(device),
+        device_name: crate::devices::name(device),
     }
 }
 
@@ -141,7 +141,7 @@ pub fn print(r: &DryRun, json: bool, device: &Device) {
     println!(
         "  peak memory        ~{} on {}: weights {} + activations {} (fullest pack {} tokens, longest sequence {} tokens)",
         bytes(r.memory.total()),
-        esmbed::devices::label(device),
+        crate::devices::label(device),
         bytes(r.memory.weights),
         bytes(r.memory.activations),
         r.longest_pack_tokens,

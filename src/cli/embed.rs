@@ -7,10 +7,10 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Args;
 
-use esmbed::input::{InputOptions, Inputs};
-use esmbed::pipeline::plan::PlanOptions;
-use esmbed::pipeline::{self, JobOptions, JobSpec, JobSummary, ModelIdentity};
-use esmbed::{EmbedOptions, Embedder, Pooling};
+use crate::input::{InputOptions, Inputs};
+use crate::pipeline::plan::PlanOptions;
+use crate::pipeline::{self, JobOptions, JobSpec, JobSummary, ModelIdentity};
+use crate::{EmbedOptions, Embedder, Pooling};
 
 use super::{InputArgs, ModelArgs, OutputArgs};
 
@@ -33,7 +33,7 @@ pub struct EmbedArgs {
     /// Run share I of N of the input files (0-based: 0/4 … 3/4), for several machines splitting
     /// one job deterministically; give each shard its own --output.
     #[arg(long, value_name = "I/N")]
-    pub shard: Option<esmbed::input::Shard>,
+    pub shard: Option<crate::input::Shard>,
 
     #[command(flatten)]
     pub store: super::StoreArgs,
@@ -110,18 +110,26 @@ pub struct EmbedArgs {
     pub bench: bool,
 }
 
-/// Run the job (or, with `--dry-run`, plan it).
-pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
+/// Run the job (or, with `--dry-run`, plan it: no summary then), stopped cleanly by SIGINT or
+/// SIGTERM.
+pub fn run(args: EmbedArgs) -> anyhow::Result<Option<JobSummary>> {
+    run_with(args, None)
+}
+
+/// [`run`], stopped by `cancel` instead of signals when given (the Python package watches for
+/// Ctrl-C itself: a second one must not end the interpreter).
+pub fn run_with(
+    args: EmbedArgs,
+    cancel: Option<Arc<AtomicBool>>,
+) -> anyhow::Result<Option<JobSummary>> {
     let devices = super::parse_devices(&args.model.run.device)?;
     let dtype = super::parse_dtype(&args.model.run.dtype, &devices[0])?;
     if args.columns.max_length == Some(0) {
         anyhow::bail!("--max-length must be at least 1");
     }
-    let rows_per_part = args.rows_per_part.unwrap_or(match () {
-        _ if args.pll => 1_000,
-        _ if args.columns.per_residue => 2_000,
-        _ => 50_000,
-    });
+    let rows_per_part = args
+        .rows_per_part
+        .unwrap_or_else(|| JobOptions::default_rows_per_part(args.pll, args.columns.per_residue));
     if rows_per_part == 0 {
         anyhow::bail!("--rows-per-part must be at least 1");
     }
@@ -138,8 +146,8 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         &store,
         args.shard,
     )?;
-    let remote = if esmbed::storage::is_url(&args.output) {
-        Some(esmbed::output::remote::RemoteOutput::new(
+    let remote = if crate::storage::is_url(&args.output) {
+        Some(crate::output::remote::RemoteOutput::new(
             &args.output,
             &store,
             None,
@@ -148,7 +156,8 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         None
     };
     if args.dry_run && !args.bench {
-        return super::dry_run::run(&args, inputs, remote, &devices, dtype, rows_per_part);
+        super::dry_run::run(&args, inputs, remote, &devices, dtype, rows_per_part)?;
+        return Ok(None);
     }
     let (embedders, model, tokens_per_batch) = load(&args, &devices, dtype)?;
     let config = embedders[0].model().config();
@@ -159,21 +168,22 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         spec = spec.with_remote_output(remote);
     }
     if args.dry_run {
-        return super::dry_run::run_measured(&args, &spec, &embedders[0], &devices, dtype);
+        super::dry_run::run_measured(&args, &spec, &embedders[0], &devices, dtype)?;
+        return Ok(None);
     }
     spec = spec.with_progress(super::progress::bar(!args.no_progress));
-    let summary = execute(spec, embedders)?;
+    let summary = execute(spec, embedders, cancel)?;
     print_summary(&summary, args.json);
-    Ok(())
+    Ok(Some(summary))
 }
 
 /// The job's options from the command line.
 pub fn job_options(
     args: &EmbedArgs,
-    config: &esmbed::EsmConfig,
+    config: &crate::EsmConfig,
     tokens_per_batch: usize,
     rows_per_part: usize,
-    devices: &[esmbed::Device],
+    devices: &[crate::Device],
 ) -> JobOptions {
     JobOptions {
         plan: PlanOptions {
@@ -198,8 +208,8 @@ pub fn job_options(
 /// (from `--tokens-per-batch`, or what fits in the devices' free memory).
 fn load(
     args: &EmbedArgs,
-    devices: &[esmbed::Device],
-    dtype: esmbed::DType,
+    devices: &[crate::Device],
+    dtype: crate::DType,
 ) -> anyhow::Result<(Vec<Embedder>, ModelIdentity, usize)> {
     let loading = Instant::now();
     let super::LoadedModel {
@@ -220,7 +230,7 @@ fn load(
     let tokens_per_batch = args.tokens_per_batch.unwrap_or_else(|| {
         devices
             .iter()
-            .map(|d| esmbed::embed::default_tokens_per_batch(d, config.hidden_size, dtype))
+            .map(|d| crate::embed::default_tokens_per_batch(d, config.hidden_size, dtype))
             .min()
             .unwrap_or(4096)
     });
@@ -233,7 +243,7 @@ fn load(
     let embedders = replicas
         .into_iter()
         .map(|m| Embedder::new(m, &options))
-        .collect::<esmbed::Result<Vec<_>>>()?;
+        .collect::<crate::Result<Vec<_>>>()?;
     let labels: Vec<String> = embedders.iter().map(Embedder::device_label).collect();
     tracing::info!(
         "loaded {} ({} layers, hidden {}) on {} as {:?} in {:.1}s",
@@ -260,22 +270,30 @@ pub fn pooling(args: &EmbedArgs) -> Pooling {
     }
 }
 
-/// Run the job on an async runtime, with SIGINT/SIGTERM asking it to stop cleanly.
-fn execute(spec: JobSpec, embedders: Vec<Embedder>) -> anyhow::Result<JobSummary> {
+/// Run the job on an async runtime, stopped cleanly by `cancel` or, without one, by SIGINT and
+/// SIGTERM.
+fn execute(
+    spec: JobSpec,
+    embedders: Vec<Embedder>,
+    cancel: Option<Arc<AtomicBool>>,
+) -> anyhow::Result<JobSummary> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let cancel = Arc::new(AtomicBool::new(false));
+    let signals = cancel.is_none();
+    let cancel = cancel.unwrap_or_default();
     let summary = runtime.block_on(async {
-        let watcher = tokio::spawn(watch_signals(cancel.clone()));
+        let watcher = signals.then(|| tokio::spawn(watch_signals(cancel.clone())));
         let devices = embedders
             .into_iter()
-            .map(|e| Arc::new(e) as Arc<dyn esmbed::engine::PackEmbedder>)
+            .map(|e| Arc::new(e) as Arc<dyn crate::engine::PackEmbedder>)
             .collect();
         let result = pipeline::run(spec, devices, cancel.clone()).await;
-        watcher.abort();
+        if let Some(watcher) = watcher {
+            watcher.abort();
+        }
         result
     })?;
     Ok(summary)

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::Args;
 
-use esmbed::output::{Manifest, METADATA_KEY};
+use crate::output::{Manifest, METADATA_KEY};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 #[derive(Debug, Args)]

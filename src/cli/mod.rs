@@ -1,4 +1,9 @@
 //! The command line: a thin front over the library. Parse, call, print.
+//!
+//! It is part of the library (feature `cli`) so that the `esmbed` command of the Python package
+//! runs this same code: [`main`] is the whole program, for the binary and the wheel alike. Its
+//! own argument errors are `anyhow` messages (exit 2); the library's are [`crate::Error`]s,
+//! whose kind gives the exit code.
 
 pub mod bench;
 pub mod dry_run;
@@ -9,11 +14,63 @@ pub mod score;
 pub mod sql;
 pub mod verify;
 
+use std::ffi::OsString;
+
 use clap::{Args, Parser, Subcommand};
 
-use esmbed::input::InputFormat;
-use esmbed::output::columns::OutputDType;
-use esmbed::prepare::LongPolicy;
+use crate::input::InputFormat;
+use crate::output::columns::OutputDType;
+use crate::prepare::LongPolicy;
+
+/// Run the `esmbed` command on `args` (the program name first) and return its exit code: parse,
+/// set up logging (once per process), run, and print an error as a message.
+pub fn main(args: impl IntoIterator<Item = impl Into<OsString> + Clone>) -> u8 {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    let level = match cli.verbose {
+        0 => "esmbed=info",
+        1 => "esmbed=debug",
+        _ => "esmbed=trace",
+    };
+    // A second call in one process (the Python package) keeps the first call's logger.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+    let result = match cli.command {
+        Command::Embed(args) => embed::run(*args).map(|_| ()),
+        Command::Score(args) => score::run(*args),
+        Command::Inspect(args) => inspect::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Verify(args) => verify::run(args),
+        Command::Sql(args) => sql::run(*args),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(error) => {
+            eprintln!("esmbed: error: {error:#}");
+            exit_code(&error)
+        }
+    }
+}
+
+/// The exit code of a failure: from its kind ([`crate::ErrorKind::exit_code`], the README's
+/// table). Errors that are not the library's come from argument checks here: usage (2).
+pub fn exit_code(error: &anyhow::Error) -> u8 {
+    match error.downcast_ref::<crate::Error>() {
+        Some(error) => error.kind().exit_code(),
+        None => 2,
+    }
+}
 
 /// ESM-2 protein embeddings at the speed of the GPU, as Parquet.
 ///
@@ -163,12 +220,12 @@ pub struct StoreArgs {
 
 impl StoreArgs {
     /// The library's options: the environment's (`AWS_*`), with these flags over it.
-    pub fn options(&self) -> esmbed::storage::StoreOptions {
-        esmbed::storage::StoreOptions {
+    pub fn options(&self) -> crate::storage::StoreOptions {
+        crate::storage::StoreOptions {
             endpoint: self.s3_endpoint.clone(),
             allow_http: self.s3_allow_http,
             attempts: self.s3_attempts.max(1),
-            ..esmbed::storage::StoreOptions::from_env()
+            ..crate::storage::StoreOptions::from_env()
         }
     }
 }
@@ -184,12 +241,12 @@ pub enum UnknownArg {
     Unk,
 }
 
-impl From<UnknownArg> for esmbed::UnknownResidue {
+impl From<UnknownArg> for crate::UnknownResidue {
     fn from(u: UnknownArg) -> Self {
         match u {
-            UnknownArg::Error => esmbed::UnknownResidue::Error,
-            UnknownArg::X => esmbed::UnknownResidue::MapToX,
-            UnknownArg::Unk => esmbed::UnknownResidue::MapToUnk,
+            UnknownArg::Error => crate::UnknownResidue::Error,
+            UnknownArg::X => crate::UnknownResidue::MapToX,
+            UnknownArg::Unk => crate::UnknownResidue::MapToUnk,
         }
     }
 }
@@ -236,100 +293,18 @@ pub struct OutputArgs {
 }
 
 /// Parse `--device` into the devices to run on (one model replica each).
-pub fn parse_devices(spec: &str) -> anyhow::Result<Vec<esmbed::Device>> {
-    Ok(esmbed::devices::parse(spec)?)
+pub fn parse_devices(spec: &str) -> anyhow::Result<Vec<crate::Device>> {
+    Ok(crate::devices::parse(spec)?)
 }
 
 /// Parse `--device` for a command that runs on one device: the first one listed.
-pub fn parse_device(spec: &str) -> anyhow::Result<esmbed::Device> {
+pub fn parse_device(spec: &str) -> anyhow::Result<crate::Device> {
     Ok(parse_devices(spec)?.remove(0))
 }
 
-/// A model loaded on every device of a job.
-pub struct LoadedModel {
-    /// One replica per device, in device order (copies of the first: identical results).
-    pub replicas: Vec<esmbed::Model>,
-    /// The model as the user named it.
-    pub name: String,
-    /// Fingerprint of its weights (for resume checks and the output's metadata).
-    pub fingerprint: String,
-}
-
-/// Load `spec` (hub id, directory, `.pt`, short name or `random:SHAPE`) on `devices[0]`, and
-/// replicate it to the others.
-/// Whether a command loads the masked-LM head.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Head {
-    /// Embeddings only.
-    No,
-    /// Where the checkpoint has one (`esmbed sql`: the score functions work then).
-    IfPresent,
-    /// Scores: a checkpoint without one is an error naming what is missing.
-    Required,
-}
-
-/// Load `spec` with the masked-LM head as `head` says.
-pub fn load_model(
-    spec: &str,
-    devices: &[esmbed::Device],
-    dtype: esmbed::DType,
-    head: Head,
-) -> anyhow::Result<LoadedModel> {
-    use esmbed::{Checkpoint, Model, ModelSource};
-    let source = ModelSource::parse(spec)?;
-    let (model, fingerprint) = match &source {
-        ModelSource::Random(shape) => {
-            let config = esmbed::EsmConfig::published(shape).expect("checked by parse");
-            let model = Model::random(&config, &devices[0], dtype, 0)?;
-            (model, format!("random:{shape}:seed0"))
-        }
-        _ => {
-            let checkpoint = Checkpoint::open(&source)?;
-            let fingerprint = checkpoint.fingerprint()?;
-            let with_head = match head {
-                Head::No => false,
-                Head::IfPresent => checkpoint.has_lm_head(),
-                Head::Required => true,
-            };
-            let model = Model::load(&checkpoint, &devices[0], dtype, with_head)?;
-            (model, fingerprint)
-        }
-    };
-    Ok(LoadedModel {
-        replicas: model.replicate_to(devices)?,
-        name: source.display_name(),
-        fingerprint,
-    })
-}
-
-/// A model's config, display name and fingerprint, without loading its weights (safetensors are
-/// mapped, not read; a `.pt` is opened for its tensor index).
-pub fn describe_model(spec: &str) -> anyhow::Result<(esmbed::EsmConfig, String, String)> {
-    use esmbed::{Checkpoint, ModelSource};
-    let source = ModelSource::parse(spec)?;
-    Ok(match &source {
-        ModelSource::Random(shape) => (
-            esmbed::EsmConfig::published(shape).expect("checked by parse"),
-            source.display_name(),
-            format!("random:{shape}:seed0"),
-        ),
-        _ => {
-            let checkpoint = Checkpoint::open(&source)?;
-            let fingerprint = checkpoint.fingerprint()?;
-            (checkpoint.config, source.display_name(), fingerprint)
-        }
-    })
-}
+pub use crate::model::{describe_model, load_model, Head, LoadedModel};
 
 /// Parse `--dtype` for a device.
-pub fn parse_dtype(spec: &str, device: &esmbed::Device) -> anyhow::Result<esmbed::DType> {
-    use esmbed::DType;
-    Ok(match spec.trim().to_ascii_lowercase().as_str() {
-        "auto" if device.is_cpu() => DType::F32,
-        "auto" => DType::BF16,
-        "f32" | "fp32" | "float32" => DType::F32,
-        "bf16" | "bfloat16" => DType::BF16,
-        "f16" | "fp16" | "float16" | "half" => DType::F16,
-        other => anyhow::bail!("unknown --dtype {other:?}: use auto, f32, bf16 or f16"),
-    })
+pub fn parse_dtype(spec: &str, device: &crate::Device) -> anyhow::Result<crate::DType> {
+    Ok(crate::devices::parse_dtype(spec, device)?)
 }

@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::Duration;
 
-use esmbed::pipeline::progress::{Event, Progress};
+use crate::pipeline::progress::{Event, Progress};
 
 /// A progress bar for a job, or nothing when `enabled` is false or stderr is not a terminal.
 ///

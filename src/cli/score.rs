@@ -7,14 +7,14 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 
-use esmbed::engine::{DevicePool, PackEmbedder, PoolOptions};
-use esmbed::input::{InputOptions, Inputs};
-use esmbed::output::columns::OutputDType;
-use esmbed::output::metadata::{InputIdentity, JobIdentity, PoolingMeta, Settings};
-use esmbed::prepare::{InputPolicy, LongPolicy};
-use esmbed::score::job::{self, ScoreJob, ScoreMode, ScoreOptions, ScoreSummary};
-use esmbed::score::Strategy;
-use esmbed::{EmbedOptions, Embedder, Tokenizer};
+use crate::engine::{DevicePool, PackEmbedder, PoolOptions};
+use crate::input::{InputOptions, Inputs};
+use crate::output::columns::OutputDType;
+use crate::output::metadata::{InputIdentity, JobIdentity, PoolingMeta, Settings};
+use crate::prepare::{InputPolicy, LongPolicy};
+use crate::score::job::{self, ScoreJob, ScoreMode, ScoreOptions, ScoreSummary};
+use crate::score::Strategy;
+use crate::{EmbedOptions, Embedder, Tokenizer};
 
 use super::{InputArgs, ModelArgs};
 
@@ -126,7 +126,7 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
             id_column: args.input.id_column.clone(),
             ..InputOptions::default()
         },
-        &esmbed::storage::StoreOptions::from_env(),
+        &crate::storage::StoreOptions::from_env(),
         None,
     )?;
     let mode = mode(&args)?;
@@ -151,7 +151,7 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
         }
         devices
             .iter()
-            .map(|d| esmbed::embed::default_tokens_per_batch(d, config.hidden_size, dtype))
+            .map(|d| crate::embed::default_tokens_per_batch(d, config.hidden_size, dtype))
             .min()
             .unwrap_or(4096)
     });
@@ -205,7 +205,7 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
     let mut job = ScoreJob::new(inputs, output, mode, options, identity, metadata);
     if args.dry_run {
         let facts = super::dry_run::facts(&config, dtype, &devices[0]);
-        let report = esmbed::score::dry_run::dry_run(&job, &facts)?;
+        let report = crate::score::dry_run::dry_run(&job, &facts)?;
         super::dry_run::print(&report, args.json, &devices[0]);
         return Ok(());
     }
@@ -221,11 +221,11 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
             };
             Embedder::new(m, &options).map(|e| Arc::new(e) as Arc<dyn PackEmbedder>)
         })
-        .collect::<esmbed::Result<Vec<_>>>()?;
+        .collect::<crate::Result<Vec<_>>>()?;
     let warm_up = if devices[0].is_cpu() {
         Vec::new()
     } else {
-        vec![esmbed::embed::warm_up_pack(tokens_per_batch, max_length)]
+        vec![crate::embed::warm_up_pack(tokens_per_batch, max_length)]
     };
     let cancel = Arc::new(AtomicBool::new(false));
     let pool: DevicePool<usize> = DevicePool::start(

@@ -8,9 +8,9 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Args;
 
-use esmbed::sql::service::{BadRows, EmbedService, ServiceOptions};
-use esmbed::sql::{self, SessionOptions};
-use esmbed::{EmbedOptions, Embedder};
+use crate::sql::service::{BadRows, EmbedService, ServiceOptions};
+use crate::sql::{self, SessionOptions};
+use crate::{EmbedOptions, Embedder};
 
 use super::{ModelArgs, UnknownArg};
 
@@ -55,7 +55,7 @@ pub struct SqlArgs {
     /// query fails naming the row, or NULL with --lenient), or window (overlapping windows
     /// averaged per residue, then the mean: a heuristic).
     #[arg(long, value_enum, default_value = "truncate")]
-    pub long: esmbed::prepare::LongPolicy,
+    pub long: crate::prepare::LongPolicy,
 
     /// Tokens per pack. Default: 4096 on the CPU; on a GPU, what fits in its free memory.
     #[arg(long)]
@@ -79,24 +79,8 @@ pub struct SqlArgs {
 }
 
 pub fn run(args: SqlArgs) -> anyhow::Result<()> {
-    let service = if args.no_model {
-        None
-    } else {
-        Some(Arc::new(start_service(&args)?))
-    };
-    let mut options = SessionOptions {
-        batch_rows: args.batch_rows,
-        store: args.store.options(),
-        ..SessionOptions::default()
-    };
-    if let Some(p) = args.partitions {
-        options.target_partitions = p;
-    }
-    let ctx = sql::session(service.clone(), &options);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let (ctx, service) = session(&args)?;
+    let runtime = runtime()?;
     let started = Instant::now();
     let result = runtime.block_on(async {
         if let Some(file) = &args.file {
@@ -143,6 +127,49 @@ pub fn run(args: SqlArgs) -> anyhow::Result<()> {
     result
 }
 
+/// Run `args.command` (every statement, in order) and return each statement's result: the
+/// Python package's `esmbed.sql`, with the options the command line has.
+pub fn query(args: SqlArgs) -> anyhow::Result<Vec<sql::StatementResult>> {
+    let text = match (&args.command, &args.file) {
+        (Some(command), _) => command.clone(),
+        (None, Some(file)) => std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read {}", file.display()))?,
+        (None, None) => anyhow::bail!("no statement: give -c SQL or -f FILE"),
+    };
+    let (ctx, _service) = session(&args)?;
+    Ok(runtime()?.block_on(sql::run_script(&ctx, &text))?)
+}
+
+/// The session the options describe, with its model service (none with --no-model).
+fn session(
+    args: &SqlArgs,
+) -> anyhow::Result<(
+    datafusion::prelude::SessionContext,
+    Option<Arc<EmbedService>>,
+)> {
+    let service = if args.no_model {
+        None
+    } else {
+        Some(Arc::new(start_service(args)?))
+    };
+    let mut options = SessionOptions {
+        batch_rows: args.batch_rows,
+        store: args.store.options(),
+        ..SessionOptions::default()
+    };
+    if let Some(p) = args.partitions {
+        options.target_partitions = p;
+    }
+    Ok((sql::session(service.clone(), &options), service))
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
 fn start_service(args: &SqlArgs) -> anyhow::Result<EmbedService> {
     let devices = super::parse_devices(&args.model.run.device)?;
     let dtype = super::parse_dtype(&args.model.run.dtype, &devices[0])?;
@@ -158,7 +185,7 @@ fn start_service(args: &SqlArgs) -> anyhow::Result<EmbedService> {
     let tokens_per_batch = args.tokens_per_batch.unwrap_or_else(|| {
         devices
             .iter()
-            .map(|d| esmbed::embed::default_tokens_per_batch(d, hidden, dtype))
+            .map(|d| crate::embed::default_tokens_per_batch(d, hidden, dtype))
             .min()
             .unwrap_or(4096)
     });
@@ -171,7 +198,7 @@ fn start_service(args: &SqlArgs) -> anyhow::Result<EmbedService> {
         .replicas
         .into_iter()
         .map(|m| Embedder::new(m, &options))
-        .collect::<esmbed::Result<Vec<_>>>()?;
+        .collect::<crate::Result<Vec<_>>>()?;
     let labels: Vec<String> = embedders.iter().map(Embedder::device_label).collect();
     tracing::info!(
         "esm_embed: {} on {} as {:?}, {} tokens per pack (loaded in {:.1}s)",

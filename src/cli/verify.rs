@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::Args;
 
-use esmbed::{bench, verify, Checkpoint, ModelSource};
+use crate::{bench, verify, Checkpoint, ModelSource};
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {

@@ -96,7 +96,7 @@ pub struct SourceBatch {
 
 /// File formats esmbed reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum InputFormat {
     /// FASTA, plain or gzip-compressed.
     Fasta,

@@ -33,6 +33,7 @@ use super::head::LmHead;
 const MASK_RATIO_TRAIN: f64 = 0.15 * 0.8;
 
 /// One pre-LN transformer block.
+#[derive(Clone)]
 struct Block {
     attn_norm: LayerNorm,
     /// Query, key and value projections fused into one `[3H, H]` matmul, the query's rows
@@ -45,6 +46,7 @@ struct Block {
 }
 
 /// An ESM-2 model on one device, in one dtype.
+#[derive(Clone)]
 pub struct Esm2 {
     config: EsmConfig,
     word_embeddings: Tensor,

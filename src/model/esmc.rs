@@ -34,6 +34,7 @@ use crate::error::{Error, Result};
 use crate::pack::PackedBatch;
 
 /// One pre-LN block.
+#[derive(Clone)]
 struct Block {
     attn_norm: LayerNorm,
     /// `[3H, H]`: query, key, value.
@@ -51,6 +52,7 @@ struct Block {
 }
 
 /// An ESM C model on one device, in one dtype.
+#[derive(Clone)]
 pub struct Esmc {
     config: EsmConfig,
     embed_tokens: Tensor,

@@ -14,7 +14,9 @@ use crate::engine::LogProbsAt;
 use crate::error::{Error, Result};
 use crate::pack::PackedBatch;
 
-/// A loaded model of either family.
+/// A loaded model of either family. A clone shares the weights (candle tensors are reference
+/// counted): the Python package builds one embedder per call's output choices from one model.
+#[derive(Clone)]
 pub enum Model {
     /// ESM-2.
     Esm2(Esm2),

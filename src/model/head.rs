@@ -13,6 +13,7 @@ use crate::model::weights::Checkpoint;
 use crate::tokenize::VOCAB_SIZE;
 
 /// The head's tensors, on the model's device and in its dtype.
+#[derive(Clone)]
 pub(crate) struct LmHead {
     dense: Linear,
     norm: LayerNorm,

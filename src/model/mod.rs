@@ -19,6 +19,7 @@ pub mod kernels;
 pub mod memory;
 pub mod names;
 pub mod profile;
+pub mod replicas;
 mod trunk;
 pub mod weights;
 
@@ -30,4 +31,5 @@ pub use family::Model;
 #[cfg(feature = "cuda")]
 pub use gemm::DeviceOutOfMemory;
 pub use hub::HubOptions;
+pub use replicas::{describe_model, load_model, Head, LoadedModel};
 pub use weights::{Checkpoint, ModelSource};

@@ -19,7 +19,7 @@ use crate::pool::Pooling;
 
 /// Element type of the embedding columns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum OutputDType {
     /// 32-bit floats (exact model output on the CPU).

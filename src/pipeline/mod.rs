@@ -20,6 +20,7 @@
 
 pub mod assemble;
 pub mod dry_run;
+pub mod memory;
 pub mod plan;
 pub mod planner;
 pub mod progress;
@@ -87,6 +88,17 @@ impl JobOptions {
             ));
         }
         Ok(())
+    }
+
+    /// Default for [`JobOptions::rows_per_part`]: 50,000 rows (hundreds of packs per part, so
+    /// packs are >99 % full); 2,000 with per-residue outputs, whose rows are large; 1,000 with
+    /// the PLL, whose rows are L forwards each.
+    pub fn default_rows_per_part(pll: bool, per_residue: bool) -> usize {
+        match () {
+            _ if pll => 1_000,
+            _ if per_residue => 2_000,
+            _ => 50_000,
+        }
     }
 
     /// Default for [`JobOptions::reuse_memory`]: 1 GiB, the pooled results of ~200,000 distinct

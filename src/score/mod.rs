@@ -60,7 +60,7 @@ pub fn pseudo_perplexity(pll: f64, residues: usize) -> f64 {
 
 /// How a mutant is scored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum Strategy {
     /// One unmasked forward of the wild type.
     #[default]
