@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from typing import Any, Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
@@ -111,7 +111,7 @@ def _as_table(sequences: Any, column: str, ids: Optional[Sequence[Optional[str]]
     return table
 
 
-def _argv(options: dict) -> list:
+def _argv(options: Dict[str, Any]) -> List[str]:
     """Keyword options as command-line arguments: ``max_length=512`` → ``--max-length=512``,
     ``True`` → the flag, ``False``/``None`` → nothing, a list → comma-separated."""
     argv = []
@@ -169,6 +169,8 @@ class Embedder:
         self.unknown = unknown
         self.output_dtype = output_dtype
         self.reuse = reuse
+        #: The last :meth:`embed` job's summary (rows, errors, tokens, seconds, devices...).
+        self.last_summary: Optional[Dict[str, Any]] = None
 
     @property
     def model(self) -> str:
@@ -187,7 +189,7 @@ class Embedder:
         return self._native.num_layers
 
     @property
-    def devices(self) -> list:
+    def devices(self) -> List[str]:
         """The devices the model runs on (one replica each)."""
         return self._native.devices
 
@@ -307,7 +309,8 @@ class Embedder:
         column = next(c for c in table.column_names if c == name or c.startswith(name + "_"))
         values = table.column(column).combine_chunks()
         flat = values.flatten().to_numpy(zero_copy_only=False)
-        return flat.reshape(len(values), self.hidden_size).astype(np.float32, copy=False)
+        matrix: np.ndarray = flat.reshape(len(values), self.hidden_size)
+        return matrix.astype(np.float32, copy=False)
 
 
 def embed_file(
@@ -316,7 +319,7 @@ def embed_file(
     *,
     quiet: bool = False,
     **options: Any,
-) -> Optional[dict]:
+) -> Optional[Dict[str, Any]]:
     """Run ``esmbed embed INPUTS -o OUTPUT`` with ``options`` (the command's, ``_`` for ``-``);
     returns its summary as a dict (``None`` for ``dry_run=True``).
 
