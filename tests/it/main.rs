@@ -15,6 +15,7 @@ mod esmc;
 mod hostile;
 mod hub;
 mod invariance;
+mod memory;
 mod naming;
 mod oom;
 mod real_fasta;
