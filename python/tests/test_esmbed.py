@@ -148,6 +148,20 @@ def test_other_columns_pass_through(embedder):
         embedder.embed(table)
 
 
+def test_the_gil_is_released_while_the_model_runs(embedder):
+    import threading
+
+    done = threading.Event()
+    ticks = 0
+    worker = threading.Thread(target=lambda: (embedder.embed(sequences(300, seed=4, longest=200)), done.set()))
+    worker.start()
+    while not done.is_set():  # Python code keeps running while the job does
+        ticks += 1
+        time.sleep(0.001)
+    worker.join()
+    assert ticks > 20
+
+
 def test_output_is_zero_copy_arrow(embedder):
     table = embedder.embed(sequences(4))
     values = table.column("embedding").combine_chunks().flatten()
