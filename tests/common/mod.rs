@@ -249,6 +249,30 @@ pub fn load_embedder(name: &str) -> esmbed::Embedder {
     .unwrap()
 }
 
+/// The options of a test job: packs of 4096 tokens, parts of 1,000 rows, truncation at 1022,
+/// reuse on, an existing output replaced.
+pub fn job_options() -> esmbed::pipeline::JobOptions {
+    use esmbed::pipeline::plan::{LongPolicy, PlanOptions};
+    use esmbed::pipeline::JobOptions;
+    JobOptions {
+        plan: PlanOptions {
+            tokens_per_batch: 4096,
+            max_length: 1022,
+            long: LongPolicy::Truncate,
+            pll: false,
+        },
+        rows_per_part: 1000,
+        strict: false,
+        dedupe: false,
+        output_dtype: Default::default(),
+        resume: false,
+        overwrite: true,
+        warm_up: false,
+        reuse: true,
+        reuse_memory: JobOptions::DEFAULT_REUSE_MEMORY,
+    }
+}
+
 /// Run a library job (`esmbed embed` without the CLI): `input` into `output` (replaced if it
 /// exists), packs of `tokens_per_batch` tokens, parts of `rows_per_part` rows, on `workers`.
 /// `model` describes the output (layers, pooling, width).
@@ -275,26 +299,9 @@ pub fn run_job_with(
     edit: impl FnOnce(&mut esmbed::pipeline::JobOptions),
 ) -> esmbed::Result<esmbed::pipeline::JobSummary> {
     use esmbed::input::{InputOptions, Inputs};
-    use esmbed::pipeline::plan::{LongPolicy, PlanOptions};
-    use esmbed::pipeline::{JobOptions, JobSpec, ModelIdentity};
+    use esmbed::pipeline::{JobSpec, ModelIdentity};
     let inputs = Inputs::open(&[input.to_path_buf()], InputOptions::default()).unwrap();
-    let mut options = JobOptions {
-        plan: PlanOptions {
-            tokens_per_batch: 4096,
-            max_length: 1022,
-            long: LongPolicy::Truncate,
-            pll: false,
-        },
-        rows_per_part: 1000,
-        strict: false,
-        dedupe: false,
-        output_dtype: Default::default(),
-        resume: false,
-        overwrite: true,
-        warm_up: false,
-        reuse: true,
-        reuse_memory: JobOptions::DEFAULT_REUSE_MEMORY,
-    };
+    let mut options = job_options();
     edit(&mut options);
     let identity = ModelIdentity {
         name: "fixture".into(),

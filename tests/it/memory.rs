@@ -11,7 +11,7 @@ use esmbed::pipeline::memory::{self, MemoryInput, MemoryOutput};
 use esmbed::pipeline::spec::ModelView;
 use esmbed::pipeline::{JobOptions, ModelIdentity};
 
-use crate::common::{load_embedder, read_parquet, run_job_with, scratch};
+use crate::common::{job_options, load_embedder, read_parquet, run_job_with, scratch};
 
 fn rows(ids: &[&str], sequences: &[Option<&str>]) -> RecordBatch {
     let schema = Arc::new(Schema::new(vec![
@@ -26,23 +26,11 @@ fn rows(ids: &[&str], sequences: &[Option<&str>]) -> RecordBatch {
 }
 
 fn options(strict: bool) -> JobOptions {
-    JobOptions {
-        plan: esmbed::pipeline::plan::PlanOptions {
-            tokens_per_batch: 64,
-            max_length: 1022,
-            long: esmbed::pipeline::plan::LongPolicy::Truncate,
-            pll: false,
-        },
-        rows_per_part: 3,
-        strict,
-        dedupe: false,
-        output_dtype: Default::default(),
-        resume: false,
-        overwrite: true,
-        warm_up: false,
-        reuse: true,
-        reuse_memory: JobOptions::DEFAULT_REUSE_MEMORY,
-    }
+    let mut options = job_options();
+    options.plan.tokens_per_batch = 64;
+    options.rows_per_part = 3;
+    options.strict = strict;
+    options
 }
 
 fn run_in_memory(batch: RecordBatch, strict: bool) -> esmbed::Result<MemoryOutput> {
