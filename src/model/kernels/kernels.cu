@@ -50,6 +50,30 @@ extern "C" __global__ void NAME##_gelu1(unsigned short* x, unsigned long long n)
 GELU(bf16, load_bf16, store_bf16)
 GELU(f16, load_f16, store_f16)
 
+/* SwiGLU over the rows of ESM C's fused gate/up GEMM output, [rows, 2 * ffn] (the gate's ffn
+   columns, then the up's): out[r, c] = silu(gate[r, c]) * up[r, c], in f32 and rounded once (the
+   unfused path rounds silu(gate) and then the product). Eight outputs per thread (16-byte
+   accesses; ffn a multiple of 8), grid-stride. */
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x)); }
+#define SWIGLU2(g, u, LOAD, STORE) PACK(silu(LO(g, LOAD)) * LO(u, LOAD), silu(HI(g, LOAD)) * HI(u, LOAD), STORE)
+#define SWIGLU(NAME, LOAD, STORE)                                                                 \
+extern "C" __global__ void NAME##_swiglu8(const uint4* gate_up, uint4* out, unsigned long long rows, \
+        unsigned int ffn8) {                                                                      \
+    unsigned long long n = rows * ffn8;                                                           \
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;  \
+         i += (unsigned long long)blockDim.x * gridDim.x) {                                       \
+        unsigned long long r = i / ffn8, c = i % ffn8;                                            \
+        uint4 g = gate_up[r * 2 * ffn8 + c], u = gate_up[r * 2 * ffn8 + ffn8 + c], v;             \
+        v.x = SWIGLU2(g.x, u.x, LOAD, STORE);                                                     \
+        v.y = SWIGLU2(g.y, u.y, LOAD, STORE);                                                     \
+        v.z = SWIGLU2(g.z, u.z, LOAD, STORE);                                                     \
+        v.w = SWIGLU2(g.w, u.w, LOAD, STORE);                                                     \
+        out[i] = v;                                                                               \
+    }                                                                                             \
+}
+SWIGLU(bf16, load_bf16, store_bf16)
+SWIGLU(f16, load_f16, store_f16)
+
 /* LayerNorm over rows of 8 * cols8 <= 32 * 8 * V elements, one warp per row: the row is read
    once, with 16-byte loads all in flight together, and kept in registers for the statistics (f32:
    the mean, then the mean squared deviation, PyTorch's biased variance) and the output,

@@ -176,10 +176,12 @@ fn run_typed(
 mod layer_norm;
 mod linear;
 mod segment_mean;
+mod swiglu;
 
 use layer_norm::LayerNormOp;
 use linear::{LinearOp, Post, Rotary};
 pub(crate) use segment_mean::segment_mean;
+use swiglu::SwigluOp;
 
 /// Whether the fused kernels apply to `x`.
 pub(crate) fn applies(x: &Tensor) -> bool {
@@ -242,6 +244,12 @@ pub fn linear_rotary(
         half,
     });
     apply(x, layer, None, post)
+}
+
+/// `silu(gate) · up` of ESM C's fused gate/up output `[T, 2I]` (gate columns first; `I` a
+/// multiple of 8), `[T, I]`, one rounding.
+pub fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
+    Ok(aligned(gate_up)?.apply_op1_no_bwd(&SwigluOp)?)
 }
 
 /// LayerNorm of the rows of `x` (`[T, H]`, `H` a multiple of 8, at most [`MAX_LAYER_NORM_WIDTH`]).
