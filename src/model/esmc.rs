@@ -266,7 +266,11 @@ impl Esmc {
         let x = self.embed_tokens.embedding(&ids)?;
         // cos/sin in f32, then the compute dtype, as transformers' EsmcRotaryEmbedding.
         let (cos, sin) = trunk::rotary_tables(batch, &self.inv_freq)?;
-        let (cos, sin) = (cos.to_dtype(self.dtype)?, sin.to_dtype(self.dtype)?);
+        let (mut cos, mut sin) = (cos.to_dtype(self.dtype)?, sin.to_dtype(self.dtype)?);
+        if self.fused {
+            // The fused rotary kernel reads f32 tables: the same rounded values.
+            (cos, sin) = (cos.to_dtype(DType::F32)?, sin.to_dtype(DType::F32)?);
+        }
         trunk::run_blocks(
             x,
             n,
@@ -331,14 +335,15 @@ impl Esmc {
         };
         let normed = time(dev, "attn_layernorm", || norm(&block.attn_norm, x))?;
         let qkv = time(dev, "qkv", || kernels::linear(&normed, &block.qkv))?;
-        let qk = time(dev, "qk_norm_rotary", || {
-            let q = norm(&block.q_norm, &qkv.narrow(1, 0, h)?)?;
-            let k = norm(&block.k_norm, &qkv.narrow(1, h, h)?)?;
-            let qk = Tensor::cat(&[q, k], 1)?.reshape((total, 2 * heads, d))?;
-            rope(&qk, cos, sin)
+        time(dev, "qk_norm_rotary", || {
+            let (q, k) = (norm_params(&block.q_norm), norm_params(&block.k_norm));
+            kernels::qk_norm_rotary(&qkv, q, k, eps, (cos, sin), 2 * heads, d / 2)
         })?;
-        let (q, k) = (qk.narrow(1, 0, heads)?, qk.narrow(1, heads, heads)?);
-        let v = qkv.narrow(1, 2 * h, h)?.reshape((total, heads, d))?;
+        // Q, K and V as strided views of the one [T, 3H] buffer, as ESM-2's attention reads them.
+        let heads3 = qkv.reshape((total, 3 * heads, d))?;
+        let q = heads3.narrow(1, 0, heads)?;
+        let k = heads3.narrow(1, heads, heads)?;
+        let v = heads3.narrow(1, 2 * heads, heads)?;
         let context = time(dev, "attention", || {
             Ok(attention::attend(&q, &k, &v, layout)?.reshape((total, h))?)
         })?;
@@ -358,6 +363,13 @@ impl Esmc {
             kernels::linear_residual(&act, &block.down, &x)
         })
     }
+}
+
+/// A LayerNorm's weight and bias (esmbed gives every LayerNorm one).
+#[cfg(feature = "cuda")]
+fn norm_params(norm: &LayerNorm) -> (&Tensor, &Tensor) {
+    let bias = norm.bias().expect("esmbed gives every LayerNorm a bias");
+    (norm.weight(), bias)
 }
 
 /// Whether a model built now runs on the fused CUDA kernels ([`trunk::fused_kernels_apply`]):

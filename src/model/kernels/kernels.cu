@@ -85,14 +85,10 @@ SWIGLU(f16, load_f16, store_f16)
 #define SQ2(u, LOAD) ((LO(u, LOAD) - mean) * (LO(u, LOAD) - mean) + (HI(u, LOAD) - mean) * (HI(u, LOAD) - mean))
 #define NORM2(u, g, s, LOAD, STORE) PACK((LO(u, LOAD) - mean) * rstd * LO(g, LOAD) + LO(s, LOAD),   \
                                          (HI(u, LOAD) - mean) * rstd * HI(g, LOAD) + HI(s, LOAD), STORE)
-#define LAYER_NORM(NAME, LOAD, STORE, V)                                                         \
-extern "C" __global__ void NAME##_layer_norm##V(const uint4* x, const uint4* w, const uint4* b,  \
-        uint4* out, unsigned int rows, unsigned int cols8, float eps) {                           \
-    unsigned int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;                              \
-    unsigned int lane = threadIdx.x & 31;                                                         \
-    if (row >= rows) return;                                                                      \
-    const uint4* in = x + (unsigned long long)row * cols8;                                        \
-    uint4* o = out + (unsigned long long)row * cols8;                                             \
+/* The row statistics and the store, with `in`, `o`, `w`, `b`, `cols8`, `eps` and `lane` in
+   scope. Every lane loads its part of the row before the reductions (warp shuffles), and stores
+   only after them: `o` may be `in` (in place). */
+#define LAYER_NORM_ROW(LOAD, STORE, V)                                                           \
     uint4 v[V];                                                                                \
     float sum = 0.0f;                                                                             \
     _Pragma("unroll") for (int i = 0; i < V; i++) {                                            \
@@ -115,6 +111,27 @@ extern "C" __global__ void NAME##_layer_norm##V(const uint4* x, const uint4* w, 
                               NORM2(v[i].z, g.z, s.z, LOAD, STORE), NORM2(v[i].w, g.w, s.w, LOAD, STORE)); \
         }                                                                                         \
     }                                                                                             \
+
+#define LAYER_NORM(NAME, LOAD, STORE, V)                                                         \
+extern "C" __global__ void NAME##_layer_norm##V(const uint4* x, const uint4* w, const uint4* b,  \
+        uint4* out, unsigned int rows, unsigned int cols8, float eps) {                           \
+    unsigned int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;                              \
+    unsigned int lane = threadIdx.x & 31;                                                         \
+    if (row >= rows) return;                                                                      \
+    const uint4* in = x + (unsigned long long)row * cols8;                                        \
+    uint4* o = out + (unsigned long long)row * cols8;                                             \
+    LAYER_NORM_ROW(LOAD, STORE, V)                                                                \
+}                                                                                                 \
+/* In place on cols8 vectors of rows stride8 vectors apart (ESM C's Q/K norms, on the QKV GEMM's
+   output). */                                                                                    \
+extern "C" __global__ void NAME##_layer_norm_strided##V(uint4* x, const uint4* w, const uint4* b, \
+        unsigned int rows, unsigned int cols8, unsigned int stride8, float eps) {                 \
+    unsigned int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;                              \
+    unsigned int lane = threadIdx.x & 31;                                                         \
+    if (row >= rows) return;                                                                      \
+    uint4* o = x + (unsigned long long)row * stride8;                                             \
+    const uint4* in = o;                                                                          \
+    LAYER_NORM_ROW(LOAD, STORE, V)                                                                \
 }
 LAYER_NORM(bf16, load_bf16, store_bf16, 8)
 LAYER_NORM(bf16, load_bf16, store_bf16, 12)

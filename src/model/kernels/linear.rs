@@ -123,7 +123,7 @@ fn gelu<T: DeviceRepr>(
 }
 
 /// Rotary in place on the query and key heads of `out`, `[tokens, n]`.
-fn rotary<T: DeviceRepr>(
+pub(super) fn rotary<T: DeviceRepr>(
     dev: &CudaDevice,
     dtype: DType,
     out: &mut CudaSlice<T>,

@@ -20,7 +20,8 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, StorageRef, Tensor, WithDType,
+    CpuStorage, CustomOp1, CustomOp3, DType, InplaceOp1, Layout, Shape, Storage, StorageRef,
+    Tensor, WithDType,
 };
 
 use std::mem::size_of;
@@ -175,11 +176,13 @@ fn run_typed(
 
 mod layer_norm;
 mod linear;
+mod qk_norm;
 mod segment_mean;
 mod swiglu;
 
 use layer_norm::LayerNormOp;
 use linear::{LinearOp, Post, Rotary};
+use qk_norm::QkNormRotary;
 pub(crate) use segment_mean::segment_mean;
 use swiglu::SwigluOp;
 
@@ -244,6 +247,34 @@ pub fn linear_rotary(
         half,
     });
     apply(x, layer, None, post)
+}
+
+/// ESM C's query and key LayerNorms (`q`, `k`: weight and bias over the hidden size `H`) and
+/// rotary (f32 tables `[T, half]`, `heads2 = 2 · heads`), in place on the QKV output `qkv`
+/// (`[T, 3H]`, fresh from its GEMM: a whole contiguous allocation no other tensor shares).
+pub fn qk_norm_rotary(
+    qkv: &Tensor,
+    q: (&Tensor, &Tensor),
+    k: (&Tensor, &Tensor),
+    eps: f64,
+    (cos, sin): (&Tensor, &Tensor),
+    heads2: usize,
+    half: usize,
+) -> Result<()> {
+    let (cos, sin) = (aligned(cos)?, aligned(sin)?);
+    let (qw, qb, kw, kb) = (aligned(q.0)?, aligned(q.1)?, aligned(k.0)?, aligned(k.1)?);
+    let op = QkNormRotary {
+        q: (&qw, &qb),
+        k: (&kw, &kb),
+        eps: eps as f32,
+        rotary: Rotary {
+            cos: &cos,
+            sin: &sin,
+            heads2,
+            half,
+        },
+    };
+    Ok(qkv.inplace_op1(&op)?)
 }
 
 /// `silu(gate) · up` of ESM C's fused gate/up output `[T, 2I]` (gate columns first; `I` a
