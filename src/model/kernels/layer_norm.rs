@@ -10,6 +10,24 @@ pub(super) struct LayerNormOp<'a> {
     pub(super) eps: f32,
 }
 
+/// One warp per row, eight rows per block of 256 threads: the LayerNorm kernels' launch.
+pub(super) fn warp_per_row(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The LayerNorm variant for rows of `cols` (a multiple of 8, at most
+/// [`MAX_LAYER_NORM_WIDTH`]): the fewest registers that hold the row.
+pub(super) fn vectors_for(cols: usize) -> usize {
+    LAYER_NORM_VECTORS
+        .into_iter()
+        .find(|v| cols <= 32 * 8 * v)
+        .expect("checked against the widest")
+}
+
 impl Typed for LayerNormOp<'_> {
     fn typed<T: CudaDType + DeviceRepr + WithDType>(
         &self,
@@ -40,10 +58,7 @@ impl Typed for LayerNormOp<'_> {
         let (rows32, cols8) = (arg32(rows, "rows")?, (cols / 8) as u32);
         // SAFETY: every element is written by the kernel before anything reads it.
         let mut out = unsafe { dev.alloc::<T>(elements(rows, cols)?)? };
-        let vectors = LAYER_NORM_VECTORS
-            .into_iter()
-            .find(|v| cols <= 32 * 8 * v)
-            .expect("checked against the widest");
+        let vectors = vectors_for(cols);
         let func = dev.get_or_load_custom_func(
             &format!("{}_layer_norm{vectors}", prefix(dtype)?),
             MODULE,
@@ -57,12 +72,7 @@ impl Typed for LayerNormOp<'_> {
         builder.arg(&rows32);
         builder.arg(&cols8);
         builder.arg(&self.eps);
-        // Eight rows (warps) per block of 256 threads.
-        let cfg = LaunchConfig {
-            grid_dim: (rows.div_ceil(8) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = warp_per_row(rows);
         // SAFETY: (x, w, b, out, rows, cols / 8, eps): warp r < rows reads the cols / 8 16-byte
         // vectors of row r of `x` (a checked [rows, cols] view) and of `w` and `b` ([cols],
         // checked) and writes row r of `out` (rows × cols elements); every operand starts

@@ -3,6 +3,7 @@
 //! norms copied strided views, concatenated them and ran candle's rotary: 35 % of ESM C 600M's
 //! GPU time (H200, `ESMBED_PROFILE`).
 
+use super::layer_norm::{vectors_for, warp_per_row};
 use super::linear::{rotary, Rotary};
 use super::*;
 
@@ -31,10 +32,7 @@ impl QkNormRotary<'_> {
         if n != 3 * h || !h.is_multiple_of(8) || h > MAX_LAYER_NORM_WIDTH {
             candle_core::bail!("qk_norm: rows of {n}, not 3 × a multiple of 8");
         }
-        let vectors = LAYER_NORM_VECTORS
-            .into_iter()
-            .find(|v| h <= 32 * 8 * v)
-            .expect("checked against the widest");
+        let vectors = vectors_for(h);
         let func = dev.get_or_load_custom_func(
             &format!("{}_layer_norm_strided{vectors}", prefix(dtype)?),
             MODULE,
@@ -61,11 +59,7 @@ impl QkNormRotary<'_> {
             builder.arg(&cols8);
             builder.arg(&stride8);
             builder.arg(&self.eps);
-            let cfg = LaunchConfig {
-                grid_dim: (rows.div_ceil(8) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = warp_per_row(rows);
             // SAFETY: (x, w, b, rows, h / 8, n / 8, eps): warp r < rows reads and then writes the
             // h / 8 16-byte vectors at r · n / 8 of `columns`, which starts `block · h` elements
             // into `x` (rows × n elements, a whole allocation: checked), so it touches elements
