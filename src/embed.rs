@@ -363,6 +363,16 @@ pub fn default_tokens_per_batch(device: &Device, hidden: usize, dtype: DType) ->
     }
 }
 
+/// The default token budget of a job on `devices`: the smallest of theirs (every device runs the
+/// same packs).
+pub fn default_tokens_per_batch_on(devices: &[Device], hidden: usize, dtype: DType) -> usize {
+    devices
+        .iter()
+        .map(|d| default_tokens_per_batch(d, hidden, dtype))
+        .min()
+        .unwrap_or(4096)
+}
+
 /// The default GPU token budget with `free` bytes left for activations (see
 /// [`default_tokens_per_batch`]).
 pub fn tokens_per_batch_for(free: u64, hidden: usize, dtype: DType) -> usize {

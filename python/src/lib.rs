@@ -59,8 +59,7 @@ impl Embedder {
                 esmbed::model::load_model(model, &devices, dtype, esmbed::model::Head::IfPresent)?;
             let hidden = loaded.replicas[0].config().hidden_size;
             let tokens_per_batch = tokens_per_batch.unwrap_or_else(|| {
-                let budget = |d| esmbed::embed::default_tokens_per_batch(d, hidden, dtype);
-                devices.iter().map(budget).min().unwrap_or(4096)
+                esmbed::embed::default_tokens_per_batch_on(&devices, hidden, dtype)
             });
             Ok(Self {
                 replicas: loaded.replicas,

@@ -80,7 +80,7 @@ fn workload_lengths(args: &BenchArgs) -> anyhow::Result<Vec<usize>> {
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let devices = super::parse_devices(&args.run.device)?;
     let device = devices[0].clone();
-    let dtype = super::parse_dtype(&args.run.dtype, &device)?;
+    let dtype = crate::devices::parse_dtype(&args.run.dtype, &device)?;
     let lengths = workload_lengths(&args)?;
     let sequences = bench::random_sequences(&lengths, args.seed + 1);
     let tokens: usize = sequences.iter().map(Vec::len).sum();

@@ -19,7 +19,7 @@ pub fn run(
     dtype: DType,
     rows_per_part: usize,
 ) -> anyhow::Result<()> {
-    let (config, name, fingerprint) = super::describe_model(&args.model.source.model)?;
+    let (config, name, fingerprint) = crate::model::describe_model(&args.model.source.model)?;
     let mut layers = Vec::new();
     for &l in &args.columns.layers {
         let resolved = config.resolve_layer(l)?;

@@ -123,7 +123,7 @@ pub fn run_with(
     cancel: Option<Arc<AtomicBool>>,
 ) -> anyhow::Result<Option<JobSummary>> {
     let devices = super::parse_devices(&args.model.run.device)?;
-    let dtype = super::parse_dtype(&args.model.run.dtype, &devices[0])?;
+    let dtype = crate::devices::parse_dtype(&args.model.run.dtype, &devices[0])?;
     if args.columns.max_length == Some(0) {
         anyhow::bail!("--max-length must be at least 1");
     }
@@ -212,27 +212,23 @@ fn load(
     dtype: crate::DType,
 ) -> anyhow::Result<(Vec<Embedder>, ModelIdentity, usize)> {
     let loading = Instant::now();
-    let super::LoadedModel {
+    let crate::model::LoadedModel {
         replicas,
         name,
         fingerprint,
-    } = super::load_model(
+    } = crate::model::load_model(
         &args.model.source.model,
         devices,
         dtype,
         if args.pll {
-            super::Head::Required
+            crate::model::Head::Required
         } else {
-            super::Head::No
+            crate::model::Head::No
         },
     )?;
     let config = replicas[0].config().clone();
     let tokens_per_batch = args.tokens_per_batch.unwrap_or_else(|| {
-        devices
-            .iter()
-            .map(|d| crate::embed::default_tokens_per_batch(d, config.hidden_size, dtype))
-            .min()
-            .unwrap_or(4096)
+        crate::embed::default_tokens_per_batch_on(devices, config.hidden_size, dtype)
     });
     let options = EmbedOptions {
         layers: args.columns.layers.clone(),

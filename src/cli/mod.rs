@@ -65,7 +65,7 @@ pub fn main(args: impl IntoIterator<Item = impl Into<OsString> + Clone>) -> u8 {
 
 /// The exit code of a failure: from its kind ([`crate::ErrorKind::exit_code`], the README's
 /// table). Errors that are not the library's come from argument checks here: usage (2).
-pub fn exit_code(error: &anyhow::Error) -> u8 {
+fn exit_code(error: &anyhow::Error) -> u8 {
     match error.downcast_ref::<crate::Error>() {
         Some(error) => error.kind().exit_code(),
         None => 2,
@@ -300,11 +300,4 @@ pub fn parse_devices(spec: &str) -> anyhow::Result<Vec<crate::Device>> {
 /// Parse `--device` for a command that runs on one device: the first one listed.
 pub fn parse_device(spec: &str) -> anyhow::Result<crate::Device> {
     Ok(parse_devices(spec)?.remove(0))
-}
-
-pub use crate::model::{describe_model, load_model, Head, LoadedModel};
-
-/// Parse `--dtype` for a device.
-pub fn parse_dtype(spec: &str, device: &crate::Device) -> anyhow::Result<crate::DType> {
-    Ok(crate::devices::parse_dtype(spec, device)?)
 }

@@ -113,7 +113,7 @@ pub struct ScoreArgs {
 
 pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
     let devices = super::parse_devices(&args.model.run.device)?;
-    let dtype = super::parse_dtype(&args.model.run.dtype, &devices[0])?;
+    let dtype = crate::devices::parse_dtype(&args.model.run.dtype, &devices[0])?;
     let (locations, seq_column) = match &args.mutants {
         Some(file) => (vec![file.display().to_string()], args.mutant_column.clone()),
         None => (args.inputs.clone(), args.input.seq_column.clone()),
@@ -132,14 +132,14 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
     let mode = mode(&args)?;
     // The dry run reads the config and fingerprint only; a run loads the model with its head.
     let (loaded, config, name, fingerprint) = if args.dry_run {
-        let (config, name, fingerprint) = super::describe_model(&args.model.source.model)?;
+        let (config, name, fingerprint) = crate::model::describe_model(&args.model.source.model)?;
         (None, config, name, fingerprint)
     } else {
-        let loaded = super::load_model(
+        let loaded = crate::model::load_model(
             &args.model.source.model,
             &devices,
             dtype,
-            super::Head::Required,
+            crate::model::Head::Required,
         )?;
         let config = loaded.replicas[0].config().clone();
         let (name, fingerprint) = (loaded.name.clone(), loaded.fingerprint.clone());
@@ -149,11 +149,7 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
         if args.dry_run {
             return super::dry_run::planned_budget(&devices[0], &config, dtype);
         }
-        devices
-            .iter()
-            .map(|d| crate::embed::default_tokens_per_batch(d, config.hidden_size, dtype))
-            .min()
-            .unwrap_or(4096)
+        crate::embed::default_tokens_per_batch_on(&devices, config.hidden_size, dtype)
     });
     let tokenizer = Tokenizer::for_family(config.family, args.unknown.into());
     let max_length = args.max_length.unwrap_or(config.crop());

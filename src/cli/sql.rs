@@ -172,23 +172,19 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn start_service(args: &SqlArgs) -> anyhow::Result<EmbedService> {
     let devices = super::parse_devices(&args.model.run.device)?;
-    let dtype = super::parse_dtype(&args.model.run.dtype, &devices[0])?;
+    let dtype = crate::devices::parse_dtype(&args.model.run.dtype, &devices[0])?;
     let loading = Instant::now();
-    let loaded = super::load_model(
+    let loaded = crate::model::load_model(
         &args.model.source.model,
         &devices,
         dtype,
-        super::Head::IfPresent,
+        crate::model::Head::IfPresent,
     )?;
     let hidden = loaded.replicas[0].config().hidden_size;
     let crop = loaded.replicas[0].config().crop();
-    let tokens_per_batch = args.tokens_per_batch.unwrap_or_else(|| {
-        devices
-            .iter()
-            .map(|d| crate::embed::default_tokens_per_batch(d, hidden, dtype))
-            .min()
-            .unwrap_or(4096)
-    });
+    let tokens_per_batch = args
+        .tokens_per_batch
+        .unwrap_or_else(|| crate::embed::default_tokens_per_batch_on(&devices, hidden, dtype));
     let options = EmbedOptions {
         unknown: args.unknown.into(),
         tokens_per_batch,

@@ -39,7 +39,7 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
     let sequences = bench::random_sequences(&lengths, 7);
     let mut failed = false;
     for dtype in &args.dtype {
-        let dtype = super::parse_dtype(dtype, &device)?;
+        let dtype = crate::devices::parse_dtype(dtype, &device)?;
         let a = verify::compare(&checkpoint, &device, dtype, &sequences)
             .with_context(|| format!("running {:?} in {dtype:?}", device))?;
         if args.json {

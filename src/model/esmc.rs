@@ -330,8 +330,8 @@ impl Esmc {
         let dev = &self.device;
         let eps = self.config.layer_norm_eps;
         let norm = |n: &LayerNorm, x: &Tensor| -> Result<Tensor> {
-            let bias = n.bias().expect("esmbed gives every LayerNorm a bias");
-            kernels::layer_norm(x, n.weight(), bias, eps)
+            let (weight, bias) = norm_params(n);
+            kernels::layer_norm(x, weight, bias, eps)
         };
         let normed = time(dev, "attn_layernorm", || norm(&block.attn_norm, x))?;
         let qkv = time(dev, "qkv", || kernels::linear(&normed, &block.qkv))?;

@@ -5,6 +5,7 @@ use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 
+use arrow::array::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use parquet::column::writer::ColumnCloseResult;
@@ -75,17 +76,22 @@ pub fn concat_parts(parts: &[std::path::PathBuf], target: &Path) -> Result<()> {
     })
 }
 
+/// Every row of a Parquet file esmbed wrote, decoded.
+pub fn read_batches(path: &Path) -> Result<Vec<RecordBatch>> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.build())
+        .map_err(|e| parquet_error(path, e))?;
+    reader
+        .map(|batch| batch.map_err(|e| Error::io(path, std::io::Error::other(e))))
+        .collect()
+}
+
 /// Read the error parts and write them as one errors file (they are small: decode and rewrite).
 pub fn concat_errors(parts: &[std::path::PathBuf], target: &Path) -> Result<u64> {
     let mut batches = Vec::new();
     for path in parts {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-            .and_then(|b| b.build())
-            .map_err(|e| parquet_error(path, e))?;
-        for batch in reader {
-            batches.push(batch.map_err(|e| Error::io(path, std::io::Error::other(e)))?);
-        }
+        batches.extend(read_batches(path)?);
     }
     let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
     write_atomic(target, |file| {

@@ -14,7 +14,6 @@ use std::sync::Arc;
 
 use arrow::array::{ArrayRef, RecordBatch, StringArray};
 use arrow::datatypes::SchemaRef;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use super::spec::ModelView;
 use super::{JobOptions, JobSpec, JobSummary, ModelIdentity};
@@ -22,6 +21,7 @@ use crate::engine::PackEmbedder;
 use crate::error::{Error, Result};
 use crate::input::{InputFormat, InputOptions, Inputs};
 use crate::output;
+use crate::output::combine::read_batches;
 
 /// Rows to embed: one schema, a sequence column and, optionally, an id column.
 #[derive(Debug, Clone)]
@@ -95,9 +95,9 @@ pub async fn run(
     let mut summary = super::run(spec, devices, cancel)
         .await
         .map_err(|e| rename_input(e, &input_path, &input.name))?;
-    let batches = read_parquet(&output_path)?;
+    let batches = read_batches(&output_path)?;
     let errors = match summary.errors_output.take() {
-        Some(path) => read_parquet(Path::new(&path))?
+        Some(path) => read_batches(Path::new(&path))?
             .into_iter()
             .map(|b| name_errors_input(b, &input.name))
             .collect::<Result<_>>()?,
@@ -110,16 +110,6 @@ pub async fn run(
         errors,
         summary,
     })
-}
-
-fn read_parquet(path: &Path) -> Result<Vec<RecordBatch>> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .and_then(|b| b.build())
-        .map_err(|e| Error::io(path, std::io::Error::other(e)))?;
-    reader
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::io(path, std::io::Error::other(e)))
 }
 
 /// The errors' `input` column names the rows as the caller does, not the scratch file.
