@@ -42,7 +42,9 @@ impl ErrorKind {
 }
 
 /// Everything that can go wrong in esmbed's library.
-#[derive(Debug, thiserror::Error)]
+///
+/// `Debug` prints the message (see the impl below).
+#[derive(thiserror::Error)]
 pub enum Error {
     /// A sequence holds a character outside the ESM alphabet (see [`crate::tokenize`]).
     #[error(transparent)]
@@ -183,6 +185,19 @@ pub enum Error {
         differences: String,
     },
 
+    /// A cluster executor serves other weights than the query was planned with.
+    #[error(
+        "this executor serves {served}, but the query was planned with {planned}: start every \
+             executor with the client's --model (the same weights), or run the client with the \
+             executors' model"
+    )]
+    ModelMismatch {
+        /// The client's model: name and fingerprint.
+        planned: String,
+        /// The executor's model: name and fingerprint.
+        served: String,
+    },
+
     /// Reading or writing a file failed.
     #[error("{}: {source}", path.display())]
     Io {
@@ -252,6 +267,14 @@ pub enum Error {
     /// A bug: an invariant esmbed relies on did not hold.
     #[error("internal error (please report it): {0}")]
     Internal(String),
+}
+
+/// The message, as `Display` gives it: Ballista reports a failed task's error with `{:?}`, and
+/// the cluster client should read what went wrong and what to do, not a struct dump.
+impl std::fmt::Debug for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self}")
+    }
 }
 
 impl Error {
@@ -337,6 +360,7 @@ impl Error {
             ConflictingTensors { .. } => ErrorKind::Model,
             OutOfMemory { .. } | Device(_) | NoDevice(_) => ErrorKind::Model,
             InvalidOption(_) | OutputExists { .. } | ResumeMismatch { .. } => ErrorKind::Usage,
+            ModelMismatch { .. } => ErrorKind::Usage,
             Io { .. } | NotFound { .. } | Remote { .. } | Store { .. } | Parquet { .. } => {
                 ErrorKind::Io
             }

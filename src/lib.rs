@@ -18,6 +18,7 @@
 //!   out-of-memory splitting, failover);
 //! - [`pipeline`]: the job (read → plan → device pool → write), resumable;
 //! - [`sql`]: DataFusion with `esm_embed(sequence)` and FASTA tables, a thin front over the pool;
+//! - [`cluster`]: the same SQL on DataFusion Ballista (scheduler, executors, client);
 //! - [`score`]: zero-shot scores from the masked-LM head (likelihoods, variant effects);
 //! - [`bench`]: throughput on the reference benchmark's workload, through the same pool.
 //!
@@ -33,6 +34,8 @@
 pub mod bench;
 #[cfg(feature = "cli")]
 pub mod cli;
+#[cfg(feature = "cluster")]
+pub mod cluster;
 pub mod devices;
 pub mod embed;
 pub mod engine;

@@ -65,7 +65,8 @@ pub fn residue_token(c: char) -> Option<u32> {
 }
 
 /// What to do with a character that is not a residue letter.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum UnknownResidue {
     /// Reject the sequence with an error naming the character and its position (the default).
     #[default]

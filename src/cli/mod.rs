@@ -6,6 +6,8 @@
 //! whose kind gives the exit code.
 
 pub mod bench;
+#[cfg(feature = "cluster")]
+pub mod cluster;
 pub mod dry_run;
 pub mod embed;
 pub mod inspect;
@@ -44,6 +46,7 @@ pub fn main(args: impl IntoIterator<Item = impl Into<OsString> + Clone>) -> u8 {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
     let result = match cli.command {
@@ -53,6 +56,10 @@ pub fn main(args: impl IntoIterator<Item = impl Into<OsString> + Clone>) -> u8 {
         Command::Bench(args) => bench::run(args),
         Command::Verify(args) => verify::run(args),
         Command::Sql(args) => sql::run(*args),
+        #[cfg(feature = "cluster")]
+        Command::Scheduler(args) => cluster::scheduler(args),
+        #[cfg(feature = "cluster")]
+        Command::Executor(args) => cluster::executor(*args),
     };
     match result {
         Ok(()) => 0,
@@ -139,6 +146,24 @@ pub enum Command {
     /// or SELECT ... FROM 'file.parquet'. esm_embed runs on every device of --device.
     #[command(verbatim_doc_comment)]
     Sql(Box<sql::SqlArgs>),
+    /// Start a cluster's scheduler (DataFusion Ballista): clients send it queries, it hands
+    /// their tasks to the executors.
+    ///
+    /// Example (one scheduler, one executor per GPU machine, then the same SQL as locally):
+    ///   esmbed scheduler --bind 0.0.0.0:50050
+    ///   esmbed executor --scheduler sched-host:50050 --bind 0.0.0.0:50051 --external-host gpu1 --device cuda --model 650M
+    ///   esmbed sql --cluster sched-host:50050 --model 650M -c "CREATE EXTERNAL TABLE p STORED AS PARQUET
+    ///     LOCATION 's3://lab/uniref50/'; COPY (SELECT id, esm_embed(sequence) AS embedding FROM p) TO 's3://lab/emb/'"
+    #[cfg(feature = "cluster")]
+    #[command(verbatim_doc_comment)]
+    Scheduler(cluster::SchedulerArgs),
+    /// Start a cluster executor: loads --model once onto its devices and runs the tasks the
+    /// scheduler sends (see `esmbed scheduler --help`).
+    ///
+    /// Every executor of a cluster must serve the same weights as the clients' --model: a task
+    /// planned for other weights fails, naming both.
+    #[cfg(feature = "cluster")]
+    Executor(Box<cluster::ExecutorArgs>),
 }
 
 /// Where the model comes from.

@@ -76,11 +76,24 @@ pub struct SqlArgs {
 
     #[command(flatten)]
     pub store: super::StoreArgs,
+
+    /// Run the queries on a cluster: the scheduler's HOST:PORT (`esmbed scheduler`). The
+    /// executors embed, each with its own model, which must be the weights of --model (checked
+    /// by fingerprint); --lenient, --unknown, --max-length and --long hold on every executor.
+    #[cfg(feature = "cluster")]
+    #[arg(long, value_name = "HOST:PORT")]
+    pub cluster: Option<String>,
+
+    /// With --cluster: let Ballista re-plan stages as they finish
+    /// (ballista.planner.adaptive.enabled).
+    #[cfg(feature = "cluster")]
+    #[arg(long, requires = "cluster")]
+    pub adaptive: bool,
 }
 
 pub fn run(args: SqlArgs) -> anyhow::Result<()> {
-    let (ctx, service) = session(&args)?;
     let runtime = runtime()?;
+    let (ctx, service) = session(&args, &runtime)?;
     let started = Instant::now();
     let result = runtime.block_on(async {
         if let Some(file) = &args.file {
@@ -136,22 +149,20 @@ pub fn query(args: SqlArgs) -> anyhow::Result<Vec<sql::StatementResult>> {
             .with_context(|| format!("cannot read {}", file.display()))?,
         (None, None) => anyhow::bail!("no statement: give -c SQL or -f FILE"),
     };
-    let (ctx, _service) = session(&args)?;
-    Ok(runtime()?.block_on(sql::run_script(&ctx, &text))?)
+    let runtime = runtime()?;
+    let (ctx, _service) = session(&args, &runtime)?;
+    Ok(runtime.block_on(sql::run_script(&ctx, &text))?)
 }
 
-/// The session the options describe, with its model service (none with --no-model).
+/// The session the options describe, with its model service (none with --no-model, or on a
+/// cluster, whose executors hold the model).
 fn session(
     args: &SqlArgs,
+    runtime: &tokio::runtime::Runtime,
 ) -> anyhow::Result<(
     datafusion::prelude::SessionContext,
     Option<Arc<EmbedService>>,
 )> {
-    let service = if args.no_model {
-        None
-    } else {
-        Some(Arc::new(start_service(args)?))
-    };
     let mut options = SessionOptions {
         batch_rows: args.batch_rows,
         store: args.store.options(),
@@ -160,7 +171,65 @@ fn session(
     if let Some(p) = args.partitions {
         options.target_partitions = p;
     }
+    #[cfg(feature = "cluster")]
+    if let Some(scheduler) = &args.cluster {
+        let spec = (!args.no_model).then(|| cluster_spec(args)).transpose()?;
+        let cluster = crate::cluster::client::ClusterOptions {
+            adaptive: args.adaptive,
+        };
+        let ctx = runtime.block_on(crate::cluster::client::session(
+            scheduler, spec, &options, &cluster,
+        ))?;
+        return Ok((ctx, None));
+    }
+    let _ = runtime;
+    let service = if args.no_model {
+        None
+    } else {
+        Some(Arc::new(start_service(
+            &args.model,
+            args.tokens_per_batch,
+            policy(args),
+        )?))
+    };
     Ok((sql::session(service.clone(), &options), service))
+}
+
+/// The row policy of the options (`max_length` None: the model's crop).
+fn policy(args: &SqlArgs) -> RowOptions {
+    RowOptions {
+        unknown: args.unknown.into(),
+        max_length: args.max_length,
+        long: args.long,
+        bad_rows: if args.lenient {
+            BadRows::Null
+        } else {
+            BadRows::Error
+        },
+        reuse: !args.no_reuse,
+    }
+}
+
+/// What the model functions of a cluster session stand for: the model the executors must
+/// serve (described here without loading its weights) and this command's row policy.
+#[cfg(feature = "cluster")]
+fn cluster_spec(args: &SqlArgs) -> anyhow::Result<crate::sql::spec::FunctionSpec> {
+    let (config, name, fingerprint) = crate::model::describe_model(&args.model.source.model)?;
+    let policy = policy(args);
+    Ok(crate::sql::spec::FunctionSpec {
+        model: crate::sql::spec::ModelIdentity {
+            name,
+            fingerprint,
+            hidden: config.hidden_size,
+            layers: config.num_hidden_layers,
+        },
+        policy: crate::sql::spec::RowPolicy {
+            unknown: policy.unknown,
+            max_length: policy.max_length.unwrap_or(config.crop()),
+            long: policy.long,
+            bad_rows: policy.bad_rows,
+        },
+    })
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -170,23 +239,37 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-fn start_service(args: &SqlArgs) -> anyhow::Result<EmbedService> {
-    let devices = super::parse_devices(&args.model.run.device)?;
-    let dtype = crate::devices::parse_dtype(&args.model.run.dtype, &devices[0])?;
+/// How a service treats rows.
+pub(super) struct RowOptions {
+    pub unknown: crate::UnknownResidue,
+    /// None: the model's crop.
+    pub max_length: Option<usize>,
+    pub long: crate::prepare::LongPolicy,
+    pub bad_rows: BadRows,
+    pub reuse: bool,
+}
+
+/// Load `model` on its devices behind a service (`esmbed sql`, `esmbed executor`).
+pub(super) fn start_service(
+    model: &super::ModelArgs,
+    tokens_per_batch: Option<usize>,
+    rows: RowOptions,
+) -> anyhow::Result<EmbedService> {
+    let devices = super::parse_devices(&model.run.device)?;
+    let dtype = crate::devices::parse_dtype(&model.run.dtype, &devices[0])?;
     let loading = Instant::now();
     let loaded = crate::model::load_model(
-        &args.model.source.model,
+        &model.source.model,
         &devices,
         dtype,
         crate::model::Head::IfPresent,
     )?;
     let hidden = loaded.replicas[0].config().hidden_size;
     let crop = loaded.replicas[0].config().crop();
-    let tokens_per_batch = args
-        .tokens_per_batch
+    let tokens_per_batch = tokens_per_batch
         .unwrap_or_else(|| crate::embed::default_tokens_per_batch_on(&devices, hidden, dtype));
     let options = EmbedOptions {
-        unknown: args.unknown.into(),
+        unknown: rows.unknown,
         tokens_per_batch,
         ..EmbedOptions::default()
     };
@@ -208,15 +291,13 @@ fn start_service(args: &SqlArgs) -> anyhow::Result<EmbedService> {
         embedders,
         ServiceOptions {
             tokens_per_batch,
-            max_length: args.max_length.unwrap_or(crop),
-            long: args.long,
-            bad_rows: if args.lenient {
-                BadRows::Null
-            } else {
-                BadRows::Error
-            },
+            max_length: rows.max_length.unwrap_or(crop),
+            long: rows.long,
+            bad_rows: rows.bad_rows,
             warm_up: !devices[0].is_cpu(),
-            reuse: !args.no_reuse,
+            reuse: rows.reuse,
+            name: loaded.name.clone(),
+            fingerprint: loaded.fingerprint.clone(),
         },
     )?)
 }

@@ -18,18 +18,23 @@ use std::sync::Arc;
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
-use datafusion::catalog::Session;
+use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{DataFusionError, GetExt, Result, Statistics};
 use datafusion::datasource::file_format::file_compression_type::FileCompressionType;
 use datafusion::datasource::file_format::{FileFormat, FileFormatFactory};
 use datafusion::datasource::listing::PartitionedFile;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
 use datafusion::datasource::physical_plan::{
     FileOpenFuture, FileOpener, FileScanConfig, FileSource,
 };
 use datafusion::datasource::projection::{ProjectionOpener, SplitProjection};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::datasource::table_schema::TableSchema;
+use datafusion::datasource::TableType;
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_plan::metrics::ExecutionPlanMetricsSet;
 use datafusion::physical_plan::projection::ProjectionExprs;
 use datafusion::physical_plan::{apply_expression_roots, ExecutionPlan, PhysicalExpr};
@@ -38,6 +43,91 @@ use futures::StreamExt;
 use object_store::{GetOptions, GetResultPayload, ObjectMeta, ObjectStore};
 
 use crate::input::fasta::{schema, FastaBatches};
+
+/// A `STORED AS FASTA` table: DataFusion's listing table over FASTA files, as its own type so
+/// that a cluster's plan codec can name it (a listing table of a format DataFusion does not know
+/// does not serialize): the scheduler rebuilds it from its paths ([`FastaTable::from_paths`]).
+#[derive(Debug)]
+pub struct FastaTable {
+    /// A [`ListingTable`] (checked by [`FastaTable::new`]).
+    listing: Arc<dyn TableProvider>,
+}
+
+impl FastaTable {
+    /// Wrap the listing table that `STORED AS FASTA` created.
+    pub fn new(listing: Arc<dyn TableProvider>) -> Result<Self> {
+        if listing.downcast_ref::<ListingTable>().is_none() {
+            return Err(DataFusionError::Internal(
+                "STORED AS FASTA made no listing table".into(),
+            ));
+        }
+        Ok(Self { listing })
+    }
+
+    fn listing(&self) -> &ListingTable {
+        self.listing
+            .downcast_ref::<ListingTable>()
+            .expect("checked by FastaTable::new")
+    }
+
+    /// The table over `paths` (files or directories; a directory's files with `extension`),
+    /// with the FASTA columns.
+    pub fn from_paths(paths: &[String], extension: &str) -> Result<Self> {
+        let urls = paths
+            .iter()
+            .map(ListingTableUrl::parse)
+            .collect::<Result<Vec<_>>>()?;
+        let options = ListingOptions::new(Arc::new(FastaFormat)).with_file_extension(extension);
+        let config = ListingTableConfig::new_with_multi_paths(urls)
+            .with_listing_options(options)
+            .with_schema(schema());
+        Ok(Self {
+            listing: Arc::new(ListingTable::try_new(config)?),
+        })
+    }
+
+    /// The files or directories it reads.
+    pub fn paths(&self) -> Vec<String> {
+        self.listing()
+            .table_paths()
+            .iter()
+            .map(|p| p.to_string())
+            .collect()
+    }
+
+    /// The extension of the files it reads from a directory.
+    pub fn extension(&self) -> &str {
+        &self.listing().options().file_extension
+    }
+}
+
+#[async_trait]
+impl TableProvider for FastaTable {
+    fn schema(&self) -> SchemaRef {
+        self.listing.schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        self.listing.table_type()
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        self.listing.scan(state, projection, filters, limit).await
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> Result<Vec<TableProviderFilterPushDown>> {
+        self.listing.supports_filters_pushdown(filters)
+    }
+}
 
 /// Registers `fasta` with a session (see [`super::session`]).
 #[derive(Debug, Default)]
@@ -130,7 +220,8 @@ pub struct FastaSource {
 }
 
 impl FastaSource {
-    fn new(table_schema: TableSchema) -> Self {
+    /// A source of FASTA records with the columns of `table_schema`.
+    pub fn new(table_schema: TableSchema) -> Self {
         Self {
             projection: SplitProjection::unprojected(&table_schema),
             table_schema,

@@ -21,19 +21,24 @@ use arrow::array::{
 };
 use arrow::buffer::NullBuffer;
 use arrow::compute::cast;
-use arrow::datatypes::{DataType, Field};
+use arrow::datatypes::{DataType, Field, FieldRef};
 use async_trait::async_trait;
 use datafusion::common::{exec_err, plan_err, DataFusionError, Result, ScalarValue};
 use datafusion::logical_expr::async_udf::{AsyncScalarUDF, AsyncScalarUDFImpl};
 use datafusion::logical_expr::{
-    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, TypeSignature,
-    Volatility,
+    ColumnarValue, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
+    TypeSignature, Volatility,
 };
 
-use super::service::EmbedService;
+use super::spec::FunctionModel;
 
 fn external(e: crate::Error) -> DataFusionError {
     DataFusionError::External(Box::new(e))
+}
+
+/// A model function's output field, carrying its spec as metadata (see [`super::spec`]).
+pub(super) fn output_field(name: &str, data_type: DataType, model: &FunctionModel) -> FieldRef {
+    Arc::new(Field::new(name, data_type, true).with_metadata(model.spec().metadata()))
 }
 
 /// The sequences of a call as `Utf8`, whatever string type the column has.
@@ -45,12 +50,12 @@ fn sequences(arg: ColumnarValue, rows: usize) -> Result<ArrayRef> {
 #[derive(Debug)]
 pub struct EsmEmbed {
     signature: Signature,
-    service: Arc<EmbedService>,
+    model: FunctionModel,
 }
 
 impl EsmEmbed {
-    /// The function over `service`'s model.
-    pub fn new(service: Arc<EmbedService>) -> Self {
+    /// The function over `model`.
+    pub fn new(model: FunctionModel) -> Self {
         // Explicit signatures: DataFusion's async wrapper does not forward `coerce_types`.
         let strings = [DataType::Utf8, DataType::Utf8View, DataType::LargeUtf8];
         let signatures = strings
@@ -64,13 +69,17 @@ impl EsmEmbed {
             .collect();
         Self {
             signature: Signature::one_of(signatures, Volatility::Immutable),
-            service,
+            model,
         }
     }
 
     /// As a DataFusion UDF.
-    pub fn udf(service: Arc<EmbedService>) -> ScalarUDF {
-        AsyncScalarUDF::new(Arc::new(Self::new(service))).into_scalar_udf()
+    pub fn udf(model: FunctionModel) -> ScalarUDF {
+        AsyncScalarUDF::new(Arc::new(Self::new(model))).into_scalar_udf()
+    }
+
+    fn data_type(&self) -> DataType {
+        DataType::FixedSizeList(Self::item(), self.model.hidden() as i32)
     }
 
     fn item() -> Arc<Field> {
@@ -80,7 +89,7 @@ impl EsmEmbed {
 
 impl PartialEq for EsmEmbed {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.service, &other.service)
+        self.model.address() == other.model.address()
     }
 }
 
@@ -88,7 +97,7 @@ impl Eq for EsmEmbed {}
 
 impl Hash for EsmEmbed {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        (Arc::as_ptr(&self.service) as usize).hash(state)
+        self.model.address().hash(state)
     }
 }
 
@@ -102,10 +111,11 @@ impl ScalarUDFImpl for EsmEmbed {
     }
 
     fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
-        Ok(DataType::FixedSizeList(
-            Self::item(),
-            self.service.hidden() as i32,
-        ))
+        Ok(self.data_type())
+    }
+
+    fn return_field_from_args(&self, _args: ReturnFieldArgs) -> Result<FieldRef> {
+        Ok(output_field(self.name(), self.data_type(), &self.model))
     }
 
     fn invoke_with_args(&self, _args: ScalarFunctionArgs) -> Result<ColumnarValue> {
@@ -119,16 +129,17 @@ impl AsyncScalarUDFImpl for EsmEmbed {
         let rows = args.number_rows;
         let mut values = args.args.into_iter();
         let sequences = sequences(values.next().expect("coerced to one or two"), rows)?;
+        let service = self.model.served(self.name()).map_err(external)?.clone();
         let layer = match values.next() {
-            None => self.service.num_layers(),
+            None => service.num_layers(),
             Some(ColumnarValue::Scalar(ScalarValue::Int64(Some(l)))) => {
-                self.service.resolve_layer(l).map_err(external)?
+                service.resolve_layer(l).map_err(external)?
             }
             Some(_) => {
                 return exec_err!("esm_embed(sequence, layer): layer must be a constant integer")
             }
         };
-        let service = self.service.clone();
+        let hidden = service.hidden() as i32;
         let (flat, valid) = tokio::task::spawn_blocking(move || {
             let text = sequences.as_string::<i32>();
             let rows: Vec<Option<&str>> = text.iter().collect();
@@ -139,7 +150,7 @@ impl AsyncScalarUDFImpl for EsmEmbed {
         .map_err(external)?;
         let list = FixedSizeListArray::try_new(
             Self::item(),
-            self.service.hidden() as i32,
+            hidden,
             Arc::new(Float32Array::from(flat)),
             Some(NullBuffer::from(valid)),
         )?;
@@ -151,22 +162,22 @@ impl AsyncScalarUDFImpl for EsmEmbed {
 #[derive(Debug)]
 pub struct EsmTokens {
     signature: Signature,
-    service: Arc<EmbedService>,
+    model: FunctionModel,
 }
 
 impl EsmTokens {
     /// As a DataFusion UDF.
-    pub fn udf(service: Arc<EmbedService>) -> ScalarUDF {
+    pub fn udf(model: FunctionModel) -> ScalarUDF {
         ScalarUDF::new_from_impl(Self {
             signature: Signature::string(1, Volatility::Immutable),
-            service,
+            model,
         })
     }
 }
 
 impl PartialEq for EsmTokens {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.service, &other.service)
+        self.model.address() == other.model.address()
     }
 }
 
@@ -174,7 +185,7 @@ impl Eq for EsmTokens {}
 
 impl Hash for EsmTokens {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        (Arc::as_ptr(&self.service) as usize).hash(state)
+        self.model.address().hash(state)
     }
 }
 
@@ -191,8 +202,13 @@ impl ScalarUDFImpl for EsmTokens {
         Ok(DataType::Int64)
     }
 
+    fn return_field_from_args(&self, _args: ReturnFieldArgs) -> Result<FieldRef> {
+        Ok(output_field(self.name(), DataType::Int64, &self.model))
+    }
+
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         let rows = args.number_rows;
+        let service = self.model.served(self.name()).map_err(external)?;
         let text = sequences(args.args.into_iter().next().expect("one argument"), rows)?;
         let counts = text
             .as_string::<i32>()
@@ -200,7 +216,7 @@ impl ScalarUDFImpl for EsmTokens {
             .enumerate()
             .map(|(row, s)| match s {
                 None => Ok(None),
-                Some(s) => match self.service.tokens(row, s) {
+                Some(s) => match service.tokens(row, s) {
                     Ok(tokens) => Ok(tokens.map(|t| t as i64)),
                     Err(e) => Err(external(e)),
                 },

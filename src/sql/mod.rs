@@ -18,6 +18,7 @@ pub mod functions;
 pub mod scores;
 pub mod service;
 pub mod slt;
+pub mod spec;
 pub mod stores;
 
 use std::sync::Arc;
@@ -32,6 +33,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use self::fasta_table::FastaFormatFactory;
 use self::functions::{CosineSimilarity, EsmEmbed, EsmTokens};
 use self::service::EmbedService;
+use self::spec::FunctionModel;
 use self::stores::{FastaTables, Stores};
 use crate::storage::StoreOptions;
 
@@ -69,31 +71,66 @@ impl Default for SessionOptions {
 /// `STORED AS FASTA`, and the object stores of `options.store` built as URLs name them. Without a
 /// service the embedding function is absent (the others work).
 pub fn session(service: Option<Arc<EmbedService>>, options: &SessionOptions) -> SessionContext {
-    let config = SessionConfig::new()
+    let ctx = SessionContext::new_with_state(session_state(options));
+    register_functions(&ctx, service.map(FunctionModel::Served));
+    ctx
+}
+
+/// The session's configuration: settings, object stores, `STORED AS FASTA`; no functions of
+/// esmbed's yet ([`register_functions`]; a cluster client registers them after Ballista has
+/// rebuilt the state).
+pub fn session_state(options: &SessionOptions) -> datafusion::execution::SessionState {
+    session_state_with(session_config(options), &options.store)
+}
+
+/// The settings of [`session_state`].
+pub fn session_config(options: &SessionOptions) -> SessionConfig {
+    SessionConfig::new()
         .with_batch_size(options.batch_rows.max(1))
         .with_target_partitions(options.target_partitions.max(1))
-        .with_information_schema(true);
-    let runtime = RuntimeEnv {
-        object_store_registry: Arc::new(Stores::new(options.store.clone())),
-        ..RuntimeEnv::default()
-    };
+        .with_information_schema(true)
+}
+
+/// [`session_state`] with other settings (a cluster scheduler's, which Ballista gives it).
+pub fn session_state_with(
+    config: SessionConfig,
+    store: &crate::storage::StoreOptions,
+) -> datafusion::execution::SessionState {
     // The format list must be set before the defaults (which extend it).
-    let state = SessionStateBuilder::new()
+    SessionStateBuilder::new()
         .with_config(config)
-        .with_runtime_env(Arc::new(runtime))
+        .with_runtime_env(runtime_env(store))
         .with_file_formats(vec![Arc::new(FastaFormatFactory)])
         .with_default_features()
         .with_table_factory("FASTA".into(), Arc::new(FastaTables::default()))
-        .build();
-    let ctx = SessionContext::new_with_state(state);
-    ctx.register_udf(CosineSimilarity::udf());
-    if let Some(service) = service {
-        ctx.register_udf(EsmEmbed::udf(service.clone()));
-        ctx.register_udf(scores::EsmScores::pll(service.clone()));
-        ctx.register_udf(scores::EsmScores::score(service.clone()));
-        ctx.register_udf(EsmTokens::udf(service));
+        .build()
+}
+
+/// A runtime whose object stores are built, as URLs name them, with `store`'s settings.
+pub fn runtime_env(store: &crate::storage::StoreOptions) -> Arc<RuntimeEnv> {
+    Arc::new(RuntimeEnv {
+        object_store_registry: Arc::new(Stores::new(store.clone())),
+        ..RuntimeEnv::default()
+    })
+}
+
+/// esmbed's functions: `cosine_similarity`, and with a model the model functions over it.
+pub fn register_functions(ctx: &SessionContext, model: Option<FunctionModel>) {
+    for udf in functions(model) {
+        ctx.register_udf(udf);
     }
-    ctx
+}
+
+/// The functions [`register_functions`] registers.
+pub fn functions(model: Option<FunctionModel>) -> Vec<datafusion::logical_expr::ScalarUDF> {
+    let mut udfs = vec![CosineSimilarity::udf()];
+    if let Some(model) = model {
+        udfs.push(EsmEmbed::udf(model.clone()));
+        udfs.push(scores::EsmScores::pll(model.clone()));
+        udfs.push(scores::EsmScores::score(model.clone()));
+        udfs.push(EsmTokens::udf(model));
+    }
+    udfs
 }
 
 /// The result of one statement.

@@ -18,16 +18,17 @@ use std::sync::Arc;
 use arrow::array::{AsArray, Float64Array};
 use arrow::buffer::NullBuffer;
 use arrow::compute::cast;
-use arrow::datatypes::DataType;
+use arrow::datatypes::{DataType, FieldRef};
 use async_trait::async_trait;
 use datafusion::common::{exec_err, DataFusionError, Result, ScalarValue};
 use datafusion::logical_expr::async_udf::{AsyncScalarUDF, AsyncScalarUDFImpl};
 use datafusion::logical_expr::{
-    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, TypeSignature,
-    Volatility,
+    ColumnarValue, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
+    TypeSignature, Volatility,
 };
 
-use super::service::EmbedService;
+use super::functions::output_field;
+use super::spec::FunctionModel;
 use crate::score::Strategy;
 
 /// Which function.
@@ -42,21 +43,21 @@ enum Kind {
 pub struct EsmScores {
     kind: Kind,
     signature: Signature,
-    service: Arc<EmbedService>,
+    model: FunctionModel,
 }
 
 impl EsmScores {
-    /// `esm_pll` over `service`'s model.
-    pub fn pll(service: Arc<EmbedService>) -> ScalarUDF {
+    /// `esm_pll` over `model`.
+    pub fn pll(model: FunctionModel) -> ScalarUDF {
         let signature = Signature::one_of(
             strings().map(|s| TypeSignature::Exact(vec![s])).collect(),
             Volatility::Immutable,
         );
-        Self::udf(Kind::Pll, signature, service)
+        Self::udf(Kind::Pll, signature, model)
     }
 
-    /// `esm_score` over `service`'s model.
-    pub fn score(service: Arc<EmbedService>) -> ScalarUDF {
+    /// `esm_score` over `model`.
+    pub fn score(model: FunctionModel) -> ScalarUDF {
         let signatures = strings()
             .flat_map(|a| strings().map(move |b| (a.clone(), b)))
             .flat_map(|(a, b)| {
@@ -67,14 +68,14 @@ impl EsmScores {
             })
             .collect();
         let signature = Signature::one_of(signatures, Volatility::Immutable);
-        Self::udf(Kind::Score, signature, service)
+        Self::udf(Kind::Score, signature, model)
     }
 
-    fn udf(kind: Kind, signature: Signature, service: Arc<EmbedService>) -> ScalarUDF {
+    fn udf(kind: Kind, signature: Signature, model: FunctionModel) -> ScalarUDF {
         let this = Self {
             kind,
             signature,
-            service,
+            model,
         };
         AsyncScalarUDF::new(Arc::new(this)).into_scalar_udf()
     }
@@ -106,7 +107,7 @@ fn strategy(value: Option<ColumnarValue>) -> Result<Strategy> {
 
 impl PartialEq for EsmScores {
     fn eq(&self, other: &Self) -> bool {
-        self.kind == other.kind && Arc::ptr_eq(&self.service, &other.service)
+        self.kind == other.kind && self.model.address() == other.model.address()
     }
 }
 
@@ -115,7 +116,7 @@ impl Eq for EsmScores {}
 impl Hash for EsmScores {
     fn hash<H: Hasher>(&self, state: &mut H) {
         self.kind.hash(state);
-        (Arc::as_ptr(&self.service) as usize).hash(state)
+        self.model.address().hash(state)
     }
 }
 
@@ -133,6 +134,10 @@ impl ScalarUDFImpl for EsmScores {
 
     fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
         Ok(DataType::Float64)
+    }
+
+    fn return_field_from_args(&self, _args: ReturnFieldArgs) -> Result<FieldRef> {
+        Ok(output_field(self.name(), DataType::Float64, &self.model))
     }
 
     fn invoke_with_args(&self, _args: ScalarFunctionArgs) -> Result<ColumnarValue> {
@@ -158,7 +163,8 @@ impl AsyncScalarUDFImpl for EsmScores {
                 (Some(mutants), strategy(values.next())?)
             }
         };
-        let (service, kind) = (self.service.clone(), self.kind);
+        let service = self.model.served(self.name()).map_err(external)?.clone();
+        let kind = self.kind;
         let (scores, valid) = tokio::task::spawn_blocking(move || {
             let a: Vec<Option<&str>> = first.as_string::<i32>().iter().collect();
             match (kind, &second) {

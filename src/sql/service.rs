@@ -22,10 +22,12 @@ use crate::model::EsmConfig;
 use crate::pack::{pack, Group};
 use crate::pipeline::reuse::sequence_key;
 use crate::prepare::{InputPolicy, LongPolicy, WindowSums};
+use crate::sql::spec::{FunctionSpec, ModelIdentity, RowPolicy};
 use crate::tokenize::Tokenizer;
 
 /// How `esm_embed` treats rows it cannot embed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum BadRows {
     /// The query fails with an error naming the row's value and what is wrong (default).
     #[default]
@@ -51,6 +53,11 @@ pub struct ServiceOptions {
     pub warm_up: bool,
     /// Embed identical sequences of a call once (the result is the same either way).
     pub reuse: bool,
+    /// The model's name and weights fingerprint, as the functions' specs state them
+    /// ([`FunctionSpec`]); the hidden width and layers come from the model itself.
+    pub name: String,
+    /// See `name`.
+    pub fingerprint: String,
 }
 
 impl Default for ServiceOptions {
@@ -62,6 +69,8 @@ impl Default for ServiceOptions {
             bad_rows: BadRows::Error,
             warm_up: false,
             reuse: true,
+            name: "unnamed".into(),
+            fingerprint: String::new(),
         }
     }
 }
@@ -71,13 +80,14 @@ type CallPack = usize;
 
 /// One model replica per device behind the engine's pool; see the module docs.
 pub struct EmbedService {
-    pool: DevicePool<CallPack>,
+    /// Shared by the services of every row policy ([`EmbedService::with_policy`]).
+    pool: Arc<DevicePool<CallPack>>,
     policy: InputPolicy,
     options: ServiceOptions,
     /// The model's hyper-parameters (width, layers).
     config: EsmConfig,
-    /// Rows that copied an identical row's result, over all calls.
-    reused: AtomicU64,
+    /// Rows that copied an identical row's result, over all calls (and policies).
+    reused: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for EmbedService {
@@ -150,12 +160,58 @@ impl EmbedService {
             long: options.long,
         };
         Ok(Self {
-            pool,
+            pool: Arc::new(pool),
             policy,
             options,
             config,
-            reused: AtomicU64::new(0),
+            reused: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// What the functions over this service stand for: the model and this service's row policy.
+    pub fn spec(&self) -> FunctionSpec {
+        FunctionSpec {
+            model: self.identity(),
+            policy: RowPolicy {
+                unknown: self.policy.tokenizer.unknown,
+                max_length: self.policy.max_length,
+                long: self.policy.long,
+                bad_rows: self.options.bad_rows,
+            },
+        }
+    }
+
+    /// The model's identity.
+    pub fn identity(&self) -> ModelIdentity {
+        ModelIdentity {
+            name: self.options.name.clone(),
+            fingerprint: self.options.fingerprint.clone(),
+            hidden: self.config.hidden_size,
+            layers: self.config.num_hidden_layers,
+        }
+    }
+
+    /// The same devices and model under another row policy (a cluster executor serves each
+    /// query with its client's policy).
+    pub fn with_policy(&self, policy: &RowPolicy) -> EmbedService {
+        let mut tokenizer = self.policy.tokenizer;
+        tokenizer.unknown = policy.unknown;
+        EmbedService {
+            pool: self.pool.clone(),
+            policy: InputPolicy {
+                tokenizer,
+                max_length: policy.max_length,
+                long: policy.long,
+            },
+            options: ServiceOptions {
+                max_length: policy.max_length,
+                long: policy.long,
+                bad_rows: policy.bad_rows,
+                ..self.options.clone()
+            },
+            config: self.config.clone(),
+            reused: self.reused.clone(),
+        }
     }
 
     /// Rows that copied the result of an identical sequence in the same call, so far.
@@ -378,7 +434,7 @@ impl EmbedService {
             rows.push((row, index));
         }
         let plls = crate::score::pseudo_log_likelihoods(
-            &self.pool,
+            self.pool.as_ref(),
             &tokens,
             self.options.tokens_per_batch,
         )?;
@@ -423,7 +479,7 @@ impl EmbedService {
         for (tokens, _, rows) in groups.into_values() {
             let sets: Vec<_> = rows.iter().map(|(_, m)| m.clone()).collect();
             let scores = crate::score::mutant_scores(
-                &self.pool,
+                self.pool.as_ref(),
                 &tokens,
                 &sets,
                 strategy,

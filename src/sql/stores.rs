@@ -19,6 +19,7 @@ use datafusion::logical_expr::CreateExternalTable;
 use object_store::ObjectStore;
 use url::Url;
 
+use super::fasta_table::FastaTable;
 use crate::storage::{self, KeyPattern, StoreOptions};
 
 /// The object stores of a session: `file://`, and any other store built on first use from its
@@ -98,7 +99,8 @@ impl TableProviderFactory for FastaTables {
             locations,
             ..cmd.clone()
         };
-        self.listing.create(state, &cmd).await
+        let listing = self.listing.create(state, &cmd).await?;
+        Ok(Arc::new(FastaTable::new(listing)?))
     }
 }
 

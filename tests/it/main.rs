@@ -9,6 +9,8 @@ mod common;
 mod bad_inputs;
 mod bad_models;
 mod cli;
+#[cfg(feature = "cluster")]
+mod cluster;
 mod dry_run;
 mod engine;
 mod esmc;

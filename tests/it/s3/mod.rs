@@ -3,7 +3,7 @@
 //! tests skip with a message when moto is not installed; in CI they fail instead.
 
 mod faults;
-mod moto;
+pub(crate) mod moto;
 
 use std::io::Write;
 use std::process::Stdio;
