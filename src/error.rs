@@ -379,6 +379,13 @@ fn sql_kind(error: &datafusion::error::DataFusionError) -> ErrorKind {
         if let Some(own) = e.downcast_ref::<Error>() {
             return own.kind();
         }
+        // An I/O error's own source is its inner error's source, not the inner error.
+        let inner = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref());
+        if let Some(own) = inner.and_then(|i| i.downcast_ref::<Error>()) {
+            return own.kind();
+        }
         source = e.source();
     }
     match error.find_root() {
@@ -431,6 +438,19 @@ fn device_out_of_memory(_: &candle_core::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_device_failure_passed_as_an_io_error_keeps_its_kind_and_message() {
+        let io = std::io::Error::other(Error::NoDevice("every device failed".into()));
+        let error = Error::Sql(datafusion::error::DataFusionError::IoError(io));
+        assert_eq!(error.kind(), ErrorKind::Model);
+        assert!(error.to_string().contains("every device failed"), "{error}");
+        assert_eq!(
+            format!("{error:?}"),
+            error.to_string(),
+            "Debug is the message"
+        );
+    }
 
     #[test]
     fn kinds_follow_the_variant() {

@@ -295,3 +295,88 @@ impl PhysicalExtensionCodec for PhysicalCodec {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prepare::LongPolicy;
+    use crate::sql::service::BadRows;
+    use crate::sql::spec::{ModelIdentity, RowPolicy};
+    use crate::tokenize::UnknownResidue;
+
+    fn spec() -> FunctionSpec {
+        FunctionSpec {
+            model: ModelIdentity {
+                name: "tiny".into(),
+                fingerprint: "sha256:ab".into(),
+                hidden: 16,
+                layers: 2,
+            },
+            policy: RowPolicy {
+                unknown: UnknownResidue::Error,
+                max_length: 1022,
+                long: LongPolicy::Truncate,
+                bad_rows: BadRows::Null,
+            },
+        }
+    }
+
+    #[test]
+    fn model_functions_cross_with_their_spec_and_others_by_name() {
+        let codec = LogicalCodec::new(FunctionHost::Planner);
+        let planned = FunctionModel::Planned(Arc::new(spec()));
+        for udf in crate::sql::functions(Some(planned)) {
+            let mut buf = Vec::new();
+            codec.try_encode_udf(&udf, &mut buf).unwrap();
+            if udf.name() == "cosine_similarity" {
+                assert!(buf.is_empty(), "a plain function travels by name");
+                continue;
+            }
+            assert_eq!(
+                FunctionSpec::decode(&buf).unwrap(),
+                spec(),
+                "{}",
+                udf.name()
+            );
+            let back = codec.try_decode_udf(udf.name(), &buf).unwrap();
+            assert_eq!(back.name(), udf.name());
+            let field = back
+                .return_field_from_args(ReturnFieldArgs {
+                    arg_fields: &[],
+                    scalar_arguments: &[],
+                })
+                .unwrap();
+            let spec_back = FunctionSpec::from_metadata(field.metadata())
+                .unwrap()
+                .unwrap();
+            assert_eq!(spec_back, spec());
+        }
+    }
+
+    #[test]
+    fn fasta_tables_cross_as_their_paths() {
+        let codec = LogicalCodec::new(FunctionHost::Planner);
+        let paths = vec!["/data/a.fasta".to_string(), "/data/more/".to_string()];
+        let table: Arc<dyn TableProvider> =
+            Arc::new(FastaTable::from_paths(&paths, ".fa.gz").unwrap());
+        let name = TableReference::bare("p");
+        let mut buf = Vec::new();
+        codec
+            .try_encode_table_provider(&name, table.clone(), &mut buf)
+            .unwrap();
+        assert!(buf.starts_with(FASTA_TABLE_TAG));
+        let ctx = TaskContext::default();
+        let back = codec
+            .try_decode_table_provider(&buf, &name, table.schema(), &ctx)
+            .unwrap();
+        let back = back.downcast_ref::<FastaTable>().expect("a FASTA table");
+        assert_eq!(back.extension(), ".fa.gz");
+        assert_eq!(back.paths().len(), 2);
+        assert!(
+            back.paths()[0].ends_with("/data/a.fasta"),
+            "{:?}",
+            back.paths()
+        );
+        assert_eq!(back.schema(), table.schema());
+    }
+}

@@ -32,8 +32,14 @@ use datafusion::logical_expr::{
 
 use super::spec::FunctionModel;
 
-fn external(e: crate::Error) -> DataFusionError {
-    DataFusionError::External(Box::new(e))
+/// A model function's failure as DataFusion's error. A call whose devices have all failed is an
+/// I/O error: the only kind a Ballista scheduler retries, so on a cluster the task moves to
+/// another executor (locally the query fails with the same message either way).
+pub(super) fn external(e: crate::Error) -> DataFusionError {
+    match e {
+        crate::Error::NoDevice(_) => DataFusionError::IoError(std::io::Error::other(e)),
+        e => DataFusionError::External(Box::new(e)),
+    }
 }
 
 /// A model function's output field, carrying its spec as metadata (see [`super::spec`]).

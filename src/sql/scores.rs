@@ -27,7 +27,7 @@ use datafusion::logical_expr::{
     TypeSignature, Volatility,
 };
 
-use super::functions::output_field;
+use super::functions::{external, output_field};
 use super::spec::FunctionModel;
 use crate::score::Strategy;
 
@@ -83,10 +83,6 @@ impl EsmScores {
 
 fn strings() -> impl Iterator<Item = DataType> + Clone {
     [DataType::Utf8, DataType::Utf8View, DataType::LargeUtf8].into_iter()
-}
-
-fn external(e: crate::Error) -> DataFusionError {
-    DataFusionError::External(Box::new(e))
 }
 
 /// The strategy a constant names.
