@@ -37,5 +37,6 @@ done
 "$ESMBED" sql --cluster 127.0.0.1:50050 --model "$MODEL" -c "
   CREATE EXTERNAL TABLE proteins STORED AS FASTA LOCATION '$FASTA';
   COPY (SELECT id, esm_embed(sequence) AS embedding FROM proteins) TO '$OUT/emb/' STORED AS PARQUET;
-  SELECT count(*) AS rows FROM '$OUT/emb/';"
+  CREATE EXTERNAL TABLE emb STORED AS PARQUET LOCATION '$OUT/emb/';
+  SELECT count(*) AS rows, arrow_typeof(first_value(embedding)) AS type FROM emb;"
 echo "embeddings written under $OUT/emb/ (removed at exit); logs were in $OUT"
