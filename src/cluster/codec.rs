@@ -299,26 +299,9 @@ impl PhysicalExtensionCodec for PhysicalCodec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::prepare::LongPolicy;
-    use crate::sql::service::BadRows;
-    use crate::sql::spec::{ModelIdentity, RowPolicy};
-    use crate::tokenize::UnknownResidue;
 
     fn spec() -> FunctionSpec {
-        FunctionSpec {
-            model: ModelIdentity {
-                name: "tiny".into(),
-                fingerprint: "sha256:ab".into(),
-                hidden: 16,
-                layers: 2,
-            },
-            policy: RowPolicy {
-                unknown: UnknownResidue::Error,
-                max_length: 1022,
-                long: LongPolicy::Truncate,
-                bad_rows: BadRows::Null,
-            },
-        }
+        crate::sql::spec::example()
     }
 
     #[test]

@@ -167,11 +167,17 @@ impl FunctionModel {
     }
 }
 
+/// A spec for unit tests.
+#[cfg(test)]
+pub(crate) fn example() -> FunctionSpec {
+    tests::spec()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn spec() -> FunctionSpec {
+    pub(super) fn spec() -> FunctionSpec {
         FunctionSpec {
             model: ModelIdentity {
                 name: "tiny".into(),

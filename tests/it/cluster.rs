@@ -402,26 +402,21 @@ fn read_dir_is_empty(dir: &Path) -> bool {
     std::fs::read_dir(dir).unwrap().next().is_none()
 }
 
-#[test]
-fn an_executor_killed_mid_query_loses_nothing() {
-    let mut cluster = Cluster::start("cluster-kill", 2, MODEL, &[]);
-    let fasta = fasta_files(&cluster.dir, 12);
-    let expected = reference(&cluster.dir, &fasta);
-    let out = cluster.dir.join("out");
+/// Start a slow `COPY` (one row per call, six partitions for the executors' task slots) and
+/// return the client once executor `index` has begun a task.
+fn start_long_copy(cluster: &Cluster, index: usize) -> Child {
     let sql = copy_sql(
         "FASTA",
         &(cluster.dir.join("fasta").display().to_string() + "/"),
-        &format!("{}/", out.display()),
+        &format!("{}/", cluster.dir.join("out").display()),
     );
-    // One row per call: many calls per task, so the kill lands while tasks run; six partitions
-    // for four task slots, so both executors have tasks.
-    let mut client = cluster
+    let client = cluster
         .sql_command(MODEL, &["--batch-rows", "1", "--partitions", "6"], &sql)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let log = cluster.dir.join("executor1.log");
+    let log = cluster.dir.join(format!("executor{index}.log"));
     let started = Instant::now();
     while !std::fs::read_to_string(&log)
         .unwrap_or_default()
@@ -429,11 +424,20 @@ fn an_executor_killed_mid_query_loses_nothing() {
     {
         assert!(
             started.elapsed() < Duration::from_secs(120),
-            "executor 1 got no task\n{}",
+            "executor {index} got no task\n{}",
             cluster.logs()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    client
+}
+
+#[test]
+fn an_executor_killed_mid_query_loses_nothing() {
+    let mut cluster = Cluster::start("cluster-kill", 2, MODEL, &[]);
+    let fasta = fasta_files(&cluster.dir, 12);
+    let expected = reference(&cluster.dir, &fasta);
+    let mut client = start_long_copy(&cluster, 1);
     cluster.kill_executor(1);
     let status = client.wait().unwrap();
     let mut stderr = String::new();
@@ -444,7 +448,7 @@ fn an_executor_killed_mid_query_loses_nothing() {
         .read_to_string(&mut stderr)
         .unwrap();
     assert!(status.success(), "{stderr}\n{}", cluster.logs());
-    let got = by_id(&read_dir_parquet(&out));
+    let got = by_id(&read_dir_parquet(&cluster.dir.join("out")));
     assert_eq!(
         got.len(),
         expected.len(),
@@ -457,30 +461,7 @@ fn an_executor_killed_mid_query_loses_nothing() {
 fn a_restarted_scheduler_gives_the_waiting_client_an_error_not_a_hang() {
     let mut cluster = Cluster::start("cluster-restart", 1, MODEL, &[]);
     fasta_files(&cluster.dir, 12);
-    let sql = copy_sql(
-        "FASTA",
-        &(cluster.dir.join("fasta").display().to_string() + "/"),
-        &format!("{}/", cluster.dir.join("out").display()),
-    );
-    let mut client = cluster
-        .sql_command(MODEL, &["--batch-rows", "1"], &sql)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let log = cluster.dir.join("executor0.log");
-    let started = Instant::now();
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("Execute task")
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "{}",
-            cluster.logs()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut client = start_long_copy(&cluster, 0);
     cluster.kill_scheduler();
     cluster.start_scheduler();
     let started = Instant::now();
