@@ -2,14 +2,13 @@
 
 use std::sync::Arc;
 
-use anyhow::Context;
 use clap::Args;
 
 use crate::cluster::executor::ExecutorOptions;
 use crate::cluster::scheduler::SchedulerOptions;
 use crate::sql::service::BadRows;
 
-use super::sql::{start_service, RowOptions};
+use super::sql::{runtime, start_service, RowOptions};
 use super::{ModelArgs, StoreArgs};
 
 #[derive(Debug, Args)]
@@ -74,13 +73,6 @@ pub struct ExecutorArgs {
 
     #[command(flatten)]
     pub store: StoreArgs,
-}
-
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
 }
 
 pub fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {

@@ -215,7 +215,6 @@ fn policy(args: &SqlArgs) -> RowOptions {
 #[cfg(feature = "cluster")]
 fn cluster_spec(args: &SqlArgs) -> anyhow::Result<crate::sql::spec::FunctionSpec> {
     let (config, name, fingerprint) = crate::model::describe_model(&args.model.source.model)?;
-    let policy = policy(args);
     Ok(crate::sql::spec::FunctionSpec {
         model: crate::sql::spec::ModelIdentity {
             name,
@@ -223,16 +222,11 @@ fn cluster_spec(args: &SqlArgs) -> anyhow::Result<crate::sql::spec::FunctionSpec
             hidden: config.hidden_size,
             layers: config.num_hidden_layers,
         },
-        policy: crate::sql::spec::RowPolicy {
-            unknown: policy.unknown,
-            max_length: policy.max_length.unwrap_or(config.crop()),
-            long: policy.long,
-            bad_rows: policy.bad_rows,
-        },
+        policy: policy(args).resolve(config.crop()),
     })
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(super) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -247,6 +241,18 @@ pub(super) struct RowOptions {
     pub long: crate::prepare::LongPolicy,
     pub bad_rows: BadRows,
     pub reuse: bool,
+}
+
+impl RowOptions {
+    /// The row policy for a model whose crop is `crop` (the default `max_length`).
+    fn resolve(&self, crop: usize) -> crate::sql::spec::RowPolicy {
+        crate::sql::spec::RowPolicy {
+            unknown: self.unknown,
+            max_length: self.max_length.unwrap_or(crop),
+            long: self.long,
+            bad_rows: self.bad_rows,
+        }
+    }
 }
 
 /// Load `model` on its devices behind a service (`esmbed sql`, `esmbed executor`).
@@ -265,7 +271,7 @@ pub(super) fn start_service(
         crate::model::Head::IfPresent,
     )?;
     let hidden = loaded.replicas[0].config().hidden_size;
-    let crop = loaded.replicas[0].config().crop();
+    let policy = rows.resolve(loaded.replicas[0].config().crop());
     let tokens_per_batch = tokens_per_batch
         .unwrap_or_else(|| crate::embed::default_tokens_per_batch_on(&devices, hidden, dtype));
     let options = EmbedOptions {
@@ -291,9 +297,9 @@ pub(super) fn start_service(
         embedders,
         ServiceOptions {
             tokens_per_batch,
-            max_length: rows.max_length.unwrap_or(crop),
-            long: rows.long,
-            bad_rows: rows.bad_rows,
+            max_length: policy.max_length,
+            long: policy.long,
+            bad_rows: policy.bad_rows,
             warm_up: !devices[0].is_cpu(),
             reuse: rows.reuse,
             name: loaded.name.clone(),

@@ -7,7 +7,7 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
@@ -432,6 +432,26 @@ fn start_long_copy(cluster: &Cluster, index: usize) -> Child {
     client
 }
 
+/// Wait (at most `limit`) for the client to exit: its status and stderr.
+fn finish(cluster: &Cluster, client: &mut Child, limit: Duration) -> (ExitStatus, String) {
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = client.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "the client still runs after {limit:?}\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    let mut pipe = client.stderr.take().expect("stderr is piped");
+    pipe.read_to_string(&mut stderr).unwrap();
+    (status, stderr)
+}
+
 #[test]
 fn an_executor_killed_mid_query_loses_nothing() {
     let mut cluster = Cluster::start("cluster-kill", 2, MODEL, &[]);
@@ -439,14 +459,7 @@ fn an_executor_killed_mid_query_loses_nothing() {
     let expected = reference(&cluster.dir, &fasta);
     let mut client = start_long_copy(&cluster, 1);
     cluster.kill_executor(1);
-    let status = client.wait().unwrap();
-    let mut stderr = String::new();
-    client
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    let (status, stderr) = finish(&cluster, &mut client, Duration::from_secs(300));
     assert!(status.success(), "{stderr}\n{}", cluster.logs());
     let got = by_id(&read_dir_parquet(&cluster.dir.join("out")));
     assert_eq!(
@@ -464,25 +477,8 @@ fn a_restarted_scheduler_gives_the_waiting_client_an_error_not_a_hang() {
     let mut client = start_long_copy(&cluster, 0);
     cluster.kill_scheduler();
     cluster.start_scheduler();
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = client.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(90),
-            "the client still waits 90 s after the scheduler restarted\n{}",
-            cluster.logs()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let mut stderr = String::new();
-    client
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    // Bounded: the client must give up, not hang.
+    let (status, stderr) = finish(&cluster, &mut client, Duration::from_secs(90));
     assert!(!status.success(), "{stderr}");
     assert!(stderr.contains("esmbed: error:"), "{stderr}");
     let _ = client.kill();
