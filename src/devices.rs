@@ -50,9 +50,18 @@ pub fn parse_dtype(spec: &str, device: &Device) -> Result<candle_core::DType> {
         "f32" | "fp32" | "float32" => DType::F32,
         "bf16" | "bfloat16" => DType::BF16,
         "f16" | "fp16" | "float16" | "half" => DType::F16,
+        // e4m3 GEMMs, bf16 activations (checked against the GPU when the model loads).
+        "fp8" | "f8" | "f8e4m3" | "e4m3" if device.is_cpu() => {
+            return Err(Error::InvalidOption(
+                "--dtype fp8 runs on CUDA GPUs (compute capability 8.9 or later); on the CPU use \
+                 f32"
+                .into(),
+            ))
+        }
+        "fp8" | "f8" | "f8e4m3" | "e4m3" => DType::F8E4M3,
         other => {
             return Err(Error::InvalidOption(format!(
-                "unknown --dtype {other:?}: use auto, f32, bf16 or f16"
+                "unknown --dtype {other:?}: use auto, f32, bf16, f16 or fp8"
             )))
         }
     })
@@ -150,5 +159,18 @@ mod tests {
         assert!(msg("cuda:x", 2).contains("not a GPU number"));
         assert!(msg("cuda", 0).contains("--device cpu"));
         assert!(msg("tpu", 0).contains("use auto, cpu"));
+    }
+
+    #[test]
+    fn dtypes() {
+        use candle_core::DType;
+        let cpu = Device::Cpu;
+        assert_eq!(parse_dtype("auto", &cpu).unwrap(), DType::F32);
+        assert_eq!(parse_dtype("BF16", &cpu).unwrap(), DType::BF16);
+        assert_eq!(parse_dtype("half", &cpu).unwrap(), DType::F16);
+        let fp8 = parse_dtype("fp8", &cpu).unwrap_err().to_string();
+        assert!(fp8.contains("CUDA") && fp8.contains("f32"), "{fp8}");
+        let unknown = parse_dtype("int4", &cpu).unwrap_err().to_string();
+        assert!(unknown.contains("bf16, f16 or fp8"), "{unknown}");
     }
 }

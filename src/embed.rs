@@ -376,8 +376,9 @@ pub fn default_tokens_per_batch_on(devices: &[Device], hidden: usize, dtype: DTy
 /// The default GPU token budget with `free` bytes left for activations (see
 /// [`default_tokens_per_batch`]).
 pub fn tokens_per_batch_for(free: u64, hidden: usize, dtype: DType) -> usize {
+    let activations = crate::model::fp8::activation_dtype(dtype);
     let bytes_per_token =
-        crate::model::memory::ACTIVATION_UNITS_PER_TOKEN * hidden * dtype.size_in_bytes();
+        crate::model::memory::ACTIVATION_UNITS_PER_TOKEN * hidden * activations.size_in_bytes();
     let fit = (free as f64 * 0.6 / bytes_per_token as f64) as usize;
     (fit.clamp(4096, 65536) / 1024) * 1024
 }

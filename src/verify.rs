@@ -2,8 +2,9 @@
 //!
 //! The CPU f32 path is tested against transformers in CI; this measures everything else (GPU,
 //! bf16/f16, FlashAttention) against it: cosine similarity and errors of the mean embeddings,
-//! the error of the last layer's per-token states, and batch invariance on the device (a sequence
-//! alone vs inside a pack).
+//! the error of the last layer's per-token states, the agreement of the masked-LM head's top-1
+//! prediction at every residue (where the checkpoint has a head), and batch invariance on the
+//! device (a sequence alone vs inside a pack).
 
 use candle_core::{DType, Device};
 use serde::Serialize;
@@ -24,12 +25,17 @@ pub struct Agreement {
     pub sequences: usize,
     /// Lowest cosine similarity of a mean embedding with its reference.
     pub min_cosine: f64,
+    /// Average cosine similarity of a mean embedding with its reference.
+    pub mean_cosine: f64,
     /// Largest absolute error of a mean-embedding element.
     pub mean_max_abs_error: f64,
     /// Largest `max |err| / max |ref|` of a mean embedding.
     pub mean_max_rel_error: f64,
     /// Largest `max |err| / max |ref|` of the last layer's per-token states of a sequence.
     pub hidden_max_rel_error: f64,
+    /// Fraction of residues whose top-1 masked-LM prediction (last layer, unmasked input)
+    /// equals the reference's; `None` where the checkpoint has no head.
+    pub top1_agreement: Option<f64>,
     /// Largest absolute difference of a mean embedding alone vs inside a pack (on the device).
     pub invariance_max_abs: f64,
 }
@@ -51,11 +57,12 @@ pub fn compare(
 ) -> Result<Agreement> {
     let budget = 8192;
     let options = EmbedOptions::default();
+    let head = checkpoint.has_lm_head();
     let reference = Embedder::new(
-        Model::load(checkpoint, &Device::Cpu, DType::F32, false)?,
+        Model::load(checkpoint, &Device::Cpu, DType::F32, head)?,
         &options,
     )?;
-    let subject = Embedder::new(Model::load(checkpoint, device, dtype, false)?, &options)?;
+    let subject = Embedder::new(Model::load(checkpoint, device, dtype, head)?, &options)?;
     let expected = means(&reference, sequences, budget)?;
     let got = means(&subject, sequences, budget)?;
     let mut a = Agreement {
@@ -63,21 +70,33 @@ pub fn compare(
         dtype: format!("{dtype:?}").to_lowercase(),
         sequences: sequences.len(),
         min_cosine: 1.0,
+        mean_cosine: 0.0,
         mean_max_abs_error: 0.0,
         mean_max_rel_error: 0.0,
         hidden_max_rel_error: 0.0,
+        top1_agreement: None,
         invariance_max_abs: 0.0,
     };
     for (g, e) in got.iter().zip(&expected) {
-        a.min_cosine = a.min_cosine.min(cosine(g, e));
+        let c = cosine(g, e);
+        a.min_cosine = a.min_cosine.min(c);
+        a.mean_cosine += c / got.len().max(1) as f64;
         let err = max_abs_diff(g, e);
         a.mean_max_abs_error = a.mean_max_abs_error.max(err);
         a.mean_max_rel_error = a.mean_max_rel_error.max(err / max_abs(e));
     }
     // Per-token states of the last layer, pack by pack.
     let last = checkpoint.config.num_hidden_layers;
+    let (mut agreeing, mut residues) = (0usize, 0usize);
     for group in pack(sequences, budget) {
         let batch = group.batch;
+        if head {
+            let at = crate::engine::LogProbsAt::Residues;
+            let want = top1(&reference.model().log_probs(&batch, at)?);
+            let have = top1(&subject.model().log_probs(&batch, at)?);
+            agreeing += want.iter().zip(&have).filter(|(w, h)| w == h).count();
+            residues += want.len();
+        }
         let r = reference.model().forward(&batch, &[last])?.remove(0);
         let s = subject
             .model()
@@ -100,12 +119,34 @@ pub fn compare(
                 .max(max_abs_diff(&ss, &rr) / max_abs(&rr));
         }
     }
+    if head {
+        a.top1_agreement = Some(agreeing as f64 / residues.max(1) as f64);
+    }
     // Batch invariance on the device: alone vs packed.
     for (i, seq) in sequences.iter().enumerate() {
         let alone = means(&subject, std::slice::from_ref(seq), budget)?;
         a.invariance_max_abs = a.invariance_max_abs.max(max_abs_diff(&alone[0], &got[i]));
     }
     Ok(a)
+}
+
+/// The most probable token of each row of `[Q, 33]` log-probabilities.
+fn top1(log_probs: &[f32]) -> Vec<usize> {
+    log_probs
+        .chunks(33)
+        .map(|row| {
+            row.iter()
+                .enumerate()
+                .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+                    if v > best.1 {
+                        (i, v)
+                    } else {
+                        best
+                    }
+                })
+                .0
+        })
+        .collect()
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
@@ -125,4 +166,26 @@ fn max_abs(a: &[f32]) -> f64 {
     a.iter()
         .fold(0f64, |m, x| m.max((*x as f64).abs()))
         .max(f64::MIN_POSITIVE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top1_is_the_argmax_of_each_row() {
+        let mut rows = vec![-5f32; 66];
+        rows[7] = -0.1;
+        rows[33 + 32] = -0.5;
+        rows[33 + 4] = -0.6;
+        assert_eq!(top1(&rows), vec![7, 32]);
+    }
+
+    #[test]
+    fn cosine_and_errors() {
+        assert!((cosine(&[1.0, 0.0], &[1.0, 0.0]) - 1.0).abs() < 1e-12);
+        assert!(cosine(&[1.0, 0.0], &[0.0, 2.0]).abs() < 1e-12);
+        assert_eq!(max_abs_diff(&[1.0, -2.0], &[1.5, -2.0]), 0.5);
+        assert_eq!(max_abs(&[1.0, -3.0]), 3.0);
+    }
 }

@@ -155,6 +155,120 @@ fn fused_kernels_match_f32_at_esm2_widths() {
     }
 }
 
+/// The FP8 kernels against f32 arithmetic on the CPU at ESM-2's widths, on rows with a few ×50
+/// outlier channels: quantized rows dequantize to the bf16 values within e4m3's rounding (half a
+/// step: 2⁻⁴ relative for normal values, `scale · 2⁻¹⁰` absolute for subnormal ones), each row's
+/// largest magnitude to ±448 · scale; the FP8 GEMM equals the f32 product of the dequantized
+/// operands (plus bias and residual) within bf16's rounding of the output and FP8 accumulation.
+#[test]
+fn fp8_kernels_match_f32() {
+    use candle_core::{Module, Tensor};
+    use candle_nn::LayerNorm;
+    use esmbed::model::kernels;
+
+    let gpu = Device::new_cuda(0).expect("a CUDA GPU");
+    kernels::check_fp8_device(&gpu).expect("a GPU that takes FP8 (compute capability 8.9+)");
+    let cpu = Device::Cpu;
+    let randn = |std: f64, shape: &[usize]| Tensor::randn(0f32, std as f32, shape, &cpu).unwrap();
+    let bf16 = |t: Tensor| {
+        t.to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    };
+    let on_gpu = |t: &Tensor| t.to_dtype(DType::BF16).unwrap().to_device(&gpu).unwrap();
+    // To the host first: candle's CUDA casts have no e4m3 kernels.
+    let host = |t: &Tensor| t.to_device(&cpu).unwrap().to_dtype(DType::F32).unwrap();
+    let dequantized = |r: &kernels::Fp8Rows| -> Tensor {
+        host(&r.q)
+            .broadcast_mul(&host(&r.scale).unsqueeze(1).unwrap())
+            .unwrap()
+    };
+    let check_rows = |what: &str, r: &kernels::Fp8Rows, want: &Tensor| {
+        let (rows, cols) = want.dims2().unwrap();
+        assert_eq!(r.q.dims(), [rows, cols], "{what}");
+        let deq: Vec<Vec<f32>> = dequantized(r).to_vec2().unwrap();
+        let want: Vec<Vec<f32>> = want.to_vec2().unwrap();
+        let scales: Vec<f32> = host(&r.scale).to_vec1().unwrap();
+        for (i, (d, w)) in deq.iter().zip(&want).enumerate() {
+            let amax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let s = scales[i];
+            assert!(
+                (s - amax / 448.0).abs() <= 1e-6 * s,
+                "{what} row {i}: scale {s}, amax {amax}"
+            );
+            for (x, y) in d.iter().zip(w) {
+                let bound = y.abs() / 16.0 + s / 1024.0 + 1e-6 * amax;
+                assert!(
+                    (x - y).abs() <= bound,
+                    "{what} row {i}: {x} for {y} (scale {s})"
+                );
+            }
+        }
+    };
+    let outliers = |t: Tensor| {
+        let cols = t.dim(1).unwrap();
+        let mut m = vec![1f32; cols];
+        for c in [3, cols / 3, cols - 1] {
+            m[c] = 50.0;
+        }
+        t.broadcast_mul(&Tensor::new(m, &cpu).unwrap()).unwrap()
+    };
+    for hidden in [320, 1280, 2560, 5120] {
+        let tokens = 37;
+        let x = bf16(outliers(randn(1.0, &[tokens, hidden])));
+
+        let q = kernels::quantize_rows(&on_gpu(&x)).unwrap();
+        check_rows("quantize_rows", &q, &x);
+
+        let w = bf16((randn(1.0, &[hidden, hidden]) / (hidden as f64).sqrt()).unwrap());
+        let b = bf16(randn(0.1, &[hidden]));
+        let lw = LayerNorm::new(
+            w.narrow(0, 0, 1).unwrap().squeeze(0).unwrap(),
+            b.clone(),
+            1e-5,
+        );
+        let want = bf16(lw.forward(&x).unwrap());
+        let (gamma, beta) = (lw.weight().clone(), b.clone());
+        let got =
+            kernels::layer_norm_fp8(&on_gpu(&x), &on_gpu(&gamma), &on_gpu(&beta), 1e-5).unwrap();
+        check_rows("layer_norm_fp8", &got, &want);
+
+        let h = bf16(randn(2.0, &[tokens, 4 * hidden]));
+        check_rows(
+            "gelu_fp8",
+            &kernels::gelu_fp8(&on_gpu(&h)).unwrap(),
+            &bf16(h.gelu_erf().unwrap()),
+        );
+        let ffn = 4 * hidden / 2;
+        let (g, u) = (h.narrow(1, 0, ffn).unwrap(), h.narrow(1, ffn, ffn).unwrap());
+        let want = bf16((g.silu().unwrap() * u).unwrap());
+        check_rows(
+            "swiglu_fp8",
+            &kernels::swiglu_fp8(&on_gpu(&h)).unwrap(),
+            &want,
+        );
+
+        // The GEMM: y = deq(x) · deq(w)ᵀ + b + r.
+        let wq = kernels::quantize_rows(&on_gpu(&w)).unwrap();
+        let r = bf16(randn(1.0, &[tokens, hidden]));
+        let want = (dequantized(&q)
+            .matmul(&dequantized(&wq).t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap()
+            + &r)
+            .unwrap();
+        let got = kernels::linear_fp8(&q, &wq, &on_gpu(&b), Some(&on_gpu(&r))).unwrap();
+        let (worst, scale) = worst(&got, &want);
+        assert!(
+            worst <= 2f32.powi(-7) * scale,
+            "linear_fp8 {hidden}: off by {worst} at scale {scale}"
+        );
+        eprintln!("fp8 {hidden}: GEMM off by {worst:.3e} at scale {scale:.3e}");
+    }
+}
+
 /// The device running out of memory is found by the error's type: the driver's
 /// `CUDA_ERROR_OUT_OF_MEMORY` and esmbed's own [`esmbed::model::DeviceOutOfMemory`] (cuBLASLt),
 /// wrapped in context or not; other driver errors are device failures.

@@ -14,7 +14,8 @@ pub struct VerifyArgs {
     #[arg(long, default_value = "auto")]
     pub device: String,
 
-    /// Dtypes to check.
+    /// Dtypes to check (fp8: e4m3 GEMMs on GPUs of compute capability 8.9+; run this on your
+    /// own model before a large FP8 job).
     #[arg(long, value_delimiter = ',', default_value = "bf16,f16")]
     pub dtype: Vec<String>,
 
@@ -45,9 +46,12 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
         if args.json {
             println!("{}", serde_json::to_string(&a)?);
         } else {
+            let top1 = a
+                .top1_agreement
+                .map_or("no head".into(), |t| format!("{:.4}", t));
             println!(
-                "{} {}: {} sequences, min cosine {:.6}, mean max abs err {:.2e} (rel {:.2e}), last-layer tokens rel err {:.2e}, alone-vs-packed max abs {:.2e}",
-                a.device, a.dtype, a.sequences, a.min_cosine, a.mean_max_abs_error, a.mean_max_rel_error,
+                "{} {}: {} sequences, min cosine {:.6} (mean {:.6}), mean max abs err {:.2e} (rel {:.2e}), last-layer tokens rel err {:.2e}, top-1 agreement {top1}, alone-vs-packed max abs {:.2e}",
+                a.device, a.dtype, a.sequences, a.min_cosine, a.mean_cosine, a.mean_max_abs_error, a.mean_max_rel_error,
                 a.hidden_max_rel_error, a.invariance_max_abs
             );
         }

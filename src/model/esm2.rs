@@ -26,6 +26,7 @@ mod load;
 
 pub(crate) use load::computed_inv_freq;
 
+use super::fp8::Fp8Scales;
 use super::head::LmHead;
 
 /// Token-dropout rate seen in training: 15 % of tokens masked, 80 % of those replaced by `<mask>`
@@ -43,6 +44,8 @@ struct Block {
     ffn_norm: LayerNorm,
     fc1: Linear,
     fc2: Linear,
+    /// With `--dtype fp8`: the scales of the four projections, whose weights are then e4m3.
+    fp8: Option<Fp8Scales>,
 }
 
 /// An ESM-2 model on one device, in one dtype.
@@ -57,6 +60,7 @@ pub struct Esm2 {
     /// The masked-LM head, when scores were asked for ([`Esm2::load_with_head`]).
     head: Option<LmHead>,
     device: Device,
+    /// The activations' dtype (bf16 for FP8).
     dtype: DType,
 }
 
@@ -80,6 +84,7 @@ impl Esm2 {
                     ffn_norm: to.norm(&b.ffn_norm)?,
                     fc1: to.linear(&b.fc1)?,
                     fc2: to.linear(&b.fc2)?,
+                    fp8: b.fp8.as_ref().map(|s| to.scales(s)).transpose()?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -111,9 +116,32 @@ impl Esm2 {
         &self.device
     }
 
-    /// The compute dtype.
+    /// The compute dtype: `F8E4M3` when blocks run FP8 GEMMs (their activations are bf16).
     pub fn dtype(&self) -> DType {
-        self.dtype
+        match self.blocks.iter().any(|b| b.fp8.is_some()) {
+            true => DType::F8E4M3,
+            false => self.dtype,
+        }
+    }
+
+    /// The same model with the blocks [`super::fp8::quantized_blocks`] picks on e4m3 GEMMs
+    /// (a bf16 model on a GPU that takes FP8; see [`super::fp8`]).
+    pub(super) fn quantize_fp8(mut self) -> Result<Self> {
+        let (h, ffn) = (self.config.hidden_size, self.config.intermediate_size);
+        super::fp8::check(&self.device, h, ffn)?;
+        if self.dtype != DType::BF16 || !self.fused() {
+            return Err(crate::Error::internal(
+                "FP8 quantization of a model not in fused bf16",
+            ));
+        }
+        let picked = super::fp8::quantized_blocks(self.blocks.len())?;
+        for (b, quantize) in self.blocks.iter_mut().zip(picked) {
+            if quantize {
+                let linears = [&mut b.qkv, &mut b.out, &mut b.fc1, &mut b.fc2];
+                b.fp8 = Some(super::fp8::quantize(linears)?);
+            }
+        }
+        Ok(self)
     }
 
     /// Resolve fair-esm layer numbers (0 = embeddings, N = last and normalized, negatives count
@@ -171,6 +199,10 @@ impl Esm2 {
         sin: &Tensor,
         layout: &PackLayout,
     ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(scales) = &block.fp8 {
+            return self.block_forward_fp8(block, scales, x, cos, sin, layout);
+        }
         #[cfg(feature = "cuda")]
         if self.fused() {
             return self.block_forward_fused(block, x, cos, sin, layout);
@@ -239,6 +271,79 @@ impl Esm2 {
         })?;
         time(dev, "fc2_residual", || {
             kernels::linear_residual(&act, &block.fc2, &x)
+        })
+    }
+
+    /// The block on e4m3 GEMMs: the LayerNorms and the GELU write the next GEMM's e4m3 input
+    /// and scales, the attention output is quantized on its own; everything else as in
+    /// [`Esm2::block_forward_fused`].
+    #[cfg(feature = "cuda")]
+    fn block_forward_fp8(
+        &self,
+        block: &Block,
+        [s_qkv, s_out, s_fc1, s_fc2]: &Fp8Scales,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        layout: &PackLayout,
+    ) -> Result<Tensor> {
+        use super::fp8::{ffn_weights, weights};
+        use super::kernels;
+        use super::profile::time;
+        let (total, h) = x.dims2()?;
+        let heads = self.config.num_attention_heads;
+        let d = self.config.head_dim();
+        let (dev, eps) = (&self.device, self.config.layer_norm_eps);
+        let bias = |l: &Linear| l.bias().cloned().expect("ESM-2 projections have a bias");
+        let norm = |n: &LayerNorm, x: &Tensor| {
+            kernels::layer_norm_fp8(x, n.weight(), n.bias().expect("a bias"), eps)
+        };
+
+        let qkv = match s_qkv {
+            Some(s) => {
+                let normed = time(dev, "attn_layernorm", || norm(&block.attn_norm, x))?;
+                time(dev, "qkv_rotary", || {
+                    let w = weights(&block.qkv, s);
+                    let b = bias(&block.qkv);
+                    kernels::linear_fp8_rotary(&normed, &w, &b, (cos, sin), 2 * heads, d / 2)
+                })?
+            }
+            None => {
+                let normed = time(dev, "attn_layernorm", || {
+                    self.layer_norm(&block.attn_norm, x)
+                })?;
+                time(dev, "qkv_rotary", || {
+                    kernels::linear_rotary(&normed, &block.qkv, (cos, sin), 2 * heads, d / 2)
+                })?
+            }
+        };
+        let qkv = qkv.reshape((total, 3 * heads, d))?;
+        let q = qkv.narrow(1, 0, heads)?;
+        let k = qkv.narrow(1, heads, heads)?;
+        let v = qkv.narrow(1, 2 * heads, heads)?;
+        let context = time(dev, "attention", || {
+            Ok(attention::attend(&q, &k, &v, layout)?.reshape((total, h))?)
+        })?;
+        let x = time(dev, "out_proj_residual", || match s_out {
+            Some(s) => {
+                let context = kernels::quantize_rows(&context)?;
+                kernels::linear_fp8(
+                    &context,
+                    &weights(&block.out, s),
+                    &bias(&block.out),
+                    Some(x),
+                )
+            }
+            None => kernels::linear_residual(&context, &block.out, x),
+        })?;
+        let normed = time(dev, "ffn_layernorm", || norm(&block.ffn_norm, &x))?;
+        let act = time(dev, "fc1_gelu", || {
+            let w = ffn_weights(&block.fc1, s_fc1)?;
+            kernels::gelu_fp8(&kernels::linear_fp8(&normed, &w, &bias(&block.fc1), None)?)
+        })?;
+        time(dev, "fc2_residual", || {
+            let w = ffn_weights(&block.fc2, s_fc2)?;
+            kernels::linear_fp8(&act, &w, &bias(&block.fc2), Some(&x))
         })
     }
 

@@ -27,6 +27,7 @@ use candle_nn::{LayerNorm, Linear};
 use super::attention::{self, PackLayout};
 use super::config::EsmConfig;
 use super::esm2::{linear, prepare_device, rope};
+use super::fp8::Fp8Scales;
 use super::head::LmHead;
 use super::trunk;
 use super::weights::Checkpoint;
@@ -49,6 +50,8 @@ struct Block {
     gate_up: Linear,
     /// Its weight divided by the residual scale.
     down: Linear,
+    /// With `--dtype fp8`: the scales of qkv, out, gate_up and down, whose weights are then e4m3.
+    fp8: Option<Fp8Scales>,
 }
 
 /// An ESM C model on one device, in one dtype.
@@ -108,6 +111,7 @@ impl Esmc {
                 ffn_norm: norm(&format!("{p}.post_attention_layernorm"), true, 1.0)?,
                 gate_up: weight(&[mlp("gate_proj"), mlp("up_proj")], ffn, h, 1.0)?,
                 down: weight(&[mlp("down_proj")], h, ffn, residual)?,
+                fp8: None,
             });
         }
         Ok(Self {
@@ -172,6 +176,7 @@ impl Esmc {
                     ffn_norm: norm()?,
                     gate_up: linear(2 * ffn, h)?,
                     down: linear(h, ffn)?,
+                    fp8: None,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -214,6 +219,7 @@ impl Esmc {
                     ffn_norm: to.norm(&b.ffn_norm)?,
                     gate_up: to.linear(&b.gate_up)?,
                     down: to.linear(&b.down)?,
+                    fp8: b.fp8.as_ref().map(|s| to.scales(s)).transpose()?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -247,7 +253,30 @@ impl Esmc {
 
     /// The compute dtype.
     pub fn dtype(&self) -> DType {
-        self.dtype
+        match self.blocks.iter().any(|b| b.fp8.is_some()) {
+            true => DType::F8E4M3,
+            false => self.dtype,
+        }
+    }
+
+    /// The same model with the blocks [`super::fp8::quantized_blocks`] picks on e4m3 GEMMs
+    /// (see [`super::fp8`]).
+    pub(super) fn quantize_fp8(mut self) -> Result<Self> {
+        let (h, ffn) = (self.config.hidden_size, self.config.intermediate_size);
+        super::fp8::check(&self.device, h, ffn)?;
+        if self.dtype != DType::BF16 || !self.fused {
+            return Err(Error::internal(
+                "FP8 quantization of an ESM C model not on the fused bf16 path (ESMBED_ESMC_FUSED=0?)",
+            ));
+        }
+        let picked = super::fp8::quantized_blocks(self.blocks.len())?;
+        for (b, quantize) in self.blocks.iter_mut().zip(picked) {
+            if quantize {
+                let linears = [&mut b.qkv, &mut b.out, &mut b.gate_up, &mut b.down];
+                b.fp8 = Some(super::fp8::quantize(linears)?);
+            }
+        }
+        Ok(self)
     }
 
     /// The masked-LM head, if loaded.
@@ -288,6 +317,10 @@ impl Esmc {
         sin: &Tensor,
         layout: &PackLayout,
     ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(scales) = &block.fp8 {
+            return self.block_forward_fp8(block, scales, x, cos, sin, layout);
+        }
         #[cfg(feature = "cuda")]
         if self.fused {
             return self.block_forward_fused(block, x, cos, sin, layout);
@@ -361,6 +394,91 @@ impl Esmc {
         })?;
         time(dev, "down_residual", || {
             kernels::linear_residual(&act, &block.down, &x)
+        })
+    }
+}
+
+impl Esmc {
+    /// The block on e4m3 GEMMs: the LayerNorms and SwiGLU write the next GEMM's e4m3 input and
+    /// scales, the attention output is quantized on its own; the Q/K norms and rotary run in
+    /// bf16 on the QKV output as in [`Esmc::block_forward_fused`].
+    #[cfg(feature = "cuda")]
+    fn block_forward_fp8(
+        &self,
+        block: &Block,
+        [s_qkv, s_out, s_up, s_down]: &Fp8Scales,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        layout: &PackLayout,
+    ) -> Result<Tensor> {
+        use super::fp8::{ffn_weights, weights};
+        use super::kernels;
+        use super::profile::time;
+        let (total, h) = x.dims2()?;
+        let heads = self.config.num_attention_heads;
+        let d = self.config.head_dim();
+        let (dev, eps) = (&self.device, self.config.layer_norm_eps);
+        let bias = |l: &Linear| {
+            l.bias()
+                .cloned()
+                .expect("fused ESM C projections have zero biases")
+        };
+        let norm = |n: &LayerNorm, x: &Tensor| {
+            let (weight, b) = norm_params(n);
+            kernels::layer_norm_fp8(x, weight, b, eps)
+        };
+        let qkv = match s_qkv {
+            Some(s) => {
+                let normed = time(dev, "attn_layernorm", || norm(&block.attn_norm, x))?;
+                time(dev, "qkv", || {
+                    kernels::linear_fp8(&normed, &weights(&block.qkv, s), &bias(&block.qkv), None)
+                })?
+            }
+            None => {
+                let normed = time(dev, "attn_layernorm", || {
+                    let (weight, b) = norm_params(&block.attn_norm);
+                    kernels::layer_norm(x, weight, b, eps)
+                })?;
+                time(dev, "qkv", || kernels::linear(&normed, &block.qkv))?
+            }
+        };
+        time(dev, "qk_norm_rotary", || {
+            let (q, k) = (norm_params(&block.q_norm), norm_params(&block.k_norm));
+            kernels::qk_norm_rotary(&qkv, q, k, eps, (cos, sin), 2 * heads, d / 2)
+        })?;
+        let heads3 = qkv.reshape((total, 3 * heads, d))?;
+        let q = heads3.narrow(1, 0, heads)?;
+        let k = heads3.narrow(1, heads, heads)?;
+        let v = heads3.narrow(1, 2 * heads, heads)?;
+        let context = time(dev, "attention", || {
+            Ok(attention::attend(&q, &k, &v, layout)?.reshape((total, h))?)
+        })?;
+        let x = time(dev, "out_proj_residual", || match s_out {
+            Some(s) => {
+                let context = kernels::quantize_rows(&context)?;
+                kernels::linear_fp8(
+                    &context,
+                    &weights(&block.out, s),
+                    &bias(&block.out),
+                    Some(x),
+                )
+            }
+            None => kernels::linear_residual(&context, &block.out, x),
+        })?;
+        let normed = time(dev, "ffn_layernorm", || norm(&block.ffn_norm, &x))?;
+        let act = time(dev, "gate_up_swiglu", || {
+            let w = ffn_weights(&block.gate_up, s_up)?;
+            kernels::swiglu_fp8(&kernels::linear_fp8(
+                &normed,
+                &w,
+                &bias(&block.gate_up),
+                None,
+            )?)
+        })?;
+        time(dev, "down_residual", || {
+            let w = ffn_weights(&block.down, s_down)?;
+            kernels::linear_fp8(&act, &w, &bias(&block.down), Some(&x))
         })
     }
 }

@@ -45,20 +45,49 @@ impl Model {
         dtype: DType,
         head: bool,
     ) -> Result<Self> {
-        Ok(match (checkpoint.config.family, head) {
+        let config = &checkpoint.config;
+        let fp8 = dtype == DType::F8E4M3;
+        if fp8 {
+            super::fp8::check(device, config.hidden_size, config.intermediate_size)?;
+        }
+        let dtype = super::fp8::activation_dtype(dtype);
+        let model: Model = match (config.family, head) {
             (Family::Esm2, false) => Esm2::load(checkpoint, device, dtype)?.into(),
             (Family::Esm2, true) => Esm2::load_with_head(checkpoint, device, dtype)?.into(),
             (Family::Esmc, false) => Esmc::load(checkpoint, device, dtype)?.into(),
             (Family::Esmc, true) => Esmc::load_with_head(checkpoint, device, dtype)?.into(),
+        };
+        if fp8 {
+            model.quantize_fp8()
+        } else {
+            Ok(model)
+        }
+    }
+
+    /// The model with its blocks on e4m3 GEMMs (`--dtype fp8`; see [`super::fp8`]).
+    fn quantize_fp8(self) -> Result<Self> {
+        Ok(match self {
+            Model::Esm2(m) => m.quantize_fp8()?.into(),
+            Model::Esmc(m) => m.quantize_fp8()?.into(),
         })
     }
 
     /// Random weights of `config`'s shape and family (benchmarks).
     pub fn random(config: &EsmConfig, device: &Device, dtype: DType, seed: u64) -> Result<Self> {
-        Ok(match config.family {
+        let fp8 = dtype == DType::F8E4M3;
+        if fp8 {
+            super::fp8::check(device, config.hidden_size, config.intermediate_size)?;
+        }
+        let dtype = super::fp8::activation_dtype(dtype);
+        let model: Model = match config.family {
             Family::Esm2 => Esm2::random(config, device, dtype, seed)?.into(),
             Family::Esmc => Esmc::random(config, device, dtype, seed)?.into(),
-        })
+        };
+        if fp8 {
+            model.quantize_fp8()
+        } else {
+            Ok(model)
+        }
     }
 
     /// The same model on another device: every weight copied, so replicas give bitwise-identical
@@ -120,7 +149,8 @@ impl Model {
         }
     }
 
-    /// The compute dtype.
+    /// The compute dtype (`F8E4M3` for a model on FP8 GEMMs, whose activations are bf16: see
+    /// [`super::fp8::activation_dtype`]).
     pub fn dtype(&self) -> DType {
         match self {
             Model::Esm2(m) => m.dtype(),

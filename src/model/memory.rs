@@ -57,7 +57,8 @@ pub fn activations(
 ) -> u64 {
     let h = config.hidden_size as u64;
     let tokens = tokens as u64;
-    let stream = tokens * ACTIVATION_UNITS_PER_TOKEN as u64 * h * dtype.size_in_bytes() as u64;
+    let unit = super::fp8::activation_dtype(dtype).size_in_bytes() as u64;
+    let stream = tokens * ACTIVATION_UNITS_PER_TOKEN as u64 * h * unit;
     let returned = tokens * h * 4 * outputs as u64;
     let scores = if cpu {
         3 * config.num_attention_heads as u64 * (longest as u64).pow(2) * 4

@@ -10,6 +10,7 @@ mod fair_esm;
 mod family;
 #[cfg(feature = "cuda")]
 pub(crate) mod flash;
+pub mod fp8;
 #[cfg(feature = "cuda")]
 pub(crate) mod gemm;
 mod head;

@@ -106,6 +106,13 @@ impl Replicator<'_> {
         Ok(Linear::new(self.tensor(l.weight())?, bias))
     }
 
+    /// A quantized block's projection scales ([`super::fp8::Fp8Scales`]).
+    pub(super) fn scales(&self, s: &super::fp8::Fp8Scales) -> Result<super::fp8::Fp8Scales> {
+        let copy = |t: &Option<Tensor>| t.as_ref().map(|t| self.tensor(t)).transpose();
+        let [a, b, c, d] = s;
+        Ok([copy(a)?, copy(b)?, copy(c)?, copy(d)?])
+    }
+
     /// esmbed gives every LayerNorm a bias (a zero one where the model has none).
     pub(super) fn norm(&self, n: &LayerNorm) -> Result<LayerNorm> {
         let bias = n.bias().expect("esmbed gives every LayerNorm a bias");

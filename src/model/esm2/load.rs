@@ -48,6 +48,7 @@ impl Esm2 {
                 ffn_norm: norm(&format!("{p}.LayerNorm"))?,
                 fc1: linear(&format!("{p}.intermediate.dense"), ffn, h)?,
                 fc2: linear(&format!("{p}.output.dense"), h, ffn)?,
+                fp8: None,
             });
         }
         let final_norm = norm("encoder.emb_layer_norm_after")?;
@@ -113,6 +114,7 @@ impl Esm2 {
                     ffn_norm: norm()?,
                     fc1: linear(ffn, h)?,
                     fc2: linear(h, ffn)?,
+                    fp8: None,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

@@ -6,6 +6,7 @@ use super::*;
 /// The values a descriptor or preference attribute may take here: plain integers without
 /// padding, whose every byte cuBLASLt may read.
 pub(super) trait Attribute: Copy {}
+impl Attribute for i8 {}
 impl Attribute for i32 {}
 impl Attribute for u32 {}
 impl Attribute for u64 {}
@@ -25,10 +26,19 @@ pub(super) struct Layouts {
 
 impl Layouts {
     pub(super) fn new(t: sys::cudaDataType, p: Problem) -> candle_core::Result<Self> {
+        Self::mixed(t, t, p)
+    }
+
+    /// Inputs `A`, `B` of type `ab`, `C`/`D` of type `d` (FP8 inputs, bf16 output).
+    pub(super) fn mixed(
+        ab: sys::cudaDataType,
+        d: sys::cudaDataType,
+        p: Problem,
+    ) -> candle_core::Result<Self> {
         Ok(Self {
-            a: Layout::new(t, p.k, p.m)?,
-            b: Layout::new(t, p.k, p.n)?,
-            d: Layout::new(t, p.m, p.n)?,
+            a: Layout::new(ab, p.k, p.m)?,
+            b: Layout::new(ab, p.k, p.n)?,
+            d: Layout::new(d, p.m, p.n)?,
         })
     }
 }
@@ -59,6 +69,21 @@ impl Desc {
         desc.set(A::CUBLASLT_MATMUL_DESC_EPILOGUE, epilogue)?;
         desc.set(A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias)?;
         Ok(desc)
+    }
+
+    /// FP8 inputs with one f32 scale per row of `A` (the weight's output channels) and per
+    /// column of `B` (the tokens) at the device addresses `a_scale`, `b_scale`, a bf16 bias, and
+    /// cuBLASLt's fast accumulation when `fast` (`ESMBED_FP8_FAST_ACCUM`).
+    pub(super) fn scaled(&self, a_scale: u64, b_scale: u64, fast: bool) -> candle_core::Result<()> {
+        use sys::cublasLtMatmulDescAttributes_t as A;
+        let outer = sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+        self.set(A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, outer as u32)?;
+        self.set(A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, outer as u32)?;
+        self.set(A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, a_scale)?;
+        self.set(A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, b_scale)?;
+        let bf16 = sys::cudaDataType_t::CUDA_R_16BF as u32;
+        self.set(A::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, bf16)?;
+        self.set(A::CUBLASLT_MATMUL_DESC_FAST_ACCUM, fast as i8)
     }
 
     pub(super) fn set<V: Attribute>(

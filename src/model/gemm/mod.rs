@@ -211,35 +211,156 @@ pub(crate) fn linear<T: WithDType + DeviceRepr>(
     let layouts = Layouts::new(data_type, problem)?;
     let desc = Desc::new(bias_ptr)?;
     let algo = algorithm(&lt, &desc, &layouts, &key)?;
-    let alpha = 1f32;
     let beta = if residual.is_some() { 1f32 } else { 0f32 };
-    let (ws_ptr, _ws) = lt.workspace.device_ptr(&stream);
-    // SAFETY: the handle, descriptor, layouts and algorithm are live (dropped after the call);
-    // A, B, C, D and the bias are device allocations of this context, held by their guards, with
-    // at least the elements the layouts describe (`check_operands`); the workspace holds at least
-    // `workspace_bytes()`; `alpha` and `beta` are host scalars (the default pointer mode) read
-    // before the call returns; the stream is this device's, its context current.
+    // SAFETY: A, B, C, D and the bias are device allocations of this context, held by their
+    // guards, with at least the elements the layouts describe (`check_operands`).
+    unsafe {
+        launch(
+            &lt,
+            (&desc, &layouts, &algo),
+            [a_ptr, b_ptr, c_ptr, d_ptr],
+            beta,
+            &stream,
+        )
+    }
+    .map_err(|e| lt_error(e, problem))
+}
+
+/// An FP8 GEMM operand: e4m3 values and one f32 dequantization scale per row (`x ≈ q · s`).
+pub(crate) struct Scaled<'a> {
+    pub(crate) q: Operand<'a, float8::F8E4M3>,
+    pub(crate) scale: Operand<'a, f32>,
+}
+
+/// Whether FP8 GEMMs use cuBLASLt's fast accumulation (`ESMBED_FP8_FAST_ACCUM=0`: off). On
+/// Hopper, FP8 tensor cores accumulate in reduced precision; without fast accumulation cuBLASLt
+/// promotes partial sums to f32 at intervals, at some cost in speed.
+fn fast_accumulation() -> bool {
+    static FAST: OnceLock<bool> = OnceLock::new();
+    *FAST.get_or_init(|| knob("ESMBED_FP8_FAST_ACCUM") != Some(0))
+}
+
+/// `out[T, N] = (x[T, K] · w[N, K]ᵀ) · s_x[T] ⊗ s_w[N] + bias[N] (+ residual[T, N])` with e4m3
+/// `x` and `w`, bf16 bias, residual and output, f32 accumulation, one rounding on store. `K`
+/// must be a multiple of 16 and `N` of 8 (cuBLASLt's FP8 alignment).
+pub(crate) fn linear_fp8(
+    dev: &CudaDevice,
+    x: Scaled<'_>,
+    w: Scaled<'_>,
+    bias: Operand<'_, half::bf16>,
+    residual: Option<Operand<'_, half::bf16>>,
+    out: &mut CudaSlice<half::bf16>,
+    (tokens, n, k): (usize, usize, usize),
+) -> candle_core::Result<()> {
+    if !k.is_multiple_of(16) || !n.is_multiple_of(8) {
+        candle_core::bail!("FP8 GEMM: K = {k} must be a multiple of 16 and N = {n} of 8");
+    }
+    let stream = dev.cuda_stream();
+    let outputs = elements(tokens, n)?;
+    x.q.check("x", elements(tokens, k)?, &stream)?;
+    x.scale.check("x scales", tokens, &stream)?;
+    w.q.check("w", elements(n, k)?, &stream)?;
+    w.scale.check("w scales", n, &stream)?;
+    bias.check("bias", n, &stream)?;
+    if let Some(r) = &residual {
+        r.check("residual", outputs, &stream)?;
+    }
+    let whole = Operand {
+        slice: &*out,
+        offset: 0,
+    };
+    whole.check("out", outputs, &stream)?;
+    stream.context().bind_to_thread().w()?;
+    let lt = lt(dev)?;
+    let (a_ptr, _a) = ptr(&w.q, &stream);
+    let (b_ptr, _b) = ptr(&x.q, &stream);
+    let (a_scale, _as) = ptr(&w.scale, &stream);
+    let (b_scale, _bs) = ptr(&x.scale, &stream);
+    let (bias_ptr, _bias) = ptr(&bias, &stream);
+    let residual = residual.as_ref().map(|r| ptr(r, &stream));
+    let (d_ptr, _d) = out.device_ptr_mut(&stream);
+    let c_ptr = residual.as_ref().map_or(d_ptr, |r| r.0);
+    let align = |p: u64| (1u64 << p.trailing_zeros().min(8)) as u32;
+    let problem = Problem {
+        dtype: DType::F8E4M3,
+        m: n as u64,
+        n: tokens as u64,
+        k: k as u64,
+    };
+    let key = Key {
+        problem,
+        residual: residual.is_some(),
+        align: [align(a_ptr), align(b_ptr), align(c_ptr), align(d_ptr)],
+    };
+    let layouts = Layouts::mixed(
+        sys::cudaDataType_t::CUDA_R_8F_E4M3,
+        sys::cudaDataType_t::CUDA_R_16BF,
+        problem,
+    )?;
+    let desc = Desc::new(bias_ptr)?;
+    desc.scaled(a_scale, b_scale, fast_accumulation())?;
+    let algo = algorithm(&lt, &desc, &layouts, &key)?;
+    let beta = if residual.is_some() { 1f32 } else { 0f32 };
+    // SAFETY: A, B (e4m3), C, D, the bias (bf16) and both scale vectors (f32, N and T
+    // elements) are device allocations of this context, held by their guards, with at least
+    // the elements the layouts and scale modes describe (checked above).
+    unsafe {
+        launch(
+            &lt,
+            (&desc, &layouts, &algo),
+            [a_ptr, b_ptr, c_ptr, d_ptr],
+            beta,
+            &stream,
+        )
+    }
+    .map_err(|e| lt_error(e, problem))
+}
+
+/// `D = alpha · op(A) · B (+ beta · C)` with `alpha` = 1 and the descriptor's epilogue.
+///
+/// # Safety
+/// `[a, b, c, d]` are device addresses of this context holding at least what `layouts`
+/// describes, live until the stream has run the GEMM, as is every pointer the descriptor holds.
+unsafe fn launch(
+    lt: &Lt,
+    (desc, layouts, algo): (&Desc, &Layouts, &sys::cublasLtMatmulAlgo_t),
+    [a, b, c, d]: [u64; 4],
+    beta: f32,
+    stream: &CudaStream,
+) -> Result<(), result::CublasError> {
+    let alpha = 1f32;
+    let (ws_ptr, _ws) = lt.workspace.device_ptr(stream);
+    // SAFETY: the handle, descriptor, layouts and algorithm are live (the caller's borrows);
+    // the operands as the caller vouches; the workspace holds at least `workspace_bytes()`;
+    // `alpha` and `beta` are host scalars (the default pointer mode) read before the call
+    // returns; the stream is this device's, its context current.
     unsafe {
         result::matmul(
             lt.handle,
             desc.0,
             &alpha as *const f32 as *const c_void,
             &beta as *const f32 as *const c_void,
-            a_ptr as *const c_void,
+            a as *const c_void,
             layouts.a.0,
-            b_ptr as *const c_void,
+            b as *const c_void,
             layouts.b.0,
-            c_ptr as *const c_void,
+            c as *const c_void,
             layouts.d.0,
-            d_ptr as *mut c_void,
+            d as *mut c_void,
             layouts.d.0,
-            &algo,
+            algo,
             ws_ptr as *mut c_void,
             workspace_bytes(),
             stream.cu_stream() as sys::cudaStream_t,
         )
     }
-    .map_err(|e| lt_error(e, problem))
+}
+
+/// `rows · cols` elements, within what cuBLASLt's 64-bit dimensions take.
+fn elements(rows: usize, cols: usize) -> candle_core::Result<usize> {
+    rows.checked_mul(cols)
+        .filter(|&e| i64::try_from(e).is_ok())
+        .ok_or_else(|| candle_core::Error::Msg(format!("linear: [{rows}, {cols}] is too large")))
 }
 
 fn data_type(dtype: DType) -> candle_core::Result<sys::cudaDataType_t> {
@@ -259,13 +380,6 @@ fn check_operands<T>(
     out: &CudaSlice<T>,
     (tokens, n, k): (usize, usize, usize),
 ) -> candle_core::Result<()> {
-    let elements = |rows: usize, cols: usize| {
-        rows.checked_mul(cols)
-            .filter(|&e| i64::try_from(e).is_ok())
-            .ok_or_else(|| {
-                candle_core::Error::Msg(format!("linear: [{rows}, {cols}] is too large"))
-            })
-    };
     let outputs = elements(tokens, n)?;
     x.check("x", elements(tokens, k)?, stream)?;
     w.check("w", elements(n, k)?, stream)?;

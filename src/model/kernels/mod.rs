@@ -174,12 +174,17 @@ fn run_typed(
     Ok((storage, shape))
 }
 
+mod fp8;
 mod layer_norm;
 mod linear;
 mod qk_norm;
 mod segment_mean;
 mod swiglu;
 
+pub use fp8::{
+    check_device as check_fp8_device, gelu_fp8, layer_norm_fp8, quantize_rows, swiglu_fp8, Fp8Rows,
+    MAX_FP8_ROW,
+};
 use layer_norm::LayerNormOp;
 use linear::{LinearOp, Post, Rotary};
 use qk_norm::QkNormRotary;
@@ -247,6 +252,36 @@ pub fn linear_rotary(
         half,
     });
     apply(x, layer, None, post)
+}
+
+/// `x · wᵀ + b (+ residual)` on e4m3 inputs (`x` quantized rows, `w` e4m3 weights with their
+/// per-channel scales), bf16 out, one rounding.
+pub fn linear_fp8(
+    x: &Fp8Rows,
+    w: &Fp8Rows,
+    b: &Tensor,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    fp8::linear_fp8(x, w, b, residual, Post::None)
+}
+
+/// [`linear_rotary`] on e4m3 inputs.
+pub fn linear_fp8_rotary(
+    x: &Fp8Rows,
+    w: &Fp8Rows,
+    b: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    heads2: usize,
+    half: usize,
+) -> Result<Tensor> {
+    let (cos, sin) = (aligned(cos)?, aligned(sin)?);
+    let post = Post::Rotary(Rotary {
+        cos: &cos,
+        sin: &sin,
+        heads2,
+        half,
+    });
+    fp8::linear_fp8(x, w, b, None, post)
 }
 
 /// ESM C's query and key LayerNorms (`q`, `k`: weight and bias over the hidden size `H`) and
