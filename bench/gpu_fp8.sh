@@ -5,6 +5,8 @@
 # reference's exact lengths, the per-op profile of fp8, and (TORCH=1) the PyTorch reference
 # (packed varlen, eager and torch.compile) in the same call.
 #   SHAPES=650M,3B TORCH=1 bash bench/gpu_fp8.sh
+# Knobs: FIXTURES, OUTLIER_SHAPES, FACTORS (1 = no outliers), KEEP_PROJ (ESMBED_FP8_BF16 values),
+# KEEP_BLOCKS (ESMBED_FP8_BF16_BLOCKS values), SLOW_ACCUM=1, TORCH_SHAPES, PROFILE_SHAPE.
 set -u
 E="bash .gpu/run.sh esmbed"
 SHAPES=${SHAPES:-650M,3B}
@@ -57,6 +59,6 @@ ESMBED_PROFILE=1 timeout 60 $E bench --shape ${PROFILE_SHAPE:-650M} --dtype fp8 
   > $R/profile.json 2> $R/profile.log
 grep -v "^gemm" $R/profile.log | tail -25
 if [ "${TORCH:-0}" = 1 ]; then
-  (cd .gpu && SKIP_PADDED=1 COMPILE=1 timeout ${TORCH_LIMIT:-240} python torch_baseline.py $SHAPES 2>&1 | grep -v Warning) > $R/torch.jsonl
+  (cd .gpu && SKIP_PADDED=1 COMPILE=1 timeout ${TORCH_LIMIT:-240} python torch_baseline.py ${TORCH_SHAPES:-$SHAPES} 2>&1 | grep -v Warning) > $R/torch.jsonl
   cat $R/torch.jsonl
 fi
