@@ -22,6 +22,7 @@ pub(super) type Fp8Scales = [Option<Tensor>; 4];
 
 /// Which attention projections of a quantized block stay bf16: `ESMBED_FP8_BF16=qkv,out` (either
 /// or both), for measuring what each costs in fidelity and speed.
+#[cfg(feature = "cuda")]
 pub(super) fn bf16_attention() -> Result<[bool; 2]> {
     let mut keep = [false; 2];
     let Ok(spec) = std::env::var("ESMBED_FP8_BF16") else {
