@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# One GPU call for `--dtype fp8`: fidelity (`esmbed verify` against the CPU f32 path, bf16 beside
-# fp8) on the fixtures and on random models of real shapes with trained-model-like activation
-# outliers (bench/make_outlier_model.py), then `esmbed bench` bf16 vs fp8 on the PyTorch
-# reference's exact lengths, the per-op profile of fp8, and (TORCH=1) the PyTorch reference
-# (packed varlen, eager and torch.compile) in the same call.
+# One GPU call for `--dtype fp8`: `esmbed bench` bf16 vs fp8 on the PyTorch reference's exact
+# lengths, the per-op profile of fp8, (TORCH=1) the PyTorch reference (packed varlen, eager and
+# torch.compile) in the same call, then fidelity (`esmbed verify` against the CPU f32 path, bf16
+# beside fp8) on the fixtures and on random models of real shapes with trained-model-like
+# activation outliers (bench/make_outlier_model.py). Only eight files come back from a call:
+# everything that matters is printed.
 #   SHAPES=650M,3B TORCH=1 bash bench/gpu_fp8.sh
 # Knobs: FIXTURES, OUTLIER_SHAPES, FACTORS (1 = no outliers), KEEP_PROJ (ESMBED_FP8_BF16 values),
 # KEEP_BLOCKS (ESMBED_FP8_BF16_BLOCKS values), SLOW_ACCUM=1, TORCH_SHAPES, PROFILE_SHAPE.
@@ -15,30 +16,6 @@ R=$OUT
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $R/gpu.txt
 export TORCH_BASELINE_DIR=.gpu
 python bench/make_synthetic.py lengths 4000 /tmp/lengths.txt
-
-# GPU tests binary (cargo test --release --features cuda --test gpu --no-run), if carried.
-if [ -x .gpu/gpu-tests ]; then
-  timeout 120 bash .gpu/run.sh gpu-tests fp8_kernels --nocapture > $R/gpu-tests.log 2>&1; echo "gpu tests rc $?"
-  grep -E "^fp8|test result|panicked|error" $R/gpu-tests.log | head -12
-fi
-verify() {  # name model-dir
-  timeout ${VERIFY_LIMIT:-100} $E verify --model $2 --device cuda --dtype bf16,fp8 -n ${VERIFY_N:-8} --json \
-    > $R/verify_$1.jsonl 2> $R/verify_$1.log
-  echo "verify $1: $(tr '\n' ' ' < $R/verify_$1.jsonl | cut -c1-900)"; tail -1 $R/verify_$1.log | cut -c1-300
-}
-for m in ${FIXTURES:-tiny_h64 tiny_esmc}; do verify $m tests/fixtures/$m; done
-# Random models of real shapes: FACTORS (1 = no outliers) per shape in OUTLIER_SHAPES.
-for s in ${OUTLIER_SHAPES:-150M esmc-300m}; do
-  for f in ${FACTORS:-50}; do
-    timeout 120 $PY bench/make_outlier_model.py /tmp/outliers-$s-x$f --shape $s --factor $f 2>&1 | tail -1
-    verify outliers-$s-x$f /tmp/outliers-$s-x$f
-  done
-done
-# Variants on the first shape and factor: bf16 kept for some blocks or projections, slow accumulation.
-first=/tmp/outliers-$(set -- ${OUTLIER_SHAPES:-150M esmc-300m}; echo $1)-x$(set -- ${FACTORS:-50}; echo $1)
-if [ "${SLOW_ACCUM:-0}" = 1 ]; then ESMBED_FP8_FAST_ACCUM=0 verify slow-accum $first; fi
-for k in ${KEEP_BLOCKS:-}; do ESMBED_FP8_BF16_BLOCKS=$k verify keep-blocks-$k $first; done
-for p in ${KEEP_PROJ:-}; do ESMBED_FP8_BF16=$p verify keep-$p $first; done
 
 for d in bf16 fp8; do
   timeout ${BENCH_LIMIT:-150} $E bench --shape $SHAPES --dtype $d --device cuda --lengths-file /tmp/lengths.txt --json \
@@ -62,3 +39,29 @@ if [ "${TORCH:-0}" = 1 ]; then
   (cd .gpu && SKIP_PADDED=1 COMPILE=1 timeout ${TORCH_LIMIT:-240} python torch_baseline.py ${TORCH_SHAPES:-$SHAPES} 2>&1 | grep -v Warning) > $R/torch.jsonl
   cat $R/torch.jsonl
 fi
+
+# Fidelity last: the CPU f32 reference of a 150M model takes most of a minute per dtype.
+# GPU tests binary (cargo test --release --features cuda --test gpu --no-run), if carried.
+if [ -x .gpu/gpu-tests ]; then
+  timeout 120 bash .gpu/run.sh gpu-tests fp8_kernels --nocapture > $R/gpu-tests.log 2>&1; echo "gpu tests rc $?"
+  grep -E "^fp8|test result|panicked|error" $R/gpu-tests.log | head -12
+fi
+verify() {  # name model-dir
+  timeout ${VERIFY_LIMIT:-150} $E verify --model $2 --device cuda --dtype bf16,fp8 -n ${VERIFY_N:-8} --json \
+    > $R/verify_$1.jsonl 2> $R/verify_$1.log
+  echo "verify $1: $(tr '\n' ' ' < $R/verify_$1.jsonl | cut -c1-900)"; tail -1 $R/verify_$1.log | cut -c1-300
+}
+for m in ${FIXTURES:-tiny_h64 tiny_esmc}; do verify $m tests/fixtures/$m; done
+# Random models of real shapes: FACTORS (1 = no outliers) per shape in OUTLIER_SHAPES.
+for s in ${OUTLIER_SHAPES:-150M esmc-300m}; do
+  for f in ${FACTORS:-50}; do
+    timeout 120 $PY bench/make_outlier_model.py /tmp/outliers-$s-x$f --shape $s --factor $f 2>&1 | tail -1
+    verify outliers-$s-x$f /tmp/outliers-$s-x$f
+  done
+done
+# Variants on the first shape and factor: bf16 kept for some blocks or projections, slow accumulation.
+first=/tmp/outliers-$(set -- ${OUTLIER_SHAPES:-150M esmc-300m}; echo $1)-x$(set -- ${FACTORS:-50}; echo $1)
+if [ "${SLOW_ACCUM:-0}" = 1 ]; then ESMBED_FP8_FAST_ACCUM=0 verify slow-accum $first; fi
+for k in ${KEEP_BLOCKS:-}; do ESMBED_FP8_BF16_BLOCKS=$k verify keep-blocks-$k $first; done
+for p in ${KEEP_PROJ:-}; do ESMBED_FP8_BF16=$p verify keep-$p $first; done
+

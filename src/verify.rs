@@ -48,6 +48,71 @@ fn means(embedder: &Embedder, sequences: &[Vec<u32>], budget: usize) -> Result<V
         .collect())
 }
 
+/// Pack budget of the comparisons (several packs for the default 45 sequences).
+const BUDGET: usize = 8192;
+
+/// What the CPU f32 path gives on the sequences: mean embeddings, the last layer's token states
+/// of each pack (per sequence), and the head's top-1 token at each residue (with a head).
+struct Reference {
+    means: Vec<Vec<f32>>,
+    packs: Vec<ReferencePack>,
+}
+
+struct ReferencePack {
+    batch: crate::pack::PackedBatch,
+    states: Vec<Vec<f32>>,
+    top1: Option<Vec<usize>>,
+}
+
+impl Reference {
+    fn new(checkpoint: &Checkpoint, sequences: &[Vec<u32>]) -> Result<Self> {
+        let head = checkpoint.has_lm_head();
+        let model = Model::load(checkpoint, &Device::Cpu, DType::F32, head)?;
+        let embedder = Embedder::new(model, &EmbedOptions::default())?;
+        let last = checkpoint.config.num_hidden_layers;
+        let packs = pack(sequences, BUDGET)
+            .into_iter()
+            .map(|group| {
+                let batch = group.batch;
+                let states =
+                    per_sequence(&batch, embedder.model().forward(&batch, &[last])?.remove(0))?;
+                let top1 = match head {
+                    true => Some(top1(&embedder.model().log_probs(&batch, RESIDUES)?)),
+                    false => None,
+                };
+                Ok(ReferencePack {
+                    batch,
+                    states,
+                    top1,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            means: means(&embedder, sequences, BUDGET)?,
+            packs,
+        })
+    }
+}
+
+const RESIDUES: crate::engine::LogProbsAt = crate::engine::LogProbsAt::Residues;
+
+/// The rows of `[T, H]` states of each sequence of `batch`, in f32 on the host.
+fn per_sequence(
+    batch: &crate::pack::PackedBatch,
+    states: candle_core::Tensor,
+) -> Result<Vec<Vec<f32>>> {
+    let states = states.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    (0..batch.len())
+        .map(|i| {
+            let range = batch.range(i);
+            Ok(states
+                .narrow(0, range.start, range.len())?
+                .flatten_all()?
+                .to_vec1()?)
+        })
+        .collect()
+}
+
 /// Compare `device`/`dtype` with CPU f32 on `sequences` (token ids with `<cls>`/`<eos>`).
 pub fn compare(
     checkpoint: &Checkpoint,
@@ -55,16 +120,38 @@ pub fn compare(
     dtype: DType,
     sequences: &[Vec<u32>],
 ) -> Result<Agreement> {
-    let budget = 8192;
-    let options = EmbedOptions::default();
+    let dtypes = [dtype];
+    let mut each = compare_each(checkpoint, device, &dtypes, sequences)?;
+    each.next().expect("one dtype, one agreement")
+}
+
+/// [`compare`] for each of `dtypes`, the CPU f32 reference computed once (the slow part on large
+/// models); each agreement is computed as the iterator reaches it.
+pub fn compare_each<'a>(
+    checkpoint: &'a Checkpoint,
+    device: &'a Device,
+    dtypes: &'a [DType],
+    sequences: &'a [Vec<u32>],
+) -> Result<impl Iterator<Item = Result<Agreement>> + 'a> {
+    let reference = Reference::new(checkpoint, sequences)?;
+    Ok(dtypes
+        .iter()
+        .map(move |&dtype| against(&reference, checkpoint, device, dtype, sequences)))
+}
+
+fn against(
+    reference: &Reference,
+    checkpoint: &Checkpoint,
+    device: &Device,
+    dtype: DType,
+    sequences: &[Vec<u32>],
+) -> Result<Agreement> {
     let head = checkpoint.has_lm_head();
-    let reference = Embedder::new(
-        Model::load(checkpoint, &Device::Cpu, DType::F32, head)?,
-        &options,
+    let subject = Embedder::new(
+        Model::load(checkpoint, device, dtype, head)?,
+        &EmbedOptions::default(),
     )?;
-    let subject = Embedder::new(Model::load(checkpoint, device, dtype, head)?, &options)?;
-    let expected = means(&reference, sequences, budget)?;
-    let got = means(&subject, sequences, budget)?;
+    let got = means(&subject, sequences, BUDGET)?;
     let mut a = Agreement {
         device: format!("{device:?}"),
         dtype: format!("{dtype:?}").to_lowercase(),
@@ -77,7 +164,7 @@ pub fn compare(
         top1_agreement: None,
         invariance_max_abs: 0.0,
     };
-    for (g, e) in got.iter().zip(&expected) {
+    for (g, e) in got.iter().zip(&reference.means) {
         let c = cosine(g, e);
         a.min_cosine = a.min_cosine.min(c);
         a.mean_cosine += c / got.len().max(1) as f64;
@@ -85,38 +172,23 @@ pub fn compare(
         a.mean_max_abs_error = a.mean_max_abs_error.max(err);
         a.mean_max_rel_error = a.mean_max_rel_error.max(err / max_abs(e));
     }
-    // Per-token states of the last layer, pack by pack.
+    // Per-token states of the last layer and the head's top-1, pack by pack.
     let last = checkpoint.config.num_hidden_layers;
     let (mut agreeing, mut residues) = (0usize, 0usize);
-    for group in pack(sequences, budget) {
-        let batch = group.batch;
-        if head {
-            let at = crate::engine::LogProbsAt::Residues;
-            let want = top1(&reference.model().log_probs(&batch, at)?);
-            let have = top1(&subject.model().log_probs(&batch, at)?);
-            agreeing += want.iter().zip(&have).filter(|(w, h)| w == h).count();
-            residues += want.len();
-        }
-        let r = reference.model().forward(&batch, &[last])?.remove(0);
-        let s = subject
-            .model()
-            .forward(&batch, &[last])?
-            .remove(0)
-            .to_device(&Device::Cpu)?;
-        let s = s.to_dtype(DType::F32)?;
-        for i in 0..batch.len() {
-            let range = batch.range(i);
-            let rr: Vec<f32> = r
-                .narrow(0, range.start, range.len())?
-                .flatten_all()?
-                .to_vec1()?;
-            let ss: Vec<f32> = s
-                .narrow(0, range.start, range.len())?
-                .flatten_all()?
-                .to_vec1()?;
+    for p in &reference.packs {
+        let states = per_sequence(
+            &p.batch,
+            subject.model().forward(&p.batch, &[last])?.remove(0),
+        )?;
+        for (ss, rr) in states.iter().zip(&p.states) {
             a.hidden_max_rel_error = a
                 .hidden_max_rel_error
-                .max(max_abs_diff(&ss, &rr) / max_abs(&rr));
+                .max(max_abs_diff(ss, rr) / max_abs(rr));
+        }
+        if let Some(want) = &p.top1 {
+            let have = top1(&subject.model().log_probs(&p.batch, RESIDUES)?);
+            agreeing += want.iter().zip(&have).filter(|(w, h)| w == h).count();
+            residues += want.len();
         }
     }
     if head {
@@ -124,7 +196,7 @@ pub fn compare(
     }
     // Batch invariance on the device: alone vs packed.
     for (i, seq) in sequences.iter().enumerate() {
-        let alone = means(&subject, std::slice::from_ref(seq), budget)?;
+        let alone = means(&subject, std::slice::from_ref(seq), BUDGET)?;
         a.invariance_max_abs = a.invariance_max_abs.max(max_abs_diff(&alone[0], &got[i]));
     }
     Ok(a)

@@ -39,10 +39,15 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
     lengths.extend(bench::synthetic_lengths(args.n, 7, 1022));
     let sequences = bench::random_sequences(&lengths, 7);
     let mut failed = false;
-    for dtype in &args.dtype {
-        let dtype = crate::devices::parse_dtype(dtype, &device)?;
-        let a = verify::compare(&checkpoint, &device, dtype, &sequences)
-            .with_context(|| format!("running {:?} in {dtype:?}", device))?;
+    let dtypes = args
+        .dtype
+        .iter()
+        .map(|d| crate::devices::parse_dtype(d, &device))
+        .collect::<Result<Vec<_>, _>>()?;
+    let agreements = verify::compare_each(&checkpoint, &device, &dtypes, &sequences)
+        .context("running the CPU f32 reference")?;
+    for (a, dtype) in agreements.zip(&dtypes) {
+        let a = a.with_context(|| format!("running {device:?} in {dtype:?}"))?;
         if args.json {
             println!("{}", serde_json::to_string(&a)?);
         } else {

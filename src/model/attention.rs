@@ -95,6 +95,22 @@ fn attend_per_segment(q: &Tensor, k: &Tensor, v: &Tensor, layout: &PackLayout) -
     Ok(Tensor::cat(&outputs, 0)?)
 }
 
+/// Attention over the `[T, 3H]` output of a fused Q/K/V projection (`heads` heads of `d`), its
+/// queries, keys and values read as strided views of the one buffer; `[T, H]`.
+pub fn attend_fused_qkv(
+    qkv: &Tensor,
+    heads: usize,
+    d: usize,
+    layout: &PackLayout,
+) -> Result<Tensor> {
+    let total = qkv.dim(0)?;
+    let heads3 = qkv.reshape((total, 3 * heads, d))?;
+    let q = heads3.narrow(1, 0, heads)?;
+    let k = heads3.narrow(1, heads, heads)?;
+    let v = heads3.narrow(1, 2 * heads, heads)?;
+    Ok(attend(&q, &k, &v, layout)?.reshape((total, heads * d))?)
+}
+
 /// Plain softmax attention over a dense `[heads, L, d]` triple, for tests of the fast paths.
 #[cfg(test)]
 pub(crate) fn naive(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {

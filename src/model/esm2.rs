@@ -241,7 +241,6 @@ impl Esm2 {
     ) -> Result<Tensor> {
         use super::kernels;
         use super::profile::time;
-        let (total, h) = x.dims2()?;
         let heads = self.config.num_attention_heads;
         let d = self.config.head_dim();
         let dev = &self.device;
@@ -252,13 +251,8 @@ impl Esm2 {
         let qkv = time(dev, "qkv_rotary", || {
             kernels::linear_rotary(&normed, &block.qkv, (cos, sin), 2 * heads, d / 2)
         })?;
-        // Strided views of the one projection: [T, 3·heads, d] → q, k, v.
-        let qkv = qkv.reshape((total, 3 * heads, d))?;
-        let q = qkv.narrow(1, 0, heads)?;
-        let k = qkv.narrow(1, heads, heads)?;
-        let v = qkv.narrow(1, 2 * heads, heads)?;
         let context = time(dev, "attention", || {
-            Ok(attention::attend(&q, &k, &v, layout)?.reshape((total, h))?)
+            attention::attend_fused_qkv(&qkv, heads, d, layout)
         })?;
         let x = time(dev, "out_proj_residual", || {
             kernels::linear_residual(&context, &block.out, x)
@@ -290,7 +284,6 @@ impl Esm2 {
         use super::fp8::{ffn_weights, weights};
         use super::kernels;
         use super::profile::time;
-        let (total, h) = x.dims2()?;
         let heads = self.config.num_attention_heads;
         let d = self.config.head_dim();
         let (dev, eps) = (&self.device, self.config.layer_norm_eps);
@@ -317,12 +310,8 @@ impl Esm2 {
                 })?
             }
         };
-        let qkv = qkv.reshape((total, 3 * heads, d))?;
-        let q = qkv.narrow(1, 0, heads)?;
-        let k = qkv.narrow(1, heads, heads)?;
-        let v = qkv.narrow(1, 2 * heads, heads)?;
         let context = time(dev, "attention", || {
-            Ok(attention::attend(&q, &k, &v, layout)?.reshape((total, h))?)
+            attention::attend_fused_qkv(&qkv, heads, d, layout)
         })?;
         let x = time(dev, "out_proj_residual", || match s_out {
             Some(s) => {

@@ -357,7 +357,6 @@ impl Esmc {
     ) -> Result<Tensor> {
         use super::kernels;
         use super::profile::time;
-        let (total, h) = x.dims2()?;
         let heads = self.config.num_attention_heads;
         let (d, ffn) = (self.config.head_dim(), self.config.intermediate_size);
         let dev = &self.device;
@@ -372,13 +371,8 @@ impl Esmc {
             let (q, k) = (norm_params(&block.q_norm), norm_params(&block.k_norm));
             kernels::qk_norm_rotary(&qkv, q, k, eps, (cos, sin), 2 * heads, d / 2)
         })?;
-        // Q, K and V as strided views of the one [T, 3H] buffer, as ESM-2's attention reads them.
-        let heads3 = qkv.reshape((total, 3 * heads, d))?;
-        let q = heads3.narrow(1, 0, heads)?;
-        let k = heads3.narrow(1, heads, heads)?;
-        let v = heads3.narrow(1, 2 * heads, heads)?;
         let context = time(dev, "attention", || {
-            Ok(attention::attend(&q, &k, &v, layout)?.reshape((total, h))?)
+            attention::attend_fused_qkv(&qkv, heads, d, layout)
         })?;
         let x = time(dev, "out_proj_residual", || {
             kernels::linear_residual(&context, &block.out, x)
@@ -415,7 +409,6 @@ impl Esmc {
         use super::fp8::{ffn_weights, weights};
         use super::kernels;
         use super::profile::time;
-        let (total, h) = x.dims2()?;
         let heads = self.config.num_attention_heads;
         let d = self.config.head_dim();
         let (dev, eps) = (&self.device, self.config.layer_norm_eps);
@@ -447,12 +440,8 @@ impl Esmc {
             let (q, k) = (norm_params(&block.q_norm), norm_params(&block.k_norm));
             kernels::qk_norm_rotary(&qkv, q, k, eps, (cos, sin), 2 * heads, d / 2)
         })?;
-        let heads3 = qkv.reshape((total, 3 * heads, d))?;
-        let q = heads3.narrow(1, 0, heads)?;
-        let k = heads3.narrow(1, heads, heads)?;
-        let v = heads3.narrow(1, 2 * heads, heads)?;
         let context = time(dev, "attention", || {
-            Ok(attention::attend(&q, &k, &v, layout)?.reshape((total, h))?)
+            attention::attend_fused_qkv(&qkv, heads, d, layout)
         })?;
         let x = time(dev, "out_proj_residual", || match s_out {
             Some(s) => {

@@ -596,6 +596,36 @@ fn bench_runs_on_the_cpu_and_reports_json() {
     assert_eq!(rows[0]["padding_efficiency"], 1.0);
 }
 
+/// `esmbed verify` of the CPU f32 path against itself: the same numbers (the report's measures
+/// are computed, the reference once for both dtypes), the head's top-1 agreeing everywhere; FP8
+/// on the CPU is refused naming the fix.
+#[test]
+fn verify_reports_each_dtype_against_the_cpu_reference() {
+    let model = fixture_dir("tiny_h16");
+    let model = model.to_str().unwrap();
+    let args = |dtype| {
+        [
+            "verify", "--model", model, "--device", "cpu", "--dtype", dtype, "-n", "2", "--json",
+        ]
+    };
+    let (code, stdout, stderr) = esmbed(args("f32,f32"));
+    assert_eq!(code, 0, "{stderr}");
+    let rows = json_lines(&stdout);
+    assert_eq!(rows.len(), 2);
+    for row in &rows {
+        assert_eq!(row["dtype"], "f32");
+        assert_eq!(row["sequences"], 7);
+        assert!(row["min_cosine"].as_f64().unwrap() > 0.999_999, "{row}");
+        assert!(row["mean_cosine"].as_f64().unwrap() > 0.999_999, "{row}");
+        assert_eq!(row["mean_max_abs_error"], 0.0, "{row}");
+        assert_eq!(row["top1_agreement"], 1.0, "{row}");
+        assert_eq!(row["invariance_max_abs"], 0.0, "{row}");
+    }
+    let (code, _, stderr) = esmbed(args("fp8"));
+    assert_ne!(code, 0);
+    assert!(stderr.contains("--dtype fp8 runs on CUDA GPUs"), "{stderr}");
+}
+
 #[test]
 fn bench_no_pack_measures_padded_batches_only() {
     let (code, stdout, stderr) = esmbed([

@@ -120,6 +120,31 @@ struct Key {
     align: [u32; 4],
 }
 
+impl Key {
+    /// Row-major `[T, N] = [T, K] · [N, K]ᵀ` in `dtype` (the inputs' type), with or without a
+    /// residual, its operands at the device addresses `[A, B, C, D]` (their alignment, up to
+    /// 256 bytes, can change the algorithm).
+    fn new(
+        dtype: DType,
+        (tokens, n, k): (usize, usize, usize),
+        residual: bool,
+        pointers: [u64; 4],
+    ) -> Self {
+        let problem = Problem {
+            dtype,
+            m: n as u64,
+            n: tokens as u64,
+            k: k as u64,
+        };
+        let align = pointers.map(|p| (1u64 << p.trailing_zeros().min(8)) as u32);
+        Key {
+            problem,
+            residual,
+            align,
+        }
+    }
+}
+
 fn lt(dev: &CudaDevice) -> candle_core::Result<Arc<Lt>> {
     static HANDLES: OnceLock<Mutex<HashMap<DeviceId, Arc<Lt>>>> = OnceLock::new();
     let mut handles = HANDLES
@@ -196,18 +221,13 @@ pub(crate) fn linear<T: WithDType + DeviceRepr>(
     let residual = residual.as_ref().map(|r| ptr(r, &stream));
     let (d_ptr, _d) = out.device_ptr_mut(&stream);
     let c_ptr = residual.as_ref().map_or(d_ptr, |r| r.0);
-    let align = |p: u64| (1u64 << p.trailing_zeros().min(8)) as u32;
-    let problem = Problem {
-        dtype: T::DTYPE,
-        m: n as u64,
-        n: tokens as u64,
-        k: k as u64,
-    };
-    let key = Key {
-        problem,
-        residual: residual.is_some(),
-        align: [align(a_ptr), align(b_ptr), align(c_ptr), align(d_ptr)],
-    };
+    let key = Key::new(
+        T::DTYPE,
+        (tokens, n, k),
+        residual.is_some(),
+        [a_ptr, b_ptr, c_ptr, d_ptr],
+    );
+    let problem = key.problem;
     let layouts = Layouts::new(data_type, problem)?;
     let desc = Desc::new(bias_ptr)?;
     let algo = algorithm(&lt, &desc, &layouts, &key)?;
@@ -280,18 +300,9 @@ pub(crate) fn linear_fp8(
     let residual = residual.as_ref().map(|r| ptr(r, &stream));
     let (d_ptr, _d) = out.device_ptr_mut(&stream);
     let c_ptr = residual.as_ref().map_or(d_ptr, |r| r.0);
-    let align = |p: u64| (1u64 << p.trailing_zeros().min(8)) as u32;
-    let problem = Problem {
-        dtype: DType::F8E4M3,
-        m: n as u64,
-        n: tokens as u64,
-        k: k as u64,
-    };
-    let key = Key {
-        problem,
-        residual: residual.is_some(),
-        align: [align(a_ptr), align(b_ptr), align(c_ptr), align(d_ptr)],
-    };
+    let pointers = [a_ptr, b_ptr, c_ptr, d_ptr];
+    let key = Key::new(DType::F8E4M3, (tokens, n, k), residual.is_some(), pointers);
+    let problem = key.problem;
     let layouts = Layouts::mixed(
         sys::cudaDataType_t::CUDA_R_8F_E4M3,
         sys::cudaDataType_t::CUDA_R_16BF,

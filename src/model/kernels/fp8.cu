@@ -106,20 +106,7 @@ extern "C" __global__ void bf16_layer_norm_fp8_##V(const uint4* x, const uint4* 
     unsigned int lane = threadIdx.x & 31;                                                          \
     if (row >= rows) return;                                                                       \
     const uint4* in = x + (unsigned long long)row * cols8;                                         \
-    uint4 v[V];                                                                                    \
-    float sum = 0.0f;                                                                              \
-    _Pragma("unroll") for (int i = 0; i < V; i++) {                                             \
-        unsigned int c = lane + 32u * i;                                                           \
-        if (c < cols8) { v[i] = in[c]; sum += SUM8(v[i], load_bf16); }                             \
-    }                                                                                              \
-    float n = (float)(cols8 * 8);                                                                  \
-    float mean = warp_sum(sum) / n;                                                                \
-    float sq = 0.0f;                                                                               \
-    _Pragma("unroll") for (int i = 0; i < V; i++) {                                             \
-        if (lane + 32u * i < cols8)                                                                \
-            sq += (SQ2(v[i].x, load_bf16) + SQ2(v[i].y, load_bf16)) + (SQ2(v[i].z, load_bf16) + SQ2(v[i].w, load_bf16)); \
-    }                                                                                              \
-    float rstd = rsqrtf(warp_sum(sq) / n + eps);                                                   \
+    LAYER_NORM_STATS(load_bf16, V)                                                                 \
     float m = 0.0f;                                                                                \
     _Pragma("unroll") for (int i = 0; i < V; i++) {                                             \
         unsigned int c = lane + 32u * i;                                                           \

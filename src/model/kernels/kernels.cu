@@ -85,10 +85,9 @@ SWIGLU(f16, load_f16, store_f16)
 #define SQ2(u, LOAD) ((LO(u, LOAD) - mean) * (LO(u, LOAD) - mean) + (HI(u, LOAD) - mean) * (HI(u, LOAD) - mean))
 #define NORM2(u, g, s, LOAD, STORE) PACK((LO(u, LOAD) - mean) * rstd * LO(g, LOAD) + LO(s, LOAD),   \
                                          (HI(u, LOAD) - mean) * rstd * HI(g, LOAD) + HI(s, LOAD), STORE)
-/* The row statistics and the store, with `in`, `o`, `w`, `b`, `cols8`, `eps` and `lane` in
-   scope. Every lane loads its part of the row before the reductions (warp shuffles), and stores
-   only after them: `o` may be `in` (in place). */
-#define LAYER_NORM_ROW(LOAD, STORE, V)                                                           \
+/* The row statistics, with `in`, `cols8`, `eps` and `lane` in scope: the row in `v`, `mean` and
+   `rstd`. Every lane loads its part of the row before the reductions (warp shuffles). */
+#define LAYER_NORM_STATS(LOAD, V)                                                                \
     uint4 v[V];                                                                                \
     float sum = 0.0f;                                                                             \
     _Pragma("unroll") for (int i = 0; i < V; i++) {                                            \
@@ -102,7 +101,11 @@ SWIGLU(f16, load_f16, store_f16)
         if (lane + 32u * i < cols8)                                                               \
             sq += (SQ2(v[i].x, LOAD) + SQ2(v[i].y, LOAD)) + (SQ2(v[i].z, LOAD) + SQ2(v[i].w, LOAD)); \
     }                                                                                             \
-    float rstd = rsqrtf(warp_sum(sq) / n + eps);                                                  \
+    float rstd = rsqrtf(warp_sum(sq) / n + eps);
+/* The statistics and the store, with `w`, `b` and `o` in scope too; the stores come after the
+   reductions, so `o` may be `in` (in place). */
+#define LAYER_NORM_ROW(LOAD, STORE, V)                                                           \
+    LAYER_NORM_STATS(LOAD, V)                                                                    \
     _Pragma("unroll") for (int i = 0; i < V; i++) {                                            \
         unsigned int c = lane + 32u * i;                                                          \
         if (c < cols8) {                                                                          \

@@ -244,14 +244,23 @@ pub fn linear_rotary(
     heads2: usize,
     half: usize,
 ) -> Result<Tensor> {
+    with_rotary((cos, sin), heads2, half, |post| apply(x, layer, None, post))
+}
+
+/// `f` given rotary as a GEMM's post-op (see [`linear_rotary`]), its tables 16-byte aligned.
+fn with_rotary<R>(
+    (cos, sin): (&Tensor, &Tensor),
+    heads2: usize,
+    half: usize,
+    f: impl FnOnce(Post<'_>) -> Result<R>,
+) -> Result<R> {
     let (cos, sin) = (aligned(cos)?, aligned(sin)?);
-    let post = Post::Rotary(Rotary {
+    f(Post::Rotary(Rotary {
         cos: &cos,
         sin: &sin,
         heads2,
         half,
-    });
-    apply(x, layer, None, post)
+    }))
 }
 
 /// `x · wᵀ + b (+ residual)` on e4m3 inputs (`x` quantized rows, `w` e4m3 weights with their
@@ -274,14 +283,9 @@ pub fn linear_fp8_rotary(
     heads2: usize,
     half: usize,
 ) -> Result<Tensor> {
-    let (cos, sin) = (aligned(cos)?, aligned(sin)?);
-    let post = Post::Rotary(Rotary {
-        cos: &cos,
-        sin: &sin,
-        heads2,
-        half,
-    });
-    fp8::linear_fp8(x, w, b, None, post)
+    with_rotary((cos, sin), heads2, half, |post| {
+        fp8::linear_fp8(x, w, b, None, post)
+    })
 }
 
 /// ESM C's query and key LayerNorms (`q`, `k`: weight and bias over the hidden size `H`) and
