@@ -313,17 +313,8 @@ impl Esm2 {
         let context = time(dev, "attention", || {
             attention::attend_fused_qkv(&qkv, heads, d, layout)
         })?;
-        let x = time(dev, "out_proj_residual", || match s_out {
-            Some(s) => {
-                let context = kernels::quantize_rows(&context)?;
-                kernels::linear_fp8(
-                    &context,
-                    &weights(&block.out, s),
-                    &bias(&block.out),
-                    Some(x),
-                )
-            }
-            None => kernels::linear_residual(&context, &block.out, x),
+        let x = time(dev, "out_proj_residual", || {
+            super::fp8::out_projection(&context, &block.out, s_out, x)
         })?;
         let normed = time(dev, "ffn_layernorm", || norm(&block.ffn_norm, &x))?;
         let act = time(dev, "fc1_gelu", || {

@@ -159,6 +159,28 @@ pub(super) fn ffn_weights(
     Ok(weights(linear, scale))
 }
 
+/// A quantized block's attention output projection with the residual: on e4m3 (the attention
+/// output quantized per token) where the block quantized it, else in bf16.
+#[cfg(feature = "cuda")]
+pub(super) fn out_projection(
+    context: &Tensor,
+    out: &Linear,
+    scale: &Option<Tensor>,
+    residual: &Tensor,
+) -> Result<Tensor> {
+    use super::kernels;
+    match scale {
+        Some(s) => {
+            let bias = out
+                .bias()
+                .ok_or_else(|| Error::internal("a projection without a bias"))?;
+            let context = kernels::quantize_rows(context)?;
+            kernels::linear_fp8(&context, &weights(out, s), bias, Some(residual))
+        }
+        None => kernels::linear_residual(context, out, residual),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -221,29 +221,16 @@ pub(crate) fn linear<T: WithDType + DeviceRepr>(
     let residual = residual.as_ref().map(|r| ptr(r, &stream));
     let (d_ptr, _d) = out.device_ptr_mut(&stream);
     let c_ptr = residual.as_ref().map_or(d_ptr, |r| r.0);
-    let key = Key::new(
-        T::DTYPE,
-        (tokens, n, k),
-        residual.is_some(),
-        [a_ptr, b_ptr, c_ptr, d_ptr],
-    );
+    let pointers = [a_ptr, b_ptr, c_ptr, d_ptr];
+    let key = Key::new(T::DTYPE, (tokens, n, k), residual.is_some(), pointers);
     let problem = key.problem;
     let layouts = Layouts::new(data_type, problem)?;
     let desc = Desc::new(bias_ptr)?;
     let algo = algorithm(&lt, &desc, &layouts, &key)?;
-    let beta = if residual.is_some() { 1f32 } else { 0f32 };
     // SAFETY: A, B, C, D and the bias are device allocations of this context, held by their
     // guards, with at least the elements the layouts describe (`check_operands`).
-    unsafe {
-        launch(
-            &lt,
-            (&desc, &layouts, &algo),
-            [a_ptr, b_ptr, c_ptr, d_ptr],
-            beta,
-            &stream,
-        )
-    }
-    .map_err(|e| lt_error(e, problem))
+    unsafe { launch(&lt, (&desc, &layouts, &algo), &key, pointers, &stream) }
+        .map_err(|e| lt_error(e, problem))
 }
 
 /// An FP8 GEMM operand: e4m3 values and one f32 dequantization scale per row (`x ≈ q · s`).
@@ -311,23 +298,14 @@ pub(crate) fn linear_fp8(
     let desc = Desc::new(bias_ptr)?;
     desc.scaled(a_scale, b_scale, fast_accumulation())?;
     let algo = algorithm(&lt, &desc, &layouts, &key)?;
-    let beta = if residual.is_some() { 1f32 } else { 0f32 };
     // SAFETY: A, B (e4m3), C, D, the bias (bf16) and both scale vectors (f32, N and T
     // elements) are device allocations of this context, held by their guards, with at least
     // the elements the layouts and scale modes describe (checked above).
-    unsafe {
-        launch(
-            &lt,
-            (&desc, &layouts, &algo),
-            [a_ptr, b_ptr, c_ptr, d_ptr],
-            beta,
-            &stream,
-        )
-    }
-    .map_err(|e| lt_error(e, problem))
+    unsafe { launch(&lt, (&desc, &layouts, &algo), &key, pointers, &stream) }
+        .map_err(|e| lt_error(e, problem))
 }
 
-/// `D = alpha · op(A) · B (+ beta · C)` with `alpha` = 1 and the descriptor's epilogue.
+/// `D = op(A) · B (+ C where `key` has a residual)` with the descriptor's epilogue.
 ///
 /// # Safety
 /// `[a, b, c, d]` are device addresses of this context holding at least what `layouts`
@@ -335,11 +313,12 @@ pub(crate) fn linear_fp8(
 unsafe fn launch(
     lt: &Lt,
     (desc, layouts, algo): (&Desc, &Layouts, &sys::cublasLtMatmulAlgo_t),
+    key: &Key,
     [a, b, c, d]: [u64; 4],
-    beta: f32,
     stream: &CudaStream,
 ) -> Result<(), result::CublasError> {
     let alpha = 1f32;
+    let beta = if key.residual { 1f32 } else { 0f32 };
     let (ws_ptr, _ws) = lt.workspace.device_ptr(stream);
     // SAFETY: the handle, descriptor, layouts and algorithm are live (the caller's borrows);
     // the operands as the caller vouches; the workspace holds at least `workspace_bytes()`;

@@ -225,7 +225,7 @@ pub fn linear(x: &Tensor, layer: &Linear) -> Result<Tensor> {
 }
 
 /// `residual + x · wᵀ + b`, one rounding.
-pub(crate) fn linear_residual(x: &Tensor, layer: &Linear, residual: &Tensor) -> Result<Tensor> {
+pub fn linear_residual(x: &Tensor, layer: &Linear, residual: &Tensor) -> Result<Tensor> {
     apply(x, layer, Some(&residual.contiguous()?), Post::None)
 }
 
