@@ -53,9 +53,8 @@ pub fn parse_dtype(spec: &str, device: &Device) -> Result<candle_core::DType> {
         // e4m3 GEMMs, bf16 activations (checked against the GPU when the model loads).
         "fp8" | "f8" | "f8e4m3" | "e4m3" if device.is_cpu() => {
             return Err(Error::InvalidOption(
-                "--dtype fp8 runs on CUDA GPUs (compute capability 8.9 or later); on the CPU use \
-                 f32"
-                .into(),
+                "--dtype fp8 runs on CUDA GPUs (Hopper: H100, H200, GH200); on the CPU use f32"
+                    .into(),
             ))
         }
         "fp8" | "f8" | "f8e4m3" | "e4m3" => DType::F8E4M3,

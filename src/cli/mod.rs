@@ -191,9 +191,9 @@ pub struct DeviceArgs {
     #[arg(long, default_value = "auto")]
     pub device: String,
 
-    /// Compute precision: auto (f32 on CPU, bf16 on GPU), f32, bf16, f16, or fp8 (GPUs of compute
-    /// capability 8.9+: e4m3 matmuls, bf16 elsewhere; check your model with `esmbed verify --dtype
-    /// bf16,fp8` first, README "FP8").
+    /// Compute precision: auto (f32 on CPU, bf16 on GPU), f32, bf16, f16, or fp8 (Hopper GPUs:
+    /// e4m3 matmuls, bf16 elsewhere; check your model with `esmbed verify --dtype bf16,fp8` first,
+    /// README "FP8").
     #[arg(long, default_value = "auto")]
     pub dtype: String,
 }

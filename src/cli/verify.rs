@@ -14,8 +14,8 @@ pub struct VerifyArgs {
     #[arg(long, default_value = "auto")]
     pub device: String,
 
-    /// Dtypes to check (fp8: e4m3 GEMMs on GPUs of compute capability 8.9+; run this on your
-    /// own model before a large FP8 job).
+    /// Dtypes to check (fp8: e4m3 GEMMs on Hopper GPUs; run this on your own model before a
+    /// large FP8 job).
     #[arg(long, value_delimiter = ',', default_value = "bf16,f16")]
     pub dtype: Vec<String>,
 

@@ -69,6 +69,10 @@ impl Esm2 {
     /// bitwise-identical results (random weights included, whatever the device's generator).
     pub fn replicate(&self, device: &Device) -> Result<Self> {
         prepare_device(device)?;
+        if self.blocks.iter().any(|b| b.fp8.is_some()) {
+            let (h, ffn) = (self.config.hidden_size, self.config.intermediate_size);
+            super::fp8::check(device, h, ffn)?;
+        }
         let to = trunk::Replicator {
             device,
             eps: self.config.layer_norm_eps,

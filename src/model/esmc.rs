@@ -202,6 +202,10 @@ impl Esmc {
     /// The same model on another device, every weight copied (through the host).
     pub fn replicate(&self, device: &Device) -> Result<Self> {
         prepare_device(device)?;
+        if self.blocks.iter().any(|b| b.fp8.is_some()) {
+            let (h, ffn) = (self.config.hidden_size, self.config.intermediate_size);
+            super::fp8::check(device, h, ffn)?;
+        }
         let to = trunk::Replicator {
             device,
             eps: self.config.layer_norm_eps,
@@ -264,9 +268,14 @@ impl Esmc {
     pub(super) fn quantize_fp8(mut self) -> Result<Self> {
         let (h, ffn) = (self.config.hidden_size, self.config.intermediate_size);
         super::fp8::check(&self.device, h, ffn)?;
-        if self.dtype != DType::BF16 || !self.fused {
-            return Err(Error::internal(
-                "FP8 quantization of an ESM C model not on the fused bf16 path (ESMBED_ESMC_FUSED=0?)",
+        if self.dtype != DType::BF16 {
+            return Err(Error::internal("FP8 quantization of a model not in bf16"));
+        }
+        if !self.fused {
+            return Err(Error::InvalidOption(
+                "--dtype fp8 runs on the fused CUDA kernels, which ESMBED_ESMC_FUSED=0 turns off: \
+                 unset it"
+                    .into(),
             ));
         }
         let picked = super::fp8::quantized_blocks(self.blocks.len())?;

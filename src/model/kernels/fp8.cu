@@ -2,7 +2,7 @@
    LayerNorm macros) and compiled for compute_89, the first architecture with e4m3 conversions.
 
    Every kernel here writes one row's values as e4m3 with one f32 scale per row: s = amax / 448
-   (1 for an all-zero row), q = satfinite(round(x / s)), so that x ≈ q · s, which the FP8 GEMM
+   (1 for an all-zero row, or one below 1e-30), q = satfinite(round(x / s)), so that x ≈ q · s, which the FP8 GEMM
    applies in its epilogue (cuBLASLt's outer-vector scales). The values quantized are those the
    bf16 path would have written (rounded to bf16 first), so the two paths differ by the e4m3
    rounding alone. The whole row is held in registers: read once, written once. */
@@ -42,7 +42,9 @@ __device__ __forceinline__ float block_max(float v) {
     float m = lane < (blockDim.x >> 5) ? partial[lane] : 0.0f;
     return warp_max(m);
 }
-__device__ __forceinline__ float scale_of(float amax) { return amax > 0.0f ? amax / E4M3_MAX : 1.0f; }
+/* A row whose largest magnitude is below 1e-30 is quantized as zeros (scale 1): for smaller
+   scales 1 / s would overflow to infinity, and 0 · inf is NaN. */
+__device__ __forceinline__ float scale_of(float amax) { return amax > 1e-30f ? amax / E4M3_MAX : 1.0f; }
 
 /* The element-wise inputs of the row kernels: a row of 8-element vectors of the op's result,
    from row `row` of `x`. */

@@ -42,15 +42,15 @@ fn ptx_fp8() -> candle_core::Result<&'static str> {
     .map_err(|e| candle_core::Error::Msg(format!("compiling esmbed's FP8 kernels: {e}")))
 }
 
-/// That `device` can run the FP8 path: a CUDA GPU of compute capability 8.9 or later (Ada,
-/// Hopper, Blackwell), whose tensor cores take e4m3.
+/// That `device` can run the FP8 path: a Hopper GPU (compute capability 9.x: H100, H200, GH200).
+/// Ada (8.9) and Blackwell have e4m3 tensor cores too, but cuBLASLt's outer-vector (per-row)
+/// scale mode, which the GEMMs need, is Hopper's only (PyTorch's row-wise scaled matmul does not
+/// use cuBLASLt on sm_89 or sm_100 for the same reason).
 pub fn check_device(device: &candle_core::Device) -> Result<()> {
     use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
     let candle_core::Device::Cuda(dev) = device else {
         return Err(crate::Error::InvalidOption(
-            "--dtype fp8 runs on CUDA GPUs only (compute capability 8.9 or later); on the CPU \
-             use f32"
-                .into(),
+            "--dtype fp8 runs on Hopper GPUs only (H100, H200, GH200); on the CPU use f32".into(),
         ));
     };
     let ctx = dev.cuda_stream().context().clone();
@@ -60,10 +60,11 @@ pub fn check_device(device: &candle_core::Device) -> Result<()> {
     let minor = ctx
         .attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
         .w()?;
-    if (major, minor) < (8, 9) {
+    if major != 9 {
         return Err(crate::Error::InvalidOption(format!(
-            "--dtype fp8 needs a GPU of compute capability 8.9 or later (L4, L40, H100, H200, \
-             B200); this one is {major}.{minor}: use --dtype bf16"
+            "--dtype fp8 runs on Hopper GPUs only (compute capability 9.x: H100, H200, GH200), \
+             whose cuBLASLt has the per-row FP8 scales it needs; this GPU is {major}.{minor}: \
+             use --dtype bf16"
         )));
     }
     Ok(())
