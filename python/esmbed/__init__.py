@@ -135,7 +135,8 @@ class Embedder:
     (``facebook/esm2_t33_650M_UR50D``, ``biohub/ESMC-300M``), a short name (``650M``,
     ``esmc-300m``), a local HuggingFace directory or a fair-esm ``.pt`` file, on ``device``
     (``auto``: every GPU, else the CPU; ``cpu``; ``cuda``; ``cuda:0,1``) in ``dtype``
-    (``auto``: f32 on the CPU, where results equal transformers', bf16 on GPUs; ``f16``).
+    (``auto``: f32 on the CPU, where results equal transformers', bf16 on GPUs; ``f16``;
+    ``fp8`` on Hopper GPUs, after checking the model with ``esmbed verify --dtype bf16,fp8``).
 
     Options, as ``esmbed embed``'s: ``tokens_per_batch`` (tokens per pack), ``max_length``
     (residues; default the model's crop: 1022 ESM-2, 2046 ESM C), ``long`` (``truncate``,
