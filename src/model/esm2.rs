@@ -129,22 +129,18 @@ impl Esm2 {
     }
 
     /// The same model with the blocks [`super::fp8::quantized_blocks`] picks on e4m3 GEMMs
-    /// (a bf16 model on a GPU that takes FP8; see [`super::fp8`]).
+    /// (a bf16 model on a GPU that takes FP8, which [`super::fp8::check`] confirmed; see
+    /// [`super::fp8`]).
     pub(super) fn quantize_fp8(mut self) -> Result<Self> {
-        let (h, ffn) = (self.config.hidden_size, self.config.intermediate_size);
-        super::fp8::check(&self.device, h, ffn)?;
         if self.dtype != DType::BF16 || !self.fused() {
             return Err(crate::Error::internal(
                 "FP8 quantization of a model not in fused bf16",
             ));
         }
-        let picked = super::fp8::quantized_blocks(self.blocks.len())?;
-        for (b, quantize) in self.blocks.iter_mut().zip(picked) {
-            if quantize {
-                let linears = [&mut b.qkv, &mut b.out, &mut b.fc1, &mut b.fc2];
-                b.fp8 = Some(super::fp8::quantize(linears)?);
-            }
-        }
+        super::fp8::quantize_each(self.blocks.iter_mut().map(|b| {
+            let linears = [&mut b.qkv, &mut b.out, &mut b.fc1, &mut b.fc2];
+            (linears, &mut b.fp8)
+        }))?;
         Ok(self)
     }
 
@@ -204,10 +200,6 @@ impl Esm2 {
         layout: &PackLayout,
     ) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if let Some(scales) = &block.fp8 {
-            return self.block_forward_fp8(block, scales, x, cos, sin, layout);
-        }
-        #[cfg(feature = "cuda")]
         if self.fused() {
             return self.block_forward_fused(block, x, cos, sin, layout);
         }
@@ -233,7 +225,9 @@ impl Esm2 {
         Ok((x + linear(&block.fc2, &act)?)?)
     }
 
-    /// The block on the fused CUDA kernels (see [`super::kernels`]); `cos`/`sin` are f32.
+    /// The block on the fused CUDA kernels (see [`super::kernels`]); `cos`/`sin` are f32. The
+    /// projections a quantized block (`--dtype fp8`) has scales for run on e4m3 GEMMs, whose
+    /// inputs the LayerNorms and the GELU write in e4m3 (see [`super::fp8`]).
     #[cfg(feature = "cuda")]
     fn block_forward_fused(
         &self,
@@ -243,66 +237,22 @@ impl Esm2 {
         sin: &Tensor,
         layout: &PackLayout,
     ) -> Result<Tensor> {
-        use super::kernels;
-        use super::profile::time;
-        let heads = self.config.num_attention_heads;
-        let d = self.config.head_dim();
-        let dev = &self.device;
-
-        let normed = time(dev, "attn_layernorm", || {
-            self.layer_norm(&block.attn_norm, x)
-        })?;
-        let qkv = time(dev, "qkv_rotary", || {
-            kernels::linear_rotary(&normed, &block.qkv, (cos, sin), 2 * heads, d / 2)
-        })?;
-        let context = time(dev, "attention", || {
-            attention::attend_fused_qkv(&qkv, heads, d, layout)
-        })?;
-        let x = time(dev, "out_proj_residual", || {
-            kernels::linear_residual(&context, &block.out, x)
-        })?;
-        let normed = time(dev, "ffn_layernorm", || {
-            self.layer_norm(&block.ffn_norm, &x)
-        })?;
-        let act = time(dev, "fc1_gelu", || {
-            kernels::linear_gelu(&normed, &block.fc1)
-        })?;
-        time(dev, "fc2_residual", || {
-            kernels::linear_residual(&act, &block.fc2, &x)
-        })
-    }
-
-    /// The block on e4m3 GEMMs: the LayerNorms and the GELU write the next GEMM's e4m3 input
-    /// and scales, the attention output is quantized on its own; everything else as in
-    /// [`Esm2::block_forward_fused`].
-    #[cfg(feature = "cuda")]
-    fn block_forward_fp8(
-        &self,
-        block: &Block,
-        [s_qkv, s_out, s_fc1, s_fc2]: &Fp8Scales,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        layout: &PackLayout,
-    ) -> Result<Tensor> {
-        use super::fp8::{ffn_weights, weights};
+        use super::fp8;
         use super::kernels;
         use super::profile::time;
         let heads = self.config.num_attention_heads;
         let d = self.config.head_dim();
         let (dev, eps) = (&self.device, self.config.layer_norm_eps);
-        let bias = |l: &Linear| l.bias().cloned().expect("ESM-2 projections have a bias");
-        let norm = |n: &LayerNorm, x: &Tensor| {
-            kernels::layer_norm_fp8(x, n.weight(), n.bias().expect("a bias"), eps)
-        };
+        let [s_qkv, s_out, s_fc1, s_fc2] = fp8::scales_of(&block.fp8);
 
         let qkv = match s_qkv {
             Some(s) => {
-                let normed = time(dev, "attn_layernorm", || norm(&block.attn_norm, x))?;
+                let normed = time(dev, "attn_layernorm", || {
+                    fp8::layer_norm(&block.attn_norm, x, eps)
+                })?;
                 time(dev, "qkv_rotary", || {
-                    let w = weights(&block.qkv, s);
-                    let b = bias(&block.qkv);
-                    kernels::linear_fp8_rotary(&normed, &w, &b, (cos, sin), 2 * heads, d / 2)
+                    let (w, b) = (fp8::weights(&block.qkv, s), fp8::bias(&block.qkv)?);
+                    kernels::linear_fp8_rotary(&normed, &w, b, (cos, sin), 2 * heads, d / 2)
                 })?
             }
             None => {
@@ -318,17 +268,32 @@ impl Esm2 {
             attention::attend_fused_qkv(&qkv, heads, d, layout)
         })?;
         let x = time(dev, "out_proj_residual", || {
-            super::fp8::out_projection(&context, &block.out, s_out, x)
+            fp8::out_projection(&context, &block.out, s_out, x)
         })?;
-        let normed = time(dev, "ffn_layernorm", || norm(&block.ffn_norm, &x))?;
-        let act = time(dev, "fc1_gelu", || {
-            let w = ffn_weights(&block.fc1, s_fc1)?;
-            kernels::gelu_fp8(&kernels::linear_fp8(&normed, &w, &bias(&block.fc1), None)?)
-        })?;
-        time(dev, "fc2_residual", || {
-            let w = ffn_weights(&block.fc2, s_fc2)?;
-            kernels::linear_fp8(&act, &w, &bias(&block.fc2), Some(&x))
-        })
+        match (s_fc1, s_fc2) {
+            (Some(s1), Some(s2)) => {
+                let normed = time(dev, "ffn_layernorm", || {
+                    fp8::layer_norm(&block.ffn_norm, &x, eps)
+                })?;
+                let act = time(dev, "fc1_gelu", || {
+                    kernels::gelu_fp8(&fp8::linear(&normed, &block.fc1, s1, None)?)
+                })?;
+                time(dev, "fc2_residual", || {
+                    fp8::linear(&act, &block.fc2, s2, Some(&x))
+                })
+            }
+            _ => {
+                let normed = time(dev, "ffn_layernorm", || {
+                    self.layer_norm(&block.ffn_norm, &x)
+                })?;
+                let act = time(dev, "fc1_gelu", || {
+                    kernels::linear_gelu(&normed, &block.fc1)
+                })?;
+                time(dev, "fc2_residual", || {
+                    kernels::linear_residual(&act, &block.fc2, &x)
+                })
+            }
+        }
     }
 
     /// The masked-LM head, if loaded.

@@ -264,10 +264,8 @@ impl Esmc {
     }
 
     /// The same model with the blocks [`super::fp8::quantized_blocks`] picks on e4m3 GEMMs
-    /// (see [`super::fp8`]).
+    /// (on a GPU that takes FP8, which [`super::fp8::check`] confirmed; see [`super::fp8`]).
     pub(super) fn quantize_fp8(mut self) -> Result<Self> {
-        let (h, ffn) = (self.config.hidden_size, self.config.intermediate_size);
-        super::fp8::check(&self.device, h, ffn)?;
         if self.dtype != DType::BF16 {
             return Err(Error::internal("FP8 quantization of a model not in bf16"));
         }
@@ -278,13 +276,10 @@ impl Esmc {
                     .into(),
             ));
         }
-        let picked = super::fp8::quantized_blocks(self.blocks.len())?;
-        for (b, quantize) in self.blocks.iter_mut().zip(picked) {
-            if quantize {
-                let linears = [&mut b.qkv, &mut b.out, &mut b.gate_up, &mut b.down];
-                b.fp8 = Some(super::fp8::quantize(linears)?);
-            }
-        }
+        super::fp8::quantize_each(self.blocks.iter_mut().map(|b| {
+            let linears = [&mut b.qkv, &mut b.out, &mut b.gate_up, &mut b.down];
+            (linears, &mut b.fp8)
+        }))?;
         Ok(self)
     }
 
@@ -327,10 +322,6 @@ impl Esmc {
         layout: &PackLayout,
     ) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if let Some(scales) = &block.fp8 {
-            return self.block_forward_fp8(block, scales, x, cos, sin, layout);
-        }
-        #[cfg(feature = "cuda")]
         if self.fused {
             return self.block_forward_fused(block, x, cos, sin, layout);
         }
@@ -354,7 +345,10 @@ impl Esmc {
 }
 
 impl Esmc {
-    /// The block on ESM-2's fused CUDA kernels (the linear layers carry zero biases there).
+    /// The block on ESM-2's fused CUDA kernels (the linear layers carry zero biases there). The
+    /// projections a quantized block (`--dtype fp8`) has scales for run on e4m3 GEMMs, whose
+    /// inputs the LayerNorms and SwiGLU write in e4m3; the Q/K norms and rotary stay bf16 (see
+    /// [`super::fp8`]).
     #[cfg(feature = "cuda")]
     fn block_forward_fused(
         &self,
@@ -364,6 +358,7 @@ impl Esmc {
         sin: &Tensor,
         layout: &PackLayout,
     ) -> Result<Tensor> {
+        use super::fp8;
         use super::kernels;
         use super::profile::time;
         let heads = self.config.num_attention_heads;
@@ -374,74 +369,16 @@ impl Esmc {
             let (weight, bias) = norm_params(n);
             kernels::layer_norm(x, weight, bias, eps)
         };
-        let normed = time(dev, "attn_layernorm", || norm(&block.attn_norm, x))?;
-        let qkv = time(dev, "qkv", || kernels::linear(&normed, &block.qkv))?;
-        time(dev, "qk_norm_rotary", || {
-            let (q, k) = (norm_params(&block.q_norm), norm_params(&block.k_norm));
-            kernels::qk_norm_rotary(&qkv, q, k, eps, (cos, sin), 2 * heads, d / 2)
-        })?;
-        let context = time(dev, "attention", || {
-            attention::attend_fused_qkv(&qkv, heads, d, layout)
-        })?;
-        let x = time(dev, "out_proj_residual", || {
-            kernels::linear_residual(&context, &block.out, x)
-        })?;
-        let normed = time(dev, "ffn_layernorm", || norm(&block.ffn_norm, &x))?;
-        let act = time(dev, "gate_up_swiglu", || {
-            let gate_up = kernels::linear(&normed, &block.gate_up)?;
-            if ffn.is_multiple_of(8) {
-                kernels::swiglu(&gate_up)
-            } else {
-                Ok((gate_up.narrow(1, 0, ffn)?.silu()? * gate_up.narrow(1, ffn, ffn)?)?)
-            }
-        })?;
-        time(dev, "down_residual", || {
-            kernels::linear_residual(&act, &block.down, &x)
-        })
-    }
-}
-
-impl Esmc {
-    /// The block on e4m3 GEMMs: the LayerNorms and SwiGLU write the next GEMM's e4m3 input and
-    /// scales, the attention output is quantized on its own; the Q/K norms and rotary run in
-    /// bf16 on the QKV output as in [`Esmc::block_forward_fused`].
-    #[cfg(feature = "cuda")]
-    fn block_forward_fp8(
-        &self,
-        block: &Block,
-        [s_qkv, s_out, s_up, s_down]: &Fp8Scales,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        layout: &PackLayout,
-    ) -> Result<Tensor> {
-        use super::fp8::{ffn_weights, weights};
-        use super::kernels;
-        use super::profile::time;
-        let heads = self.config.num_attention_heads;
-        let d = self.config.head_dim();
-        let (dev, eps) = (&self.device, self.config.layer_norm_eps);
-        let bias = |l: &Linear| {
-            l.bias()
-                .cloned()
-                .expect("fused ESM C projections have zero biases")
-        };
-        let norm = |n: &LayerNorm, x: &Tensor| {
-            let (weight, b) = norm_params(n);
-            kernels::layer_norm_fp8(x, weight, b, eps)
-        };
+        let [s_qkv, s_out, s_up, s_down] = fp8::scales_of(&block.fp8);
         let qkv = match s_qkv {
             Some(s) => {
-                let normed = time(dev, "attn_layernorm", || norm(&block.attn_norm, x))?;
-                time(dev, "qkv", || {
-                    kernels::linear_fp8(&normed, &weights(&block.qkv, s), &bias(&block.qkv), None)
-                })?
+                let normed = time(dev, "attn_layernorm", || {
+                    fp8::layer_norm(&block.attn_norm, x, eps)
+                })?;
+                time(dev, "qkv", || fp8::linear(&normed, &block.qkv, s, None))?
             }
             None => {
-                let normed = time(dev, "attn_layernorm", || {
-                    let (weight, b) = norm_params(&block.attn_norm);
-                    kernels::layer_norm(x, weight, b, eps)
-                })?;
+                let normed = time(dev, "attn_layernorm", || norm(&block.attn_norm, x))?;
                 time(dev, "qkv", || kernels::linear(&normed, &block.qkv))?
             }
         };
@@ -453,22 +390,35 @@ impl Esmc {
             attention::attend_fused_qkv(&qkv, heads, d, layout)
         })?;
         let x = time(dev, "out_proj_residual", || {
-            super::fp8::out_projection(&context, &block.out, s_out, x)
+            fp8::out_projection(&context, &block.out, s_out, x)
         })?;
-        let normed = time(dev, "ffn_layernorm", || norm(&block.ffn_norm, &x))?;
-        let act = time(dev, "gate_up_swiglu", || {
-            let w = ffn_weights(&block.gate_up, s_up)?;
-            kernels::swiglu_fp8(&kernels::linear_fp8(
-                &normed,
-                &w,
-                &bias(&block.gate_up),
-                None,
-            )?)
-        })?;
-        time(dev, "down_residual", || {
-            let w = ffn_weights(&block.down, s_down)?;
-            kernels::linear_fp8(&act, &w, &bias(&block.down), Some(&x))
-        })
+        match (s_up, s_down) {
+            (Some(s_up), Some(s_down)) => {
+                let normed = time(dev, "ffn_layernorm", || {
+                    fp8::layer_norm(&block.ffn_norm, &x, eps)
+                })?;
+                let act = time(dev, "gate_up_swiglu", || {
+                    kernels::swiglu_fp8(&fp8::linear(&normed, &block.gate_up, s_up, None)?)
+                })?;
+                time(dev, "down_residual", || {
+                    fp8::linear(&act, &block.down, s_down, Some(&x))
+                })
+            }
+            _ => {
+                let normed = time(dev, "ffn_layernorm", || norm(&block.ffn_norm, &x))?;
+                let act = time(dev, "gate_up_swiglu", || {
+                    let gate_up = kernels::linear(&normed, &block.gate_up)?;
+                    if ffn.is_multiple_of(8) {
+                        kernels::swiglu(&gate_up)
+                    } else {
+                        Ok((gate_up.narrow(1, 0, ffn)?.silu()? * gate_up.narrow(1, ffn, ffn)?)?)
+                    }
+                })?;
+                time(dev, "down_residual", || {
+                    kernels::linear_residual(&act, &block.down, &x)
+                })
+            }
+        }
     }
 }
 

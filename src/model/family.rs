@@ -46,27 +46,30 @@ impl Model {
         head: bool,
     ) -> Result<Self> {
         let config = &checkpoint.config;
-        let fp8 = dtype == DType::F8E4M3;
-        if fp8 {
-            super::fp8::check(device, config.hidden_size, config.intermediate_size)?;
-        }
-        let dtype = super::fp8::activation_dtype(dtype);
-        let model: Model = match (config.family, head) {
-            (Family::Esm2, false) => Esm2::load(checkpoint, device, dtype)?.into(),
-            (Family::Esm2, true) => Esm2::load_with_head(checkpoint, device, dtype)?.into(),
-            (Family::Esmc, false) => Esmc::load(checkpoint, device, dtype)?.into(),
-            (Family::Esmc, true) => Esmc::load_with_head(checkpoint, device, dtype)?.into(),
-        };
-        if fp8 {
-            model.quantize_fp8()
-        } else {
-            Ok(model)
-        }
+        Self::built_in(config, device, dtype, |dtype| {
+            Ok(match (config.family, head) {
+                (Family::Esm2, false) => Esm2::load(checkpoint, device, dtype)?.into(),
+                (Family::Esm2, true) => Esm2::load_with_head(checkpoint, device, dtype)?.into(),
+                (Family::Esmc, false) => Esmc::load(checkpoint, device, dtype)?.into(),
+                (Family::Esmc, true) => Esmc::load_with_head(checkpoint, device, dtype)?.into(),
+            })
+        })
     }
 
-    /// The model with its blocks on e4m3 GEMMs (`--dtype fp8`; see [`super::fp8`]).
-    fn quantize_fp8(self) -> Result<Self> {
-        Ok(match self {
+    /// `build(dtype)` in the activations' dtype, then, for `--dtype fp8`, its blocks put on e4m3
+    /// GEMMs (see [`super::fp8`]): the device and the shape are checked first, before any weight
+    /// is read.
+    fn built_in(
+        config: &EsmConfig,
+        device: &Device,
+        dtype: DType,
+        build: impl FnOnce(DType) -> Result<Model>,
+    ) -> Result<Self> {
+        if dtype != DType::F8E4M3 {
+            return build(dtype);
+        }
+        super::fp8::check(device, config.hidden_size, config.intermediate_size)?;
+        Ok(match build(super::fp8::activation_dtype(dtype))? {
             Model::Esm2(m) => m.quantize_fp8()?.into(),
             Model::Esmc(m) => m.quantize_fp8()?.into(),
         })
@@ -74,20 +77,12 @@ impl Model {
 
     /// Random weights of `config`'s shape and family (benchmarks).
     pub fn random(config: &EsmConfig, device: &Device, dtype: DType, seed: u64) -> Result<Self> {
-        let fp8 = dtype == DType::F8E4M3;
-        if fp8 {
-            super::fp8::check(device, config.hidden_size, config.intermediate_size)?;
-        }
-        let dtype = super::fp8::activation_dtype(dtype);
-        let model: Model = match config.family {
-            Family::Esm2 => Esm2::random(config, device, dtype, seed)?.into(),
-            Family::Esmc => Esmc::random(config, device, dtype, seed)?.into(),
-        };
-        if fp8 {
-            model.quantize_fp8()
-        } else {
-            Ok(model)
-        }
+        Self::built_in(config, device, dtype, |dtype| {
+            Ok(match config.family {
+                Family::Esm2 => Esm2::random(config, device, dtype, seed)?.into(),
+                Family::Esmc => Esmc::random(config, device, dtype, seed)?.into(),
+            })
+        })
     }
 
     /// The same model on another device: every weight copied, so replicas give bitwise-identical

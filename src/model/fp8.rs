@@ -137,6 +137,16 @@ pub(super) fn quantize(_: [&mut Linear; 4]) -> Result<Fp8Scales> {
     Err(Error::internal("FP8 quantization without CUDA"))
 }
 
+/// The scales of a block's four projections, `None` for those in bf16 (all four for a block that
+/// is not quantized).
+#[cfg(feature = "cuda")]
+pub(super) fn scales_of(fp8: &Option<Fp8Scales>) -> [Option<&Tensor>; 4] {
+    match fp8 {
+        Some(scales) => scales.each_ref().map(Option::as_ref),
+        None => [None; 4],
+    }
+}
+
 /// A quantized projection as the FP8 GEMM takes it.
 #[cfg(feature = "cuda")]
 pub(super) fn weights(linear: &Linear, scale: &Tensor) -> super::kernels::Fp8Rows {
@@ -146,39 +156,67 @@ pub(super) fn weights(linear: &Linear, scale: &Tensor) -> super::kernels::Fp8Row
     }
 }
 
-/// A quantized block's FFN projection as the FP8 GEMM takes it (the FFN of a quantized block is
-/// always quantized).
+/// A projection's bias (esmbed gives every projection one on the fused path: zeros where the
+/// model has none).
 #[cfg(feature = "cuda")]
-pub(super) fn ffn_weights(
-    linear: &Linear,
-    scale: &Option<Tensor>,
-) -> Result<super::kernels::Fp8Rows> {
-    let scale = scale
-        .as_ref()
-        .ok_or_else(|| Error::internal("a quantized block whose FFN is not"))?;
-    Ok(weights(linear, scale))
+pub(super) fn bias(linear: &Linear) -> Result<&Tensor> {
+    linear
+        .bias()
+        .ok_or_else(|| Error::internal("a fused projection without a bias"))
 }
 
-/// A quantized block's attention output projection with the residual: on e4m3 (the attention
-/// output quantized per token) where the block quantized it, else in bf16.
+/// LayerNorm of `x`'s rows as the e4m3 input of the next GEMM.
+#[cfg(feature = "cuda")]
+pub(super) fn layer_norm(
+    norm: &candle_nn::LayerNorm,
+    x: &Tensor,
+    eps: f64,
+) -> Result<super::kernels::Fp8Rows> {
+    let bias = norm
+        .bias()
+        .ok_or_else(|| Error::internal("a LayerNorm without a bias"))?;
+    super::kernels::layer_norm_fp8(x, norm.weight(), bias, eps)
+}
+
+/// `x · wᵀ + b (+ residual)` of a quantized projection on its e4m3 input.
+#[cfg(feature = "cuda")]
+pub(super) fn linear(
+    x: &super::kernels::Fp8Rows,
+    linear: &Linear,
+    scale: &Tensor,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    super::kernels::linear_fp8(x, &weights(linear, scale), bias(linear)?, residual)
+}
+
+/// The attention output projection with the residual: on e4m3 (the attention output quantized
+/// per token) where the block quantized it (`scale`), else in bf16.
 #[cfg(feature = "cuda")]
 pub(super) fn out_projection(
     context: &Tensor,
     out: &Linear,
-    scale: &Option<Tensor>,
+    scale: Option<&Tensor>,
     residual: &Tensor,
 ) -> Result<Tensor> {
     use super::kernels;
     match scale {
-        Some(s) => {
-            let bias = out
-                .bias()
-                .ok_or_else(|| Error::internal("a projection without a bias"))?;
-            let context = kernels::quantize_rows(context)?;
-            kernels::linear_fp8(&context, &weights(out, s), bias, Some(residual))
-        }
+        Some(s) => linear(&kernels::quantize_rows(context)?, out, s, Some(residual)),
         None => kernels::linear_residual(context, out, residual),
     }
+}
+
+/// Quantize, in place, the projections `linears` gives for each block that
+/// [`quantized_blocks`] picks (see [`quantize`]), setting the block's scales (`fp8`).
+pub(super) fn quantize_each<'a>(
+    blocks: impl ExactSizeIterator<Item = ([&'a mut Linear; 4], &'a mut Option<Fp8Scales>)>,
+) -> Result<()> {
+    let picked = quantized_blocks(blocks.len())?;
+    for ((linears, fp8), pick) in blocks.zip(picked) {
+        if pick {
+            *fp8 = Some(quantize(linears)?);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
