@@ -28,18 +28,8 @@ const MODULE_FP8: &str = "esmbed_fp8";
 fn ptx_fp8() -> candle_core::Result<&'static str> {
     static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
         std::sync::OnceLock::new();
-    PTX.get_or_init(|| {
-        let options = candle_core::cuda_backend::cudarc::nvrtc::CompileOptions {
-            arch: Some("compute_89"),
-            ..Default::default()
-        };
-        let source = format!("{SOURCE}\n{}", include_str!("fp8.cu"));
-        candle_core::cuda_backend::cudarc::nvrtc::compile_ptx_with_opts(source, options)
-            .map(|p| p.to_src())
-            .map_err(|e| format!("{e:?}"))
-    })
-    .as_deref()
-    .map_err(|e| candle_core::Error::Msg(format!("compiling esmbed's FP8 kernels: {e}")))
+    let source = || format!("{SOURCE}\n{}", include_str!("fp8.cu"));
+    compiled(&PTX, source, "compute_89", "esmbed's FP8 kernels")
 }
 
 /// That `device` can run the FP8 path: a Hopper GPU (compute capability 9.x: H100, H200, GH200).
@@ -135,7 +125,7 @@ fn rows_of(
     }
 }
 
-/// A bf16 CUDA tensor's storage and layout, contiguous and 16-byte aligned.
+/// `x`, checked to be bf16, contiguous and 16-byte aligned (a copy where it was not).
 fn bf16_input(x: &Tensor) -> Result<Tensor> {
     if x.dtype() != DType::BF16 {
         return Err(candle_core::Error::Msg(format!(

@@ -25,6 +25,7 @@ use candle_core::{
 };
 
 use std::mem::size_of;
+use std::sync::OnceLock;
 
 use candle_nn::Linear;
 
@@ -42,21 +43,35 @@ pub const MAX_LAYER_NORM_WIDTH: usize = 32 * 8 * LAYER_NORM_VECTORS[LAYER_NORM_V
 const SOURCE: &str = include_str!("kernels.cu");
 
 fn ptx() -> candle_core::Result<&'static str> {
-    static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
-        std::sync::OnceLock::new();
-    PTX.get_or_init(|| {
-        // The virtual architecture of Ampere, the oldest GPU FlashAttention runs on (the packed
-        // two-value conversions need it); the driver JIT-compiles the PTX for the GPU present.
+    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    // The virtual architecture of Ampere, the oldest GPU FlashAttention runs on (the packed
+    // two-value conversions need it); the driver JIT-compiles the PTX for the GPU present.
+    compiled(
+        &PTX,
+        || SOURCE.to_string(),
+        "compute_80",
+        "esmbed's fused kernels",
+    )
+}
+
+/// `source()` compiled by NVRTC for `arch` once per process, kept in `cell` (an error too).
+fn compiled(
+    cell: &'static OnceLock<std::result::Result<String, String>>,
+    source: impl FnOnce() -> String,
+    arch: &'static str,
+    what: &str,
+) -> candle_core::Result<&'static str> {
+    cell.get_or_init(|| {
         let options = candle_core::cuda_backend::cudarc::nvrtc::CompileOptions {
-            arch: Some("compute_80"),
+            arch: Some(arch),
             ..Default::default()
         };
-        candle_core::cuda_backend::cudarc::nvrtc::compile_ptx_with_opts(SOURCE, options)
+        candle_core::cuda_backend::cudarc::nvrtc::compile_ptx_with_opts(source(), options)
             .map(|p| p.to_src())
             .map_err(|e| format!("{e:?}"))
     })
     .as_deref()
-    .map_err(|e| candle_core::Error::Msg(format!("compiling esmbed's fused kernels: {e}")))
+    .map_err(|e| candle_core::Error::Msg(format!("compiling {what}: {e}")))
 }
 
 fn prefix(dtype: DType) -> candle_core::Result<&'static str> {
