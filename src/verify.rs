@@ -60,6 +60,12 @@ struct Reference {
 
 struct ReferencePack {
     batch: crate::pack::PackedBatch,
+    last: LastLayer,
+}
+
+/// The last layer's token states of each sequence of a pack, and the head's top-1 token at
+/// every residue (with a head).
+struct LastLayer {
     states: Vec<Vec<f32>>,
     top1: Option<Vec<usize>>,
 }
@@ -69,21 +75,13 @@ impl Reference {
         let head = checkpoint.has_lm_head();
         let model = Model::load(checkpoint, &Device::Cpu, DType::F32, head)?;
         let embedder = Embedder::new(model, &EmbedOptions::default())?;
-        let last = checkpoint.config.num_hidden_layers;
         let packs = pack(sequences, BUDGET)
             .into_iter()
             .map(|group| {
-                let batch = group.batch;
-                let states =
-                    per_sequence(&batch, embedder.model().forward(&batch, &[last])?.remove(0))?;
-                let top1 = match head {
-                    true => Some(top1(&embedder.model().log_probs(&batch, RESIDUES)?)),
-                    false => None,
-                };
+                let last = last_layer(embedder.model(), &group.batch, head)?;
                 Ok(ReferencePack {
-                    batch,
-                    states,
-                    top1,
+                    batch: group.batch,
+                    last,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -94,7 +92,27 @@ impl Reference {
     }
 }
 
-const RESIDUES: crate::engine::LogProbsAt = crate::engine::LogProbsAt::Residues;
+/// [`LastLayer`] of `batch` (the top-1 tokens with `head`), from one forward.
+fn last_layer(model: &Model, batch: &crate::pack::PackedBatch, head: bool) -> Result<LastLayer> {
+    let hidden = model
+        .forward(batch, &[model.config().num_hidden_layers])?
+        .remove(0);
+    let top1 = match head {
+        true => {
+            let at = crate::engine::LogProbsAt::Residues;
+            let rows = crate::model::esm2::query_positions(batch, at, model.config().mask_token_id);
+            Some(match rows.is_empty() {
+                true => Vec::new(),
+                false => top1(&model.head_log_probs(&hidden, rows)?),
+            })
+        }
+        false => None,
+    };
+    Ok(LastLayer {
+        states: per_sequence(batch, hidden)?,
+        top1,
+    })
+}
 
 /// The rows of `[T, H]` states of each sequence of `batch`, in f32 on the host.
 fn per_sequence(
@@ -173,20 +191,15 @@ fn against(
         a.mean_max_rel_error = a.mean_max_rel_error.max(err / max_abs(e));
     }
     // Per-token states of the last layer and the head's top-1, pack by pack.
-    let last = checkpoint.config.num_hidden_layers;
     let (mut agreeing, mut residues) = (0usize, 0usize);
     for p in &reference.packs {
-        let states = per_sequence(
-            &p.batch,
-            subject.model().forward(&p.batch, &[last])?.remove(0),
-        )?;
-        for (ss, rr) in states.iter().zip(&p.states) {
+        let got = last_layer(subject.model(), &p.batch, head)?;
+        for (ss, rr) in got.states.iter().zip(&p.last.states) {
             a.hidden_max_rel_error = a
                 .hidden_max_rel_error
                 .max(max_abs_diff(ss, rr) / max_abs(rr));
         }
-        if let Some(want) = &p.top1 {
-            let have = top1(&subject.model().log_probs(&p.batch, RESIDUES)?);
+        if let (Some(want), Some(have)) = (&p.last.top1, got.top1) {
             agreeing += want.iter().zip(&have).filter(|(w, h)| w == h).count();
             residues += want.len();
         }
