@@ -7,7 +7,8 @@
 # everything that matters is printed.
 #   SHAPES=650M,3B TORCH=1 bash bench/gpu_fp8.sh
 # Knobs: FIXTURES, OUTLIER_SHAPES, FACTORS (1 = no outliers), KEEP_PROJ (ESMBED_FP8_BF16 values),
-# KEEP_BLOCKS (ESMBED_FP8_BF16_BLOCKS values), SLOW_ACCUM=1, TORCH_SHAPES, PROFILE_SHAPE.
+# KEEP_BLOCKS (ESMBED_FP8_BF16_BLOCKS values), SLOW_ACCUM=1, TORCH_SHAPES, PROFILE_SHAPE, PROFILE=0,
+# OUTLIER_SHAPES= (empty: none).
 set -u
 E="bash .gpu/run.sh esmbed"
 SHAPES=${SHAPES:-650M,3B}
@@ -32,9 +33,11 @@ if [ "${SLOW_ACCUM:-0}" = 1 ]; then
     > $R/bench_fp8_slow_accum.jsonl 2> $R/bench_fp8_slow_accum.log
   echo "bench fp8 without fast accumulation:"; cut -c1-240 $R/bench_fp8_slow_accum.jsonl
 fi
-ESMBED_PROFILE=1 timeout 60 $E bench --shape ${PROFILE_SHAPE:-650M} --dtype fp8 --device cuda --lengths-file /tmp/lengths.txt \
-  > $R/profile.json 2> $R/profile.log
-grep -v "^gemm" $R/profile.log | tail -25
+if [ "${PROFILE:-1}" = 1 ]; then
+  ESMBED_PROFILE=1 timeout 60 $E bench --shape ${PROFILE_SHAPE:-650M} --dtype fp8 --device cuda --lengths-file /tmp/lengths.txt \
+    > $R/profile.json 2> $R/profile.log
+  grep -v "^gemm" $R/profile.log | tail -25
+fi
 if [ "${TORCH:-0}" = 1 ]; then
   (cd .gpu && SKIP_PADDED=1 COMPILE=1 timeout ${TORCH_LIMIT:-240} python torch_baseline.py ${TORCH_SHAPES:-$SHAPES} 2>&1 | grep -v Warning) > $R/torch.jsonl
   cat $R/torch.jsonl
@@ -51,16 +54,16 @@ verify() {  # name model-dir
     > $R/verify_$1.jsonl 2> $R/verify_$1.log
   echo "verify $1: $(tr '\n' ' ' < $R/verify_$1.jsonl | cut -c1-900)"; tail -1 $R/verify_$1.log | cut -c1-300
 }
-for m in ${FIXTURES:-tiny_h64 tiny_esmc}; do verify $m tests/fixtures/$m; done
+for m in ${FIXTURES-tiny_h64 tiny_esmc}; do verify $m tests/fixtures/$m; done
 # Random models of real shapes: FACTORS (1 = no outliers) per shape in OUTLIER_SHAPES.
-for s in ${OUTLIER_SHAPES:-150M esmc-300m}; do
+for s in ${OUTLIER_SHAPES-150M esmc-300m}; do
   for f in ${FACTORS:-50}; do
     timeout 120 $PY bench/make_outlier_model.py /tmp/outliers-$s-x$f --shape $s --factor $f 2>&1 | tail -1
     verify outliers-$s-x$f /tmp/outliers-$s-x$f
   done
 done
 # Variants on the first shape and factor: bf16 kept for some blocks or projections, slow accumulation.
-first=/tmp/outliers-$(set -- ${OUTLIER_SHAPES:-150M esmc-300m}; echo $1)-x$(set -- ${FACTORS:-50}; echo $1)
+first=/tmp/outliers-$(set -- ${OUTLIER_SHAPES-150M esmc-300m}; echo ${1:-none})-x$(set -- ${FACTORS:-50}; echo $1)
 if [ "${SLOW_ACCUM:-0}" = 1 ]; then ESMBED_FP8_FAST_ACCUM=0 verify slow-accum $first; fi
 for k in ${KEEP_BLOCKS:-}; do ESMBED_FP8_BF16_BLOCKS=$k verify keep-blocks-$k $first; done
 for p in ${KEEP_PROJ:-}; do ESMBED_FP8_BF16=$p verify keep-$p $first; done
