@@ -319,3 +319,83 @@ fn out_of_memory_errors_are_typed() {
     let lt = candle_core::Error::Cuda(Box::new(lt));
     assert!(esmbed::Error::from(lt).is_out_of_memory());
 }
+
+/// The packed attention (cuDNN's fused SDPA where the `cudnn` feature loads it, else
+/// FlashAttention 2) against the exact per-sequence f32 path, on the fused Q/K/V layout the
+/// models use (strided views of one `[T, 3H, d]` buffer), at ESM-2 8M's and 650M's head shapes
+/// and ESM C 600M's; then a sequence alone against the same sequence inside a pack (bitwise).
+#[test]
+fn packed_attention_matches_f32_and_is_batch_invariant() {
+    use candle_core::Tensor;
+    use esmbed::model::attention::{attend_fused_qkv, PackLayout};
+    use esmbed::PackedBatch;
+
+    let gpu = Device::new_cuda(0).expect("a CUDA GPU");
+    #[cfg(feature = "cudnn")]
+    eprintln!("cuDNN in use: {}", esmbed::model::cudnn::in_use());
+    let lens = [1usize, 3, 50, 270, 1022, 7, 129, 64, 65];
+    let ids: Vec<Vec<u32>> = lens.iter().map(|&l| vec![4; l]).collect();
+    let pack = PackedBatch::from_sequences(ids.iter().map(|v| v.as_slice()));
+    let tokens: usize = lens.iter().sum();
+    for (heads, d) in [(20, 64), (18, 64), (20, 16)] {
+        for dtype in [DType::BF16, DType::F16] {
+            eprintln!("attention {heads}x{d} {dtype:?} ...");
+            // Scores of unit variance, as for a trained model's scaled queries.
+            let std = (d as f32).powf(-0.25);
+            let qkv = Tensor::randn(0f32, std, (tokens, 3 * heads * d), &Device::Cpu).unwrap();
+            let qkv = qkv.to_dtype(dtype).unwrap();
+            let want = attend_fused_qkv(
+                &qkv.to_dtype(DType::F32).unwrap(),
+                heads,
+                d,
+                &PackLayout::new(&pack, &Device::Cpu).unwrap(),
+            )
+            .unwrap();
+            let on_gpu = qkv.to_device(&gpu).unwrap();
+            let layout = PackLayout::new(&pack, &gpu).unwrap();
+            let got = attend_fused_qkv(&on_gpu, heads, d, &layout).unwrap();
+            let (off, scale) = worst(&got, &want);
+            let ulp = if dtype == DType::BF16 {
+                2f32.powi(-8)
+            } else {
+                2f32.powi(-11)
+            };
+            eprintln!("attention {heads}x{d} {dtype:?}: worst {off:.3e} at scale {scale:.3}");
+            assert!(
+                off <= 8.0 * ulp * scale,
+                "{heads}x{d} {dtype:?}: {off} at {scale}"
+            );
+            // The 270-residue sequence (rows 54..324) alone, in a pack of its own.
+            let (start, len) = (54, 270);
+            let alone = PackedBatch::from_sequences([ids[3].as_slice()]);
+            let one = attend_fused_qkv(
+                &on_gpu.narrow(0, start, len).unwrap(),
+                heads,
+                d,
+                &PackLayout::new(&alone, &gpu).unwrap(),
+            )
+            .unwrap();
+            let packed = got.narrow(0, start, len).unwrap();
+            let (diff, _) = worst(
+                &one,
+                &packed
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .to_device(&Device::Cpu)
+                    .unwrap(),
+            );
+            eprintln!("attention {heads}x{d} {dtype:?}: alone vs packed {diff:e}");
+            assert_eq!(
+                diff, 0.0,
+                "{heads}x{d} {dtype:?}: a sequence alone differs from packed"
+            );
+        }
+    }
+    #[cfg(feature = "cudnn")]
+    if esmbed::model::cudnn::in_use() {
+        eprintln!(
+            "cuDNN graphs on this thread: {}",
+            esmbed::model::cudnn::graphs()
+        );
+    }
+}

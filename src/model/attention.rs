@@ -2,7 +2,8 @@
 //!
 //! On the CPU the attention runs per segment, exactly, in the model's dtype (f32 for the reference
 //! path): scores `[heads, L, L]`, a stable softmax, then the values. On CUDA
-//! (feature `cuda`) the whole pack goes through FlashAttention's varlen kernel in one call.
+//! (feature `cuda`) the whole pack goes through one varlen kernel call: cuDNN's fused attention
+//! where the `cudnn` feature is built and libcudnn loads, else FlashAttention 2.
 
 use candle_core::{Device, Tensor};
 
@@ -18,6 +19,9 @@ pub struct PackLayout {
     cu_seqlens: Tensor,
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     max_len: usize,
+    /// Lengths and ragged offsets for cuDNN's attention, made on its first use in the pack.
+    #[cfg(feature = "cudnn")]
+    cudnn: super::cudnn::PackIndex,
 }
 
 impl PackLayout {
@@ -34,6 +38,8 @@ impl PackLayout {
             segments,
             cu_seqlens,
             max_len: batch.max_len,
+            #[cfg(feature = "cudnn")]
+            cudnn: Default::default(),
         })
     }
 }
@@ -71,6 +77,11 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, layout: &PackLayout) -> Result
     #[cfg(feature = "cuda")]
     if q.device().is_cuda() {
         let (cu_seqlens, max_len) = layout.varlen(q.dim(0)?)?;
+        #[cfg(feature = "cudnn")]
+        if let Some(out) = super::cudnn::attend(q, k, v, &layout.segments, max_len, &layout.cudnn)?
+        {
+            return Ok(out);
+        }
         if let Some(out) = super::flash::attend_varlen(q, k, v, cu_seqlens, max_len)? {
             return Ok(out);
         }

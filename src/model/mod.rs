@@ -4,6 +4,8 @@
 
 pub mod attention;
 pub mod config;
+#[cfg(feature = "cudnn")]
+pub mod cudnn;
 pub mod esm2;
 pub mod esmc;
 mod fair_esm;
