@@ -1,33 +1,37 @@
 #!/usr/bin/env bash
-# One GPU call for cuDNN's fused attention (`--features cuda,cudnn`): correctness first (`esmbed
-# verify` on the fixtures whose head dims cuDNN takes: tiny_h64 d=64, tiny_h16 d=16), with the
-# kernel cache shared across shapes and, if that fails, without (ESMBED_CUDNN_DYNAMIC=0); then
-# `esmbed bench` with cuDNN against ESMBED_ATTENTION=flash on the reference's exact lengths.
-#   SHAPES="650M esmc-600m 3B" bash bench/gpu_cudnn.sh
+# One GPU call for cuDNN's fused attention (`--features cuda,cudnn`): correctness and batch
+# invariance first (`esmbed verify --dtype bf16` on tiny_h64, head dim 64, and tiny_h16, 16) for
+# each variant in VARIANTS (env assignments joined by +), then `esmbed bench` with cuDNN under
+# each variant against ESMBED_ATTENTION=flash on the reference's exact lengths.
+#   SHAPES="650M esmc-600m" VARIANTS="X=1 ESMBED_CUDNN_PIN=1" bash bench/gpu_cudnn.sh
 set -u
 E="bash .gpu/run.sh esmbed"
 R=$OUT
+export TORCH_BASELINE_DIR=.gpu
 python bench/make_synthetic.py lengths 4000 /tmp/lengths.txt
-ok_with() {  # env assignments...: verify both fixtures under them
-  for m in tiny_h64 tiny_h16; do
-    env "$@" RUST_LOG=info,esmbed::cudnn=debug timeout ${VERIFY_LIMIT:-45} $E verify --model tests/fixtures/$m \
-      --device cuda --dtype bf16,fp8 -n 8 --json > $R/verify.jsonl 2> $R/verify.log
-    rc=$?
-    echo "verify $m [$*] rc $rc: $(cut -c1-330 $R/verify.jsonl | tr '\n' ' ')"
-    grep -E "attention|cuDNN|rror" $R/verify.log | cut -c1-300 | sort | uniq -c | sort -rn | head -6
-    [ $rc = 0 ] || return 1
+VARIANTS=${VARIANTS:-"X=1 ESMBED_CUDNN_FIXED_S=1 ESMBED_CUDNN_PIN=1 ESMBED_CUDNN_PIN=1+ESMBED_CUDNN_FIXED_S=1"}
+log() { grep -E "attention|cuDNN|rror" $1 | sed -E 's/^[^ ]+ +[A-Z]+ //; s/graph [0-9]+ \([^)]*\): built in [0-9.]+ ms, //' | cut -c1-220 | sort | uniq -c | sort -rn | head -${2:-4}; }
+PASS=
+for v in $VARIANTS; do
+  exact=1
+  for m in ${FIXTURES:-tiny_h64 tiny_h16}; do
+    env ${v//+/ } RUST_LOG=info,esmbed::cudnn=debug timeout ${VERIFY_LIMIT:-40} $E verify --model tests/fixtures/$m \
+      --device cuda --dtype bf16 -n 8 --json > $R/verify.jsonl 2> $R/verify.log
+    echo "verify $m [$v] rc $?: $(grep -o '"min_cosine":[0-9.]*\|"invariance_max_abs":[0-9.e-]*' $R/verify.jsonl | tr '\n' ' ')"
+    grep -q '"invariance_max_abs":0.0[,}]' $R/verify.jsonl || exact=0
+    log $R/verify.log 3
   done
-}
-CHOSEN=
-for cfg in ESMBED_CUDNN_DYNAMIC=1 ESMBED_CUDNN_DYNAMIC=0; do
-  if ok_with $cfg; then CHOSEN=$cfg; break; fi
+  [ $exact = 1 ] && [ -z "$PASS" ] && PASS=$v
 done
-echo "chosen: ${CHOSEN:-none}"
-for s in ${SHAPES:-650M esmc-600m 3B}; do
-  for a in ${CHOSEN:+cudnn} flash; do
-    env ${CHOSEN:-X=1} ESMBED_ATTENTION=$a RUST_LOG=info,esmbed::cudnn=debug timeout ${BENCH_LIMIT:-90} $E bench --shape $s \
-      --dtype ${DTYPE:-bf16} --device cuda --method packed --lengths-file /tmp/lengths.txt --json > $R/bench_${s}_${a}.jsonl 2> $R/bench.log
-    echo "bench $s $a: $(head -1 $R/bench_${s}_${a}.jsonl | cut -c1-200)"
-    echo "  graphs built: $(grep -c 'attention graph' $R/bench.log), total ms: $(grep -o 'built in [0-9.]*' $R/bench.log | awk '{s+=$3} END {print s}'); $(grep -E 'rror|unsupported|does not take' $R/bench.log | head -2 | cut -c1-250)"
+echo "first batch-invariant variant: ${PASS:-none}"
+BENCH="flash X=1"; [ -n "$PASS" ] && [ "$PASS" != X=1 ] && BENCH="$BENCH $PASS"
+for s in ${SHAPES:-650M esmc-600m}; do
+  for v in $BENCH; do
+    a=cudnn; [ $v = flash ] && a=flash
+    env ${v//+/ } ESMBED_ATTENTION=$a RUST_LOG=info,esmbed::cudnn=debug timeout ${BENCH_LIMIT:-60} $E bench --shape $s \
+      --dtype ${DTYPE:-bf16} --device cuda --method packed --lengths-file /tmp/lengths.txt --json > $R/bench.jsonl 2> $R/bench.log
+    echo "bench $s [$v]: $(grep -o '"tokens_per_s":[0-9.]*' $R/bench.jsonl | head -1) graphs $(grep -c 'attention graph' $R/bench.log), build ms $(grep -o 'built in [0-9.]*' $R/bench.log | awk '{t+=$3} END {print t+0}')"
+    cat $R/bench.jsonl >> $R/bench_all.jsonl
+    log $R/bench.log 2
   done
 done

@@ -5,7 +5,7 @@
 //! binary built with the feature starts, and uses FlashAttention, where cuDNN is absent. Which
 //! kernel runs: `ESMBED_ATTENTION=flash` or `cudnn`; unset, cuDNN where it loads.
 //!
-//! Per pack, the sequence lengths (i32) and each strided tensor's ragged offsets (i64 element
+//! Per pack, the sequence lengths (i32) and each strided tensor's ragged offsets (i32 element
 //! offsets of the sequence starts) go to the device once and serve every layer ([`PackIndex`]).
 
 use std::collections::HashMap;
@@ -30,10 +30,10 @@ struct Args {
     v: *const c_void,
     o: *mut c_void,
     seq_len: *const i32,
-    q_offsets: *const i64,
-    k_offsets: *const i64,
-    v_offsets: *const i64,
-    o_offsets: *const i64,
+    q_offsets: *const i32,
+    k_offsets: *const i32,
+    v_offsets: *const i32,
+    o_offsets: *const i32,
     b: i64,
     h: i64,
     s: i64,
@@ -60,8 +60,9 @@ const OK: i32 = 0;
 const UNSUPPORTED: i32 = 1;
 const WORKSPACE: i32 = 2;
 
-/// The sequences' bound `s` in a graph is the pack's longest sequence rounded up to this, so
-/// that packs of similar lengths share a graph (the padding mask stops at each real length).
+/// The sequences' bound `s` in a graph is the pack's longest sequence rounded up to a power of
+/// two, at least this, so that packs of similar lengths share a graph (the padding mask stops
+/// at each real length).
 const LENGTH_BUCKET: usize = 64;
 
 /// Which attention kernel the user asked for (`ESMBED_ATTENTION`), read once.
@@ -123,7 +124,7 @@ impl PackIndex {
         Ok(self.seq_len.get_or_init(|| t))
     }
 
-    /// `[b + 1]` element offsets of the sequence starts for a tensor whose rows are `stride`
+    /// `[b + 1]` element offsets (int32) of the sequence starts for a tensor whose rows are `stride`
     /// elements apart.
     fn offsets(
         &self,
@@ -137,7 +138,8 @@ impl PackIndex {
         }
         let end = segments.last().map_or(0, |&(start, len)| start + len);
         let starts = segments.iter().map(|&(start, _)| start).chain([end]);
-        let offsets: Vec<i64> = starts.map(|s| (s * stride) as i64).collect();
+        // u32 on the device, read as int32 by cuDNN (the caller checked they fit).
+        let offsets: Vec<u32> = starts.map(|s| (s * stride) as u32).collect();
         let t = Tensor::from_vec(offsets, segments.len() + 1, device)?;
         map.insert(stride, t.clone());
         Ok(t)
@@ -177,7 +179,7 @@ pub(crate) fn attend(
     let shape = Shape {
         b: segments.len(),
         h: heads,
-        s: max_len.div_ceil(LENGTH_BUCKET) * LENGTH_BUCKET,
+        s: bound(max_len),
         d,
     };
     let out = match q.dtype() {
@@ -195,6 +197,15 @@ pub(crate) fn attend(
 }
 
 /// The graph's dimensions: `b` sequences of at most `s` tokens, `h` heads of `d`.
+/// The graph's bound on sequence lengths for a pack whose longest sequence is `max_len`:
+/// `ESMBED_CUDNN_FIXED_S=1` makes it one value (1024) for every pack of ESM-2's crop.
+fn bound(max_len: usize) -> usize {
+    static FIXED: OnceLock<bool> = OnceLock::new();
+    let fixed = *FIXED.get_or_init(|| std::env::var("ESMBED_CUDNN_FIXED_S").as_deref() == Ok("1"));
+    let floor = if fixed { 1024 } else { LENGTH_BUCKET };
+    max_len.next_power_of_two().max(floor)
+}
+
 #[derive(Clone, Copy)]
 struct Shape {
     b: usize,
@@ -261,16 +272,10 @@ fn run<T: CudaDType + DeviceRepr + WithDType>(
         keep.push(g);
     }
     let mut index_ptrs = Vec::with_capacity(5);
-    for (i, guard) in index.iter().enumerate() {
+    for guard in &index {
         let (s, start) = storage(guard)?;
-        let (p, g) = if i == 0 {
-            let (p, g) = s.as_cuda_slice::<u32>()?.device_ptr(&stream);
-            (p + (start * 4) as u64, g)
-        } else {
-            let (p, g) = s.as_cuda_slice::<i64>()?.device_ptr(&stream);
-            (p + (start * 8) as u64, g)
-        };
-        index_ptrs.push(p);
+        let (p, g) = s.as_cuda_slice::<u32>()?.device_ptr(&stream);
+        index_ptrs.push(p + (start * 4) as u64);
         keep.push(g);
     }
     let Shape { b, h, s, d } = shape;
@@ -291,10 +296,10 @@ fn run<T: CudaDType + DeviceRepr + WithDType>(
         v: ptrs[2] as *const c_void,
         o: o as *mut c_void,
         seq_len: index_ptrs[0] as *const i32,
-        q_offsets: index_ptrs[1] as *const i64,
-        k_offsets: index_ptrs[2] as *const i64,
-        v_offsets: index_ptrs[3] as *const i64,
-        o_offsets: index_ptrs[4] as *const i64,
+        q_offsets: index_ptrs[1] as *const i32,
+        k_offsets: index_ptrs[2] as *const i32,
+        v_offsets: index_ptrs[3] as *const i32,
+        o_offsets: index_ptrs[4] as *const i32,
         b: b as i64,
         h: h as i64,
         s: s as i64,
@@ -334,10 +339,11 @@ fn run<T: CudaDType + DeviceRepr + WithDType>(
     if graphs() > graphs_before {
         tracing::debug!(
             target: "esmbed::cudnn",
-            "attention graph {} ({b} sequences ≤ {s}, {h}×{d}): built in {:.1} ms{}",
+            "attention graph {} ({b} sequences ≤ {s}, {h}×{d}): built in {:.1} ms, {} {}",
             graphs(),
             started.elapsed().as_secs_f64() * 1e3,
-            if status == UNSUPPORTED { ", unsupported" } else { "" }
+            if status == UNSUPPORTED { "unsupported" } else { "plan" },
+            message
         );
     }
     match status {

@@ -31,7 +31,7 @@ namespace fe = cudnn_frontend;
 
 extern "C" {
 // One attention call. Strides and offsets are in elements; `seq_len` is int32 [b], the offsets
-// int64 [b + 1]. `workspace` holds `workspace_bytes` bytes of device memory.
+// int32 [b + 1]. `workspace` holds `workspace_bytes` bytes of device memory.
 struct EsmbedSdpa {
     int32_t device;
     void *stream;
@@ -40,10 +40,10 @@ struct EsmbedSdpa {
     const void *v;
     void *o;
     const int32_t *seq_len;
-    const int64_t *q_offsets;
-    const int64_t *k_offsets;
-    const int64_t *v_offsets;
-    const int64_t *o_offsets;
+    const int32_t *q_offsets;
+    const int32_t *k_offsets;
+    const int32_t *v_offsets;
+    const int32_t *o_offsets;
     int64_t b, h, s, d;
     // [token stride, head stride] of Q, K, V, O.
     int64_t strides[4][2];
@@ -81,12 +81,18 @@ struct Entry {
     std::shared_ptr<fe::graph::Graph> graph;
     int64_t workspace = 0;
     std::string unsupported;
+    std::string plan;  // the engine and knobs cuDNN chose, for logs
 };
 
 // One thread's cuDNN handles (one per device) and graphs. Per thread, because a handle carries a
 // stream and graphs are executed through it; esmbed drives each device from its own worker.
 struct Device {
     cudnnHandle_t handle = nullptr;
+    // ESMBED_CUDNN_PIN=1: the first graph's engine and knobs, reused for every later shape (a
+    // sequence's result then does not depend on the heuristic's choice for its pack's shape).
+    bool pinned = false;
+    int64_t engine = 0;
+    std::unordered_map<fe::KnobType_t, int64_t> knobs;
     // Graphs of other shapes reuse the kernels compiled for the first: a new pack shape costs a
     // plan, not a compilation.
     std::shared_ptr<fe::KernelCache> kernels = std::make_shared<fe::KernelCache>();
@@ -114,21 +120,44 @@ std::shared_ptr<fe::graph::Tensor_attributes> index_tensor(fe::graph::Graph &g, 
 }
 
 // [b, h, s, d] with the given token and head strides; the batch stride is never used (the
-// ragged offsets place each sequence) but must be consistent: one past the whole bound.
+// ragged offsets place each sequence), INT32_MAX as a placeholder, as PyTorch's varlen path does.
 std::vector<int64_t> bhsd_stride(const EsmbedSdpa &a, int i) {
-    return {a.s * a.strides[i][0], a.strides[i][1], a.strides[i][0], 1};
+    return {INT32_MAX, a.strides[i][1], a.strides[i][0], 1};
 }
 
-// ESMBED_CUDNN_DYNAMIC=0 builds every graph on its own (no kernel cache shared across shapes).
+// ESMBED_CUDNN_DYNAMIC=1 shares one kernel cache across shapes (cuDNN's dynamic shapes);
+// otherwise every graph is built on its own.
+bool knob(const char *name);
+
 bool dynamic_shapes() {
-    static const bool on = [] {
-        const char *v = std::getenv("ESMBED_CUDNN_DYNAMIC");
-        return !(v && std::strcmp(v, "0") == 0);
-    }();
+    static const bool on = knob("ESMBED_CUDNN_DYNAMIC");
     return on;
 }
 
-Entry build(const Device &device, const EsmbedSdpa &a) {
+bool knob(const char *name) {
+    const char *v = std::getenv(name);
+    return v && std::strcmp(v, "1") == 0;
+}
+
+// Heuristic mode A's first plan, or the device's pinned engine and knobs.
+fe::error_t plan(fe::graph::Graph &g, Device &device) {
+    auto status = g.validate();
+    if (status.is_good()) status = g.build_operation_graph(device.handle);
+    if (status.is_bad()) return status;
+    if (device.pinned) {
+        status = g.create_execution_plan(device.engine, device.knobs);
+    } else {
+        status = g.create_execution_plans({fe::HeurMode_t::A});
+    }
+    if (status.is_good()) status = g.check_support(device.handle);
+    if (status.is_good()) status = g.build_plans(device.handle);
+    if (status.is_good() && !device.pinned && knob("ESMBED_CUDNN_PIN")) {
+        device.pinned = g.get_engine_and_knobs_at_index(0, device.engine, device.knobs).is_good();
+    }
+    return status;
+}
+
+Entry build(Device &device, const EsmbedSdpa &a) {
     Entry entry;
     auto g = std::make_shared<fe::graph::Graph>();
     g->set_io_data_type(a.bf16 ? fe::DataType_t::BFLOAT16 : fe::DataType_t::HALF)
@@ -142,7 +171,7 @@ Entry build(const Device &device, const EsmbedSdpa &a) {
                              .set_uid(uid)
                              .set_dim(dims)
                              .set_stride(bhsd_stride(a, i))
-                             .set_ragged_offset(index_tensor(*g, off, off_uid, a.b + 1, fe::DataType_t::INT64)));
+                             .set_ragged_offset(index_tensor(*g, off, off_uid, a.b + 1, fe::DataType_t::INT32)));
     };
     auto q = ragged("q", Q, "q_offsets", Q_OFF, 0);
     auto k = ragged("k", K, "k_offsets", K_OFF, 1);
@@ -163,12 +192,13 @@ Entry build(const Device &device, const EsmbedSdpa &a) {
         .set_uid(O)
         .set_dim(dims)
         .set_stride(bhsd_stride(a, 3))
-        .set_ragged_offset(index_tensor(*g, "o_offsets", O_OFF, a.b + 1, fe::DataType_t::INT64));
-    auto status = g->build(device.handle, {fe::HeurMode_t::A});
+        .set_ragged_offset(index_tensor(*g, "o_offsets", O_OFF, a.b + 1, fe::DataType_t::INT32));
+    auto status = plan(*g, device);
     if (status.is_bad()) {
         entry.unsupported = status.get_message();
         return entry;
     }
+    if (g->get_plan_name(entry.plan).is_bad()) entry.plan = "(unnamed)";
     if (g->get_workspace_size(entry.workspace).is_bad()) {
         entry.unsupported = "no workspace size";
         return entry;
@@ -178,7 +208,7 @@ Entry build(const Device &device, const EsmbedSdpa &a) {
 }
 
 // This thread's handle for `id` (created on first use, on the calling thread's current device).
-const Device *device_for(int32_t id, std::string &error) {
+Device *device_for(int32_t id, std::string &error) {
     auto found = state.devices.find(id);
     if (found != state.devices.end()) return &found->second;
     Device device;
@@ -225,7 +255,7 @@ int64_t esmbed_cudnn_open(char *error, size_t error_len) {
 int32_t esmbed_cudnn_sdpa(const EsmbedSdpa *a, int64_t *needed, char *error, size_t error_len) {
     try {
         std::string why;
-        const Device *device = device_for(a->device, why);
+        Device *device = device_for(a->device, why);
         if (!device) {
             write_error(error, error_len, why);
             return FAILED;
@@ -237,8 +267,11 @@ int32_t esmbed_cudnn_sdpa(const EsmbedSdpa *a, int64_t *needed, char *error, siz
         }
         auto key = key_of(*a);
         auto found = state.graphs.find(key);
-        if (found == state.graphs.end()) found = state.graphs.emplace(key, build(*device, *a)).first;
+        bool built = found == state.graphs.end();
+        if (built) found = state.graphs.emplace(key, build(*device, *a)).first;
         const Entry &entry = found->second;
+        // A new graph's plan name comes back in `error` (status OK), for the caller's log.
+        if (built) write_error(error, error_len, entry.plan);
         if (!entry.graph) {
             write_error(error, error_len, entry.unsupported);
             return UNSUPPORTED;
@@ -254,10 +287,10 @@ int32_t esmbed_cudnn_sdpa(const EsmbedSdpa *a, int64_t *needed, char *error, siz
             {O, a->o},
             {SEQ_LEN_Q, const_cast<int32_t *>(a->seq_len)},
             {SEQ_LEN_KV, const_cast<int32_t *>(a->seq_len)},
-            {Q_OFF, const_cast<int64_t *>(a->q_offsets)},
-            {K_OFF, const_cast<int64_t *>(a->k_offsets)},
-            {V_OFF, const_cast<int64_t *>(a->v_offsets)},
-            {O_OFF, const_cast<int64_t *>(a->o_offsets)},
+            {Q_OFF, const_cast<int32_t *>(a->q_offsets)},
+            {K_OFF, const_cast<int32_t *>(a->k_offsets)},
+            {V_OFF, const_cast<int32_t *>(a->v_offsets)},
+            {O_OFF, const_cast<int32_t *>(a->o_offsets)},
         };
         auto run = entry.graph->execute(device->handle, pack, a->workspace);
         if (run.is_bad()) {
