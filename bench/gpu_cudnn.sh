@@ -19,16 +19,16 @@ for v in $VARIANTS; do
       --device cuda --dtype bf16 -n 8 --json > $R/verify.jsonl 2> $R/verify.log
     echo "verify $m [$v] rc $?: $(grep -o '"min_cosine":[0-9.]*\|"invariance_max_abs":[0-9.e-]*' $R/verify.jsonl | tr '\n' ' ')"
     grep -q '"invariance_max_abs":0.0[,}]' $R/verify.jsonl || exact=0
-    log $R/verify.log 3
+    log $R/verify.log 4
   done
   [ $exact = 1 ] && [ -z "$PASS" ] && PASS=$v
 done
 echo "first batch-invariant variant: ${PASS:-none}"
-BENCH="flash X=1"; [ -n "$PASS" ] && [ "$PASS" != X=1 ] && BENCH="$BENCH $PASS"
+BENCH=${BENCH:-flash X=1}; [ -n "$PASS" ] && [[ " $BENCH " != *" $PASS "* ]] && BENCH="$BENCH $PASS"
 for s in ${SHAPES:-650M esmc-600m}; do
   for v in $BENCH; do
-    a=cudnn; [ $v = flash ] && a=flash
-    env ${v//+/ } ESMBED_ATTENTION=$a RUST_LOG=info,esmbed::cudnn=debug timeout ${BENCH_LIMIT:-60} $E bench --shape $s \
+    a=cudnn; vars=${v//+/ }; [ $v = flash ] && a=flash && vars=X=1
+    env $vars ESMBED_ATTENTION=$a RUST_LOG=info,esmbed::cudnn=debug timeout ${BENCH_LIMIT:-60} $E bench --shape $s \
       --dtype ${DTYPE:-bf16} --device cuda --method packed --lengths-file /tmp/lengths.txt --json > $R/bench.jsonl 2> $R/bench.log
     echo "bench $s [$v]: $(grep -o '"tokens_per_s":[0-9.]*' $R/bench.jsonl | head -1) graphs $(grep -c 'attention graph' $R/bench.log), build ms $(grep -o 'built in [0-9.]*' $R/bench.log | awk '{t+=$3} END {print t+0}')"
     cat $R/bench.jsonl >> $R/bench_all.jsonl

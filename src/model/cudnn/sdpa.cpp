@@ -120,9 +120,10 @@ std::shared_ptr<fe::graph::Tensor_attributes> index_tensor(fe::graph::Graph &g, 
 }
 
 // [b, h, s, d] with the given token and head strides; the batch stride is never used (the
-// ragged offsets place each sequence), INT32_MAX as a placeholder, as PyTorch's varlen path does.
+// ragged offsets place each sequence): a placeholder as large as an int32 allows (PyTorch's
+// varlen convention), a multiple of 8 elements because cuDNN wants 16-byte aligned strides.
 std::vector<int64_t> bhsd_stride(const EsmbedSdpa &a, int i) {
-    return {INT32_MAX, a.strides[i][1], a.strides[i][0], 1};
+    return {INT32_MAX / 8 * 8, a.strides[i][1], a.strides[i][0], 1};
 }
 
 // ESMBED_CUDNN_DYNAMIC=1 shares one kernel cache across shapes (cuDNN's dynamic shapes);
