@@ -44,26 +44,46 @@ pub fn cuda_device_count() -> usize {
 /// on a GPU).
 pub fn parse_dtype(spec: &str, device: &Device) -> Result<candle_core::DType> {
     use candle_core::DType;
-    Ok(match spec.trim().to_ascii_lowercase().as_str() {
-        "auto" if device.is_cpu() => DType::F32,
-        "auto" => DType::BF16,
+    match parse_dtype_name(spec)? {
+        None => Ok(default_dtype(device)),
+        // e4m3 GEMMs, bf16 activations (checked against the GPU when the model loads).
+        Some(DType::F8E4M3) if device.is_cpu() => Err(Error::InvalidOption(
+            "--dtype fp8 runs on CUDA GPUs (Hopper: H100, H200, GH200); on the CPU use f32".into(),
+        )),
+        Some(dtype) => Ok(dtype),
+    }
+}
+
+/// What `--dtype auto` means on `device`.
+pub fn default_dtype(device: &Device) -> candle_core::DType {
+    if device.is_cpu() {
+        candle_core::DType::F32
+    } else {
+        candle_core::DType::BF16
+    }
+}
+
+/// The dtype `spec` names, apart from any device; `None` for `auto`.
+pub fn parse_dtype_name(spec: &str) -> Result<Option<candle_core::DType>> {
+    use candle_core::DType;
+    Ok(Some(match spec.trim().to_ascii_lowercase().as_str() {
+        "auto" => return Ok(None),
         "f32" | "fp32" | "float32" => DType::F32,
         "bf16" | "bfloat16" => DType::BF16,
         "f16" | "fp16" | "float16" | "half" => DType::F16,
-        // e4m3 GEMMs, bf16 activations (checked against the GPU when the model loads).
-        "fp8" | "f8" | "f8e4m3" | "e4m3" if device.is_cpu() => {
-            return Err(Error::InvalidOption(
-                "--dtype fp8 runs on CUDA GPUs (Hopper: H100, H200, GH200); on the CPU use f32"
-                    .into(),
-            ))
-        }
         "fp8" | "f8" | "f8e4m3" | "e4m3" => DType::F8E4M3,
         other => {
             return Err(Error::InvalidOption(format!(
                 "unknown --dtype {other:?}: use auto, f32, bf16, f16 or fp8"
             )))
         }
-    })
+    }))
+}
+
+/// How metadata, reports and cluster plans write a compute dtype: `f32`, `bf16`, `f16`,
+/// `f8e4m3`.
+pub fn dtype_label(dtype: candle_core::DType) -> String {
+    format!("{dtype:?}").to_lowercase()
 }
 
 /// The GPU ordinals (or the CPU) that `spec` names, without opening them.

@@ -198,6 +198,19 @@ pub enum Error {
         served: String,
     },
 
+    /// A cluster executor computes in another dtype than the query asks for (the same weights).
+    #[error(
+        "this executor computes in {served}, but the query asks for {planned} (`auto`: the \
+             executor's default, f32 on a CPU, bf16 on a GPU): start every executor with the \
+             client's --dtype, or run the client with --dtype {served}"
+    )]
+    DtypeMismatch {
+        /// The client's `--dtype` (`auto` or a dtype).
+        planned: String,
+        /// The executor's dtype.
+        served: String,
+    },
+
     /// Reading or writing a file failed.
     #[error("{}: {source}", path.display())]
     Io {
@@ -360,7 +373,7 @@ impl Error {
             ConflictingTensors { .. } => ErrorKind::Model,
             OutOfMemory { .. } | Device(_) | NoDevice(_) => ErrorKind::Model,
             InvalidOption(_) | OutputExists { .. } | ResumeMismatch { .. } => ErrorKind::Usage,
-            ModelMismatch { .. } => ErrorKind::Usage,
+            ModelMismatch { .. } | DtypeMismatch { .. } => ErrorKind::Usage,
             Io { .. } | NotFound { .. } | Remote { .. } | Store { .. } | Parquet { .. } => {
                 ErrorKind::Io
             }

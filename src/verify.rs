@@ -172,7 +172,7 @@ fn against(
     let got = means(&subject, sequences, BUDGET)?;
     let mut a = Agreement {
         device: format!("{device:?}"),
-        dtype: format!("{dtype:?}").to_lowercase(),
+        dtype: crate::devices::dtype_label(dtype),
         sequences: sequences.len(),
         min_cosine: 1.0,
         mean_cosine: 0.0,

@@ -193,7 +193,8 @@ pub struct DeviceArgs {
 
     /// Compute precision: auto (f32 on CPU, bf16 on GPU), f32, bf16, f16, or fp8 (Hopper GPUs:
     /// e4m3 matmuls, bf16 elsewhere; check your model with `esmbed verify --dtype bf16,fp8` first,
-    /// README "FP8").
+    /// README "FP8"). With `sql --cluster`, the dtype every executor must compute in (auto:
+    /// each executor's default).
     #[arg(long, default_value = "auto")]
     pub dtype: String,
 }

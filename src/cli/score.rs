@@ -159,7 +159,7 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
             bos: false,
             per_residue: args.per_residue,
         },
-        compute_dtype: format!("{dtype:?}").to_lowercase(),
+        compute_dtype: crate::devices::dtype_label(dtype),
         output_dtype: OutputDType::F32,
         max_length,
         long: LongPolicy::Truncate,

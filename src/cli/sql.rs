@@ -221,6 +221,8 @@ fn cluster_spec(args: &SqlArgs) -> anyhow::Result<crate::sql::spec::FunctionSpec
             fingerprint,
             hidden: config.hidden_size,
             layers: config.num_hidden_layers,
+            dtype: crate::devices::parse_dtype_name(&args.model.run.dtype)?
+                .map_or_else(|| "auto".into(), crate::devices::dtype_label),
         },
         policy: policy(args).resolve(config.crop()),
     })
@@ -304,6 +306,8 @@ pub(super) fn start_service(
             reuse: rows.reuse,
             name: loaded.name.clone(),
             fingerprint: loaded.fingerprint.clone(),
+            dtype: crate::devices::dtype_label(dtype),
+            default_dtype: dtype == crate::devices::default_dtype(&devices[0]),
         },
     )?)
 }

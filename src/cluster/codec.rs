@@ -61,7 +61,7 @@ impl FunctionHost {
             FunctionHost::Planner => FunctionModel::Planned(Arc::new(spec)),
             FunctionHost::Executor(service) => {
                 let served = service.identity();
-                if served.same_weights(&spec.model) {
+                if service.serves(&spec.model) {
                     FunctionModel::Served(Arc::new(service.with_policy(&spec.policy)))
                 } else {
                     FunctionModel::Mismatched {

@@ -122,7 +122,7 @@ impl JobSpec {
                 bos: pooling.bos,
                 per_residue: pooling.per_residue,
             },
-            compute_dtype: format!("{:?}", view.dtype).to_lowercase(),
+            compute_dtype: crate::devices::dtype_label(view.dtype),
             output_dtype: options.output_dtype,
             max_length: options.plan.max_length,
             long: options.plan.long,

@@ -58,6 +58,11 @@ pub struct ServiceOptions {
     pub name: String,
     /// See `name`.
     pub fingerprint: String,
+    /// The dtype the devices compute in ([`crate::devices::dtype_label`]).
+    pub dtype: String,
+    /// Whether `dtype` is the devices' `--dtype auto`, which is what a cluster plan made with
+    /// `auto` accepts.
+    pub default_dtype: bool,
 }
 
 impl Default for ServiceOptions {
@@ -71,6 +76,8 @@ impl Default for ServiceOptions {
             reuse: true,
             name: "unnamed".into(),
             fingerprint: String::new(),
+            dtype: "f32".into(),
+            default_dtype: true,
         }
     }
 }
@@ -188,7 +195,13 @@ impl EmbedService {
             fingerprint: self.options.fingerprint.clone(),
             hidden: self.config.hidden_size,
             layers: self.config.num_hidden_layers,
+            dtype: self.options.dtype.clone(),
         }
+    }
+
+    /// Whether this service runs what `planned` asks for (its weights, its dtype).
+    pub fn serves(&self, planned: &ModelIdentity) -> bool {
+        self.identity().serves(planned, self.options.default_dtype)
     }
 
     /// The same devices and model under another row policy (a cluster executor serves each

@@ -33,12 +33,29 @@ pub struct ModelIdentity {
     pub hidden: usize,
     /// Its number of layers.
     pub layers: usize,
+    /// The dtype its vectors are computed in ([`crate::devices::dtype_label`]: `f32`, `bf16`,
+    /// `f16`, `f8e4m3`); in a cluster client's plan also `auto`, each executor's default for
+    /// its device. Two executors of one query never compute in two dtypes they were not
+    /// asked for: vectors of a bf16 and an FP8 replica differ by far more than rounding.
+    #[serde(default = "auto")]
+    pub dtype: String,
+}
+
+fn auto() -> String {
+    "auto".into()
 }
 
 impl ModelIdentity {
     /// Whether two identities name the same weights.
     pub fn same_weights(&self, other: &ModelIdentity) -> bool {
         self.fingerprint == other.fingerprint
+    }
+
+    /// Whether this served identity (a concrete dtype, `is_default` when it is its devices'
+    /// `--dtype auto`) is what `planned` asks for: the same weights, and its dtype or `auto`.
+    pub fn serves(&self, planned: &ModelIdentity, is_default: bool) -> bool {
+        self.same_weights(planned)
+            && (planned.dtype == self.dtype || (planned.dtype == "auto" && is_default))
     }
 }
 
@@ -149,6 +166,14 @@ impl FunctionModel {
                 "{function} over {} runs on the cluster's executors; this process only plans it",
                 spec.model
             ))),
+            FunctionModel::Mismatched { planned, served }
+                if served.same_weights(&planned.model) =>
+            {
+                Err(Error::DtypeMismatch {
+                    planned: planned.model.dtype.clone(),
+                    served: served.dtype.clone(),
+                })
+            }
             FunctionModel::Mismatched { planned, served } => Err(Error::ModelMismatch {
                 planned: planned.model.to_string(),
                 served: served.to_string(),
@@ -184,6 +209,7 @@ mod tests {
                 fingerprint: "sha256:ab".into(),
                 hidden: 16,
                 layers: 2,
+                dtype: "auto".into(),
             },
             policy: RowPolicy {
                 unknown: UnknownResidue::MapToX,
@@ -219,5 +245,36 @@ mod tests {
         b.fingerprint = "sha256:cd".into();
         assert!(!a.same_weights(&b));
         assert_eq!(a.to_string(), "tiny (sha256:ab)");
+    }
+
+    #[test]
+    fn an_executor_serves_the_planned_dtype_or_its_default_for_auto() {
+        let planned = spec().model;
+        let mut served = planned.clone();
+        served.dtype = "bf16".into();
+        assert!(
+            served.serves(&planned, true),
+            "auto takes the device's default"
+        );
+        assert!(
+            !served.serves(&planned, false),
+            "auto refuses a dtype chosen by hand"
+        );
+        let mut fp8 = planned.clone();
+        fp8.dtype = "f8e4m3".into();
+        assert!(!served.serves(&fp8, true));
+        served.dtype = "f8e4m3".into();
+        assert!(served.serves(&fp8, false));
+        served.fingerprint = "sha256:cd".into();
+        assert!(!served.serves(&fp8, false), "other weights never serve");
+    }
+
+    #[test]
+    fn a_spec_written_before_dtypes_reads_as_auto() {
+        let mut json: serde_json::Value = serde_json::from_slice(&spec().encode()).unwrap();
+        json["model"].as_object_mut().unwrap().remove("dtype");
+        let old = serde_json::to_vec(&json).unwrap();
+        let spec = FunctionSpec::decode(&old).unwrap();
+        assert_eq!(spec.model.dtype, "auto");
     }
 }

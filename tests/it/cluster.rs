@@ -1,8 +1,8 @@
 //! The cluster (DataFusion Ballista): a real scheduler and executor processes of the esmbed binary
 //! on loopback ports, the client `esmbed sql --cluster`, and the same queries' results compared
 //! with `esmbed embed`'s, bitwise. Faults: an executor SIGKILLed mid-query, the scheduler
-//! restarted under a waiting client, an executor with other weights. Every process is killed by
-//! its PID when its test ends, pass or fail.
+//! restarted under a waiting client, an executor with other weights or another dtype. Every
+//! process is killed by its PID when its test ends, pass or fail.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -381,7 +381,7 @@ fn parquet_and_fasta_tables_through_two_executors_equal_embed_bitwise() {
 }
 
 #[test]
-fn an_executor_with_other_weights_refuses_the_task_naming_both_models() {
+fn an_executor_with_other_weights_or_dtype_refuses_the_task_naming_both() {
     let cluster = Cluster::start("cluster-mismatch", 1, "tiny_h16", &[]);
     let fasta = fasta_files(&cluster.dir, 1);
     let sql = copy_sql(
@@ -394,6 +394,18 @@ fn an_executor_with_other_weights_refuses_the_task_naming_both_models() {
     assert!(
         stderr.contains("tiny_h16") && stderr.contains("tiny_h64") && stderr.contains("--model"),
         "the error names both models and the fix: {stderr}"
+    );
+    assert!(!cluster.dir.join("out").exists() || read_dir_is_empty(&cluster.dir.join("out")));
+    // The same weights in another dtype than asked for (the executor runs the CPU's f32).
+    let out = cluster
+        .sql_command("tiny_h16", &["--dtype", "bf16"], &sql)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("computes in f32") && stderr.contains("bf16") && stderr.contains("--dtype"),
+        "the error names both dtypes and the fix: {stderr}"
     );
     assert!(!cluster.dir.join("out").exists() || read_dir_is_empty(&cluster.dir.join("out")));
 }
