@@ -320,10 +320,11 @@ fn out_of_memory_errors_are_typed() {
     assert!(esmbed::Error::from(lt).is_out_of_memory());
 }
 
-/// The packed attention (cuDNN's fused SDPA where the `cudnn` feature loads it, else
-/// FlashAttention 2) against the exact per-sequence f32 path, on the fused Q/K/V layout the
-/// models use (strided views of one `[T, 3H, d]` buffer), at ESM-2 8M's and 650M's head shapes
-/// and ESM C 600M's; then a sequence alone against the same sequence inside a pack (bitwise).
+/// The packed attention (FlashAttention 2, or cuDNN's fused SDPA with the `cudnn` feature and
+/// `ESMBED_ATTENTION=cudnn`) against the exact per-sequence f32 path, on the fused Q/K/V layout
+/// the models use (strided views of one `[T, 3H, d]` buffer), at ESM-2 8M's and 650M's head
+/// shapes and ESM C 600M's; then a sequence alone against the same sequence inside a pack
+/// (bitwise). The pack of 9 sequences runs cuDNN's graph for 16 (7 empty ones).
 #[test]
 fn packed_attention_matches_f32_and_is_batch_invariant() {
     use candle_core::Tensor;
@@ -332,7 +333,15 @@ fn packed_attention_matches_f32_and_is_batch_invariant() {
 
     let gpu = Device::new_cuda(0).expect("a CUDA GPU");
     #[cfg(feature = "cudnn")]
-    eprintln!("cuDNN in use: {}", esmbed::model::cudnn::in_use());
+    {
+        let asked = std::env::var("ESMBED_ATTENTION").as_deref() == Ok("cudnn");
+        eprintln!("cuDNN in use: {}", esmbed::model::cudnn::in_use());
+        assert_eq!(
+            esmbed::model::cudnn::in_use(),
+            asked,
+            "ESMBED_ATTENTION=cudnn decides"
+        );
+    }
     let lens = [1usize, 3, 50, 270, 1022, 7, 129, 64, 65];
     let ids: Vec<Vec<u32>> = lens.iter().map(|&l| vec![4; l]).collect();
     let pack = PackedBatch::from_sequences(ids.iter().map(|v| v.as_slice()));
@@ -393,9 +402,9 @@ fn packed_attention_matches_f32_and_is_batch_invariant() {
     }
     #[cfg(feature = "cudnn")]
     if esmbed::model::cudnn::in_use() {
-        eprintln!(
-            "cuDNN graphs on this thread: {}",
-            esmbed::model::cudnn::graphs()
-        );
+        // Two pack shapes (16 and 1 sequences) for each of 3 head layouts and 2 dtypes.
+        let graphs = esmbed::model::cudnn::graphs();
+        eprintln!("cuDNN graphs on this thread: {graphs}");
+        assert_eq!(graphs, 12);
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! On the CPU the attention runs per segment, exactly, in the model's dtype (f32 for the reference
 //! path): scores `[heads, L, L]`, a stable softmax, then the values. On CUDA
-//! (feature `cuda`) the whole pack goes through one varlen kernel call: cuDNN's fused attention
-//! where the `cudnn` feature is built and libcudnn loads, else FlashAttention 2.
+//! (feature `cuda`) the whole pack goes through one varlen kernel call: FlashAttention 2, or
+//! cuDNN's fused attention where the `cudnn` feature is built, libcudnn loads and
+//! `ESMBED_ATTENTION=cudnn` asks for it.
 
 use candle_core::{Device, Tensor};
 

@@ -3,10 +3,17 @@
 //!
 //! The C++ side (`sdpa.cpp`, the cuDNN frontend's graph API) loads libcudnn at run time, so a
 //! binary built with the feature starts, and uses FlashAttention, where cuDNN is absent. Which
-//! kernel runs: `ESMBED_ATTENTION=flash` or `cudnn`; unset, cuDNN where it loads.
+//! kernel runs: FlashAttention 2 unless `ESMBED_ATTENTION=cudnn` (cuDNN has not yet measured
+//! faster on a whole job: README, "Attention kernels").
 //!
 //! Per pack, the sequence lengths (i32) and each strided tensor's ragged offsets (i32 element
 //! offsets of the sequence starts) go to the device once and serve every layer ([`PackIndex`]).
+//!
+//! A graph is built per shape, so shapes are bucketed: the longest length to a power of two,
+//! the sequence count to [`batch_bucket`] with zero-length sequences after the real ones (cuDNN
+//! 9.6 and later take them; TransformerEngine pads its ragged batches the same way). Every graph
+//! of one head layout runs the same engine (`sdpa.cpp` pins it from a fixed shape), so a
+//! sequence's numbers do not depend on the pack it is in.
 
 use std::collections::HashMap;
 use std::ffi::{c_char, c_void, CStr};
@@ -65,6 +72,9 @@ const WORKSPACE: i32 = 2;
 /// at each real length).
 const LENGTH_BUCKET: usize = 64;
 
+/// The first cuDNN that takes zero-length sequences in a ragged batch (a padded sequence count).
+const PADDED_BATCHES: i64 = 90600;
+
 /// Which attention kernel the user asked for (`ESMBED_ATTENTION`), read once.
 fn requested() -> Option<&'static str> {
     static CHOICE: OnceLock<Option<String>> = OnceLock::new();
@@ -77,8 +87,8 @@ fn requested() -> Option<&'static str> {
 fn backend() -> std::result::Result<i64, &'static str> {
     static STATE: OnceLock<std::result::Result<i64, String>> = OnceLock::new();
     let state = STATE.get_or_init(|| {
-        if requested() == Some("flash") {
-            return Err("ESMBED_ATTENTION=flash".into());
+        if requested() != Some("cudnn") {
+            return Err("FlashAttention unless ESMBED_ATTENTION=cudnn".into());
         }
         let mut error = [0 as c_char; 512];
         // SAFETY: `error` is a writable buffer of the length passed; the call loads libcudnn
@@ -102,7 +112,8 @@ pub fn in_use() -> bool {
     backend().is_ok()
 }
 
-/// A pack's index tensors for cuDNN, made on first use on the pack's device.
+/// A pack's index tensors for cuDNN, made on first use on the pack's device, for `batch`
+/// sequences: the pack's, then zero-length ones.
 #[derive(Default)]
 pub(crate) struct PackIndex {
     seq_len: OnceLock<Tensor>,
@@ -113,22 +124,25 @@ impl PackIndex {
     fn seq_len(
         &self,
         segments: &[(usize, usize)],
+        batch: usize,
         device: &candle_core::Device,
     ) -> Result<&Tensor> {
         if let Some(t) = self.seq_len.get() {
             return Ok(t);
         }
         // u32 on the device, read as int32 by cuDNN: lengths are far below 2³¹.
-        let lens: Vec<u32> = segments.iter().map(|&(_, len)| len as u32).collect();
-        let t = Tensor::from_vec(lens, segments.len(), device)?;
+        let lens = segments.iter().map(|&(_, len)| len as u32);
+        let lens: Vec<u32> = lens.chain(std::iter::repeat(0)).take(batch).collect();
+        let t = Tensor::from_vec(lens, batch, device)?;
         Ok(self.seq_len.get_or_init(|| t))
     }
 
-    /// `[b + 1]` element offsets (int32) of the sequence starts for a tensor whose rows are `stride`
-    /// elements apart.
+    /// `[batch + 1]` element offsets (int32) of the sequence starts for a tensor whose rows are
+    /// `stride` elements apart; the padding sequences start (and end) where the pack ends.
     fn offsets(
         &self,
         segments: &[(usize, usize)],
+        batch: usize,
         stride: usize,
         device: &candle_core::Device,
     ) -> Result<Tensor> {
@@ -137,12 +151,23 @@ impl PackIndex {
             return Ok(t.clone());
         }
         let end = segments.last().map_or(0, |&(start, len)| start + len);
-        let starts = segments.iter().map(|&(start, _)| start).chain([end]);
-        // u32 on the device, read as int32 by cuDNN (the caller checked they fit).
+        let starts = segments.iter().map(|&(start, _)| start);
+        let starts = starts.chain(std::iter::repeat(end)).take(batch + 1);
+        // u32 on the device, read as int32 by cuDNN (`attend` checked they fit).
         let offsets: Vec<u32> = starts.map(|s| (s * stride) as u32).collect();
-        let t = Tensor::from_vec(offsets, segments.len() + 1, device)?;
+        let t = Tensor::from_vec(offsets, batch + 1, device)?;
         map.insert(stride, t.clone());
         Ok(t)
+    }
+}
+
+/// The sequence count a graph is built for: the next power of two up to 512, then the next
+/// multiple of 512 (a job's packs then share a handful of graphs).
+fn batch_bucket(b: usize) -> usize {
+    if b <= 512 {
+        b.next_power_of_two()
+    } else {
+        b.div_ceil(512) * 512
     }
 }
 
@@ -158,7 +183,10 @@ pub(crate) fn attend(
     index: &PackIndex,
 ) -> Result<Option<Tensor>> {
     let (tokens, heads, d) = q.dims3()?;
+    // The offsets are int32 element offsets into the widest-strided tensor.
+    let widest = [q, k, v].iter().map(|t| t.stride()[0]).max().unwrap_or(0);
     let taken = matches!(q.dtype(), DType::BF16 | DType::F16)
+        && tokens.saturating_mul(widest.max(heads * d)) < i32::MAX as usize
         && d.is_multiple_of(8)
         && d <= 256
         && k.dims() == q.dims()
@@ -166,18 +194,25 @@ pub(crate) fn attend(
         && [q, k, v]
             .iter()
             .all(|t| t.dtype() == q.dtype() && t.stride()[2] == 1);
-    if !taken || backend().is_err() {
+    let Ok(version) = backend() else {
+        return Ok(None);
+    };
+    if !taken {
         return Ok(None);
     }
+    let b = match version >= PADDED_BATCHES {
+        true => batch_bucket(segments.len()),
+        false => segments.len(),
+    };
     let device = q.device();
-    let seq_len = index.seq_len(segments, device)?;
+    let seq_len = index.seq_len(segments, b, device)?;
     let offsets = [q, k, v]
-        .map(|t| index.offsets(segments, t.stride()[0], device))
+        .map(|t| index.offsets(segments, b, t.stride()[0], device))
         .into_iter()
         .collect::<Result<Vec<_>>>()?;
-    let o_offsets = index.offsets(segments, heads * d, device)?;
+    let o_offsets = index.offsets(segments, b, heads * d, device)?;
     let shape = Shape {
-        b: segments.len(),
+        b,
         h: heads,
         s: bound(max_len),
         d,
@@ -196,7 +231,6 @@ pub(crate) fn attend(
     }))
 }
 
-/// The graph's dimensions: `b` sequences of at most `s` tokens, `h` heads of `d`.
 /// The graph's bound on sequence lengths for a pack whose longest sequence is `max_len`:
 /// `ESMBED_CUDNN_FIXED_S=1` makes it one value (1024) for every pack of ESM-2's crop.
 fn bound(max_len: usize) -> usize {
@@ -206,6 +240,8 @@ fn bound(max_len: usize) -> usize {
     max_len.next_power_of_two().max(floor)
 }
 
+/// The graph's dimensions: `b` sequences (padding ones included) of at most `s` tokens, `h`
+/// heads of `d`.
 #[derive(Clone, Copy)]
 struct Shape {
     b: usize,
@@ -327,7 +363,8 @@ fn run<T: CudaDType + DeviceRepr + WithDType>(
             // SAFETY: the tensors behind every pointer are held by `guards` and `index` (and
             // their device-pointer guards in `keep`, `_w`, `_o`) on this stream's device: q, k,
             // v with the strides and `b` ragged sequences the caller checked, `seq_len` [b],
-            // the offsets [b + 1] i64, `out` [T, h, d] contiguous, the workspace's length.
+            // the offsets [b + 1] int32 (`b` padded with empty sequences), `out` [T, h, d]
+            // contiguous, the workspace's length.
             unsafe { call(&args(o_ptr, w_ptr, space.len())) }
         };
         match status {
@@ -388,4 +425,28 @@ fn unsupported_once(shape: Shape, why: &str) {
 pub fn graphs() -> i64 {
     // SAFETY: reads the calling thread's cache size.
     unsafe { esmbed_cudnn_graphs() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_round_up_to_few_buckets() {
+        let buckets: Vec<usize> = [1, 2, 3, 9, 64, 65, 512, 513, 1100]
+            .map(batch_bucket)
+            .into();
+        assert_eq!(buckets, [1, 2, 4, 16, 64, 128, 512, 1024, 1536]);
+    }
+
+    #[test]
+    fn padding_sequences_are_empty_and_start_where_the_pack_ends() {
+        let segments = [(0, 3), (3, 5), (8, 1)];
+        let index = PackIndex::default();
+        let cpu = candle_core::Device::Cpu;
+        let lens = index.seq_len(&segments, 4, &cpu).unwrap();
+        assert_eq!(lens.to_vec1::<u32>().unwrap(), [3, 5, 1, 0]);
+        let offsets = index.offsets(&segments, 4, 12, &cpu).unwrap();
+        assert_eq!(offsets.to_vec1::<u32>().unwrap(), [0, 36, 96, 108, 108]);
+    }
 }

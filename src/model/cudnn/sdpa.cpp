@@ -7,6 +7,13 @@
 // from each sequence's length, and `s` an upper bound on the lengths. A graph is built once per
 // (device, b, s, h, d, strides, dtype) on each calling thread and reused; building one that
 // cuDNN does not support is remembered, so the caller's fallback costs nothing the second time.
+//
+// Every graph of one head layout (device, h, d, strides, dtype, scale) runs one engine with one
+// set of knobs: the heuristic's first choice for a fixed shape (PIN_B sequences of at most
+// PIN_S), whatever shape comes first. Left to the heuristic per shape, the engine changes with
+// the pack's sequence count and a sequence's numbers with the pack it is in (measured: 3e-3
+// apart); pinned, they are bitwise the same, and the same in every process on the same GPU and
+// cuDNN.
 
 #include <dlfcn.h>
 
@@ -76,6 +83,26 @@ Key key_of(const EsmbedSdpa &a) {
     return Key{a.device, a.b, a.s, a.h, a.d, strides, a.bf16, scale_bits};
 }
 
+// The shape whose engine every graph of a head layout runs.
+constexpr int64_t PIN_B = 64;
+constexpr int64_t PIN_S = 1024;
+
+// A head layout: the key without the shape.
+Key layout_of(const EsmbedSdpa &a) {
+    Key key = key_of(a);
+    std::get<1>(key) = PIN_B;
+    std::get<2>(key) = PIN_S;
+    return key;
+}
+
+// The engine and knobs of a head layout, or why its fixed shape has none.
+struct Pin {
+    bool ok = false;
+    int64_t engine = 0;
+    std::unordered_map<fe::KnobType_t, int64_t> knobs;
+    std::string why;
+};
+
 // A built graph, or the reason cuDNN gave for not supporting the shape (graph == nullptr).
 struct Entry {
     std::shared_ptr<fe::graph::Graph> graph;
@@ -88,18 +115,14 @@ struct Entry {
 // stream and graphs are executed through it; esmbed drives each device from its own worker.
 struct Device {
     cudnnHandle_t handle = nullptr;
-    // ESMBED_CUDNN_PIN=1: the first graph's engine and knobs, reused for every later shape (a
-    // sequence's result then does not depend on the heuristic's choice for its pack's shape).
-    bool pinned = false;
-    int64_t engine = 0;
-    std::unordered_map<fe::KnobType_t, int64_t> knobs;
-    // Graphs of other shapes reuse the kernels compiled for the first: a new pack shape costs a
-    // plan, not a compilation.
+    // ESMBED_CUDNN_DYNAMIC=1: graphs of other shapes reuse the kernels compiled for the first (a
+    // new pack shape costs a plan, not a compilation).
     std::shared_ptr<fe::KernelCache> kernels = std::make_shared<fe::KernelCache>();
 };
 
 struct ThreadState {
     std::map<int32_t, Device> devices;
+    std::map<Key, Pin> pins;
     std::map<Key, Entry> graphs;
     ~ThreadState() {
         graphs.clear();  // plans before the handles they were built with
@@ -140,26 +163,65 @@ bool knob(const char *name) {
     return v && std::strcmp(v, "1") == 0;
 }
 
-// Heuristic mode A's first plan, or the device's pinned engine and knobs.
-fe::error_t plan(fe::graph::Graph &g, Device &device) {
+// The plan of `pin`'s engine and knobs, or (no pin: the fixed shape's own graph) heuristic
+// mode A's first.
+fe::error_t plan(fe::graph::Graph &g, Device &device, const Pin *pin) {
     auto status = g.validate();
     if (status.is_good()) status = g.build_operation_graph(device.handle);
     if (status.is_bad()) return status;
-    if (device.pinned) {
-        status = g.create_execution_plan(device.engine, device.knobs);
+    if (pin) {
+        status = g.create_execution_plan(pin->engine, pin->knobs);
     } else {
         status = g.create_execution_plans({fe::HeurMode_t::A});
     }
     if (status.is_good()) status = g.check_support(device.handle);
     if (status.is_good()) status = g.build_plans(device.handle);
-    if (status.is_good() && !device.pinned && knob("ESMBED_CUDNN_PIN")) {
-        device.pinned = g.get_engine_and_knobs_at_index(0, device.engine, device.knobs).is_good();
-    }
     return status;
+}
+
+std::shared_ptr<fe::graph::Graph> graph_of(Device &device, const EsmbedSdpa &a);
+
+// The pin of `a`'s head layout, made from its fixed shape on first use.
+const Pin &pin_for(Device &device, const EsmbedSdpa &a) {
+    auto key = layout_of(a);
+    auto found = state.pins.find(key);
+    if (found != state.pins.end()) return found->second;
+    Pin pin;
+    EsmbedSdpa fixed = a;
+    fixed.b = PIN_B;
+    fixed.s = PIN_S;
+    auto g = graph_of(device, fixed);
+    auto status = plan(*g, device, nullptr);
+    if (status.is_good()) status = g->get_engine_and_knobs_at_index(0, pin.engine, pin.knobs);
+    pin.ok = status.is_good();
+    if (!pin.ok) pin.why = "no engine for the pinned shape: " + status.get_message();
+    return state.pins.emplace(key, pin).first->second;
 }
 
 Entry build(Device &device, const EsmbedSdpa &a) {
     Entry entry;
+    const Pin &pin = pin_for(device, a);
+    if (!pin.ok) {
+        entry.unsupported = pin.why;
+        return entry;
+    }
+    auto g = graph_of(device, a);
+    auto status = plan(*g, device, &pin);
+    if (status.is_bad()) {
+        entry.unsupported = "the pinned engine " + std::to_string(pin.engine) + ": " + status.get_message();
+        return entry;
+    }
+    if (g->get_plan_name(entry.plan).is_bad()) entry.plan = "(unnamed)";
+    if (g->get_workspace_size(entry.workspace).is_bad()) {
+        entry.unsupported = "no workspace size";
+        return entry;
+    }
+    entry.graph = g;
+    return entry;
+}
+
+// The SDPA graph of `a`'s shape, not yet planned.
+std::shared_ptr<fe::graph::Graph> graph_of(Device &device, const EsmbedSdpa &a) {
     auto g = std::make_shared<fe::graph::Graph>();
     g->set_io_data_type(a.bf16 ? fe::DataType_t::BFLOAT16 : fe::DataType_t::HALF)
         .set_intermediate_data_type(fe::DataType_t::FLOAT)
@@ -194,18 +256,7 @@ Entry build(Device &device, const EsmbedSdpa &a) {
         .set_dim(dims)
         .set_stride(bhsd_stride(a, 3))
         .set_ragged_offset(index_tensor(*g, "o_offsets", O_OFF, a.b + 1, fe::DataType_t::INT32));
-    auto status = plan(*g, device);
-    if (status.is_bad()) {
-        entry.unsupported = status.get_message();
-        return entry;
-    }
-    if (g->get_plan_name(entry.plan).is_bad()) entry.plan = "(unnamed)";
-    if (g->get_workspace_size(entry.workspace).is_bad()) {
-        entry.unsupported = "no workspace size";
-        return entry;
-    }
-    entry.graph = g;
-    return entry;
+    return g;
 }
 
 // This thread's handle for `id` (created on first use, on the calling thread's current device).
