@@ -7,7 +7,9 @@
 //! - the model functions, by name with their [`FunctionSpec`]. The client and scheduler decode a
 //!   spec into a function that only plans ([`FunctionHost::Planner`]); an executor decodes it over
 //!   its own model, after checking that the weights are the ones the client named, with the
-//!   client's row policy ([`FunctionHost::Executor`]).
+//!   client's row policy ([`FunctionHost::Executor`]);
+//! - the per-partition Parquet writes of a `COPY` and their commit ([`PartitionWrites`],
+//!   [`CommitWrites`]: the write id and DataFusion's encoding of the Parquet sink).
 //!
 //! Every encoding of ours starts with a tag of its own, so that the bytes Ballista's codecs write
 //! are passed back to them untouched.
@@ -33,6 +35,7 @@ use datafusion_proto::protobuf::FileScanExecConf;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
+use super::parallel_write::{CommitWrites, PartitionWrites, WriteTarget};
 use crate::error::Error;
 use crate::sql::fasta_table::{FastaSource, FastaTable};
 use crate::sql::service::EmbedService;
@@ -43,6 +46,8 @@ pub const MODEL_FUNCTIONS: [&str; 4] = ["esm_embed", "esm_tokens", "esm_pll", "e
 
 const FASTA_TABLE_TAG: &[u8] = b"\xe5esmbed-fasta-table\0";
 const FASTA_SCAN_TAG: &[u8] = b"\xe5esmbed-fasta-scan\0";
+const PARTITION_WRITES_TAG: &[u8] = b"\xe5esmbed-partition-writes\0";
+const COMMIT_WRITES_TAG: &[u8] = b"\xe5esmbed-commit-writes\0";
 
 /// What a decoded model function becomes in this process.
 #[derive(Debug, Clone)]
@@ -253,6 +258,14 @@ impl PhysicalExtensionCodec for PhysicalCodec {
         ctx: &TaskContext,
         proto_converter: &dyn PhysicalProtoConverterExtension,
     ) -> Result<Arc<dyn ExecutionPlan>> {
+        if let Some(encoded) = buf.strip_prefix(PARTITION_WRITES_TAG) {
+            let target = decode_target(encoded)?;
+            return Ok(Arc::new(PartitionWrites::new(only_input(inputs)?, target)));
+        }
+        if let Some(encoded) = buf.strip_prefix(COMMIT_WRITES_TAG) {
+            let target = decode_target(encoded)?;
+            return Ok(Arc::new(CommitWrites::new(only_input(inputs)?, target)));
+        }
         let Some(proto) = buf.strip_prefix(FASTA_SCAN_TAG) else {
             return self.inner.try_decode(buf, inputs, ctx, proto_converter);
         };
@@ -271,6 +284,14 @@ impl PhysicalExtensionCodec for PhysicalCodec {
         buf: &mut Vec<u8>,
         proto_converter: &dyn PhysicalProtoConverterExtension,
     ) -> Result<()> {
+        if let Some(writes) = node.downcast_ref::<PartitionWrites>() {
+            buf.extend(PARTITION_WRITES_TAG);
+            return encode_target(writes.target(), buf);
+        }
+        if let Some(commit) = node.downcast_ref::<CommitWrites>() {
+            buf.extend(COMMIT_WRITES_TAG);
+            return encode_target(commit.target(), buf);
+        }
         match fasta_scan(node.as_ref()) {
             Some(config) => {
                 let proto = serialize_file_scan_config(config, self, proto_converter)?;
@@ -293,6 +314,48 @@ impl PhysicalExtensionCodec for PhysicalCodec {
             true => Ok(()),
             false => self.inner.try_encode_udf(node, buf),
         }
+    }
+}
+
+/// A [`WriteTarget`]: its write id's length (u32, little-endian) and bytes, then DataFusion's
+/// protobuf of its Parquet sink.
+fn encode_target(target: &WriteTarget, buf: &mut Vec<u8>) -> Result<()> {
+    let id = target.write_id.as_bytes();
+    buf.extend((id.len() as u32).to_le_bytes());
+    buf.extend(id);
+    datafusion_proto::protobuf::ParquetSink::try_from(&target.sink())?
+        .encode(buf)
+        .map_err(|e| DataFusionError::Internal(format!("COPY writes: {e}")))
+}
+
+fn decode_target(buf: &[u8]) -> Result<WriteTarget> {
+    let bad = |why: &str| DataFusionError::Internal(format!("COPY writes: {why}"));
+    let (len, rest) = buf
+        .split_first_chunk::<4>()
+        .ok_or_else(|| bad("truncated"))?;
+    let (id, proto) = rest
+        .split_at_checked(u32::from_le_bytes(*len) as usize)
+        .ok_or_else(|| bad("truncated"))?;
+    let write_id = std::str::from_utf8(id)
+        .map_err(|_| bad("write id"))?
+        .to_string();
+    let proto =
+        datafusion_proto::protobuf::ParquetSink::decode(proto).map_err(|e| bad(&e.to_string()))?;
+    let sink = datafusion::datasource::physical_plan::parquet::ParquetSink::try_from(&proto)?;
+    Ok(WriteTarget {
+        config: datafusion::datasource::physical_plan::FileSink::config(&sink).clone(),
+        options: sink.parquet_options().clone(),
+        write_id,
+    })
+}
+
+/// The one input of a decoded node.
+fn only_input(inputs: &[Arc<dyn ExecutionPlan>]) -> Result<Arc<dyn ExecutionPlan>> {
+    match inputs {
+        [input] => Ok(input.clone()),
+        _ => Err(DataFusionError::Internal(
+            "COPY writes: one input expected".into(),
+        )),
     }
 }
 

@@ -9,11 +9,14 @@
 //! Ballista does the distribution (stages, shuffles, retries of lost tasks); esmbed adds what
 //! its plans need to cross the wire ([`codec`]): `STORED AS FASTA` tables and scans, and the
 //! model functions with their [`crate::sql::spec::FunctionSpec`], so that every executor embeds
-//! with the weights and row policy the client named, or refuses the task.
+//! with the weights and row policy the client named, or refuses the task. The scheduler also
+//! rewrites a `COPY … TO 'dir/'` so that every partition's task writes its own file
+//! ([`parallel_write`]).
 
 pub mod client;
 pub mod codec;
 pub mod executor;
+pub mod parallel_write;
 pub mod plan_fix;
 pub mod scheduler;
 

@@ -17,6 +17,7 @@ use datafusion::execution::{FunctionRegistry, SessionState, SessionStateBuilder}
 use datafusion::prelude::SessionConfig;
 
 use super::codec::{FunctionHost, LogicalCodec, PhysicalCodec};
+use super::parallel_write::ParallelParquetWrites;
 use super::plan_fix::AsyncAggregateSchema;
 use crate::error::{Error, Result};
 use crate::storage::StoreOptions;
@@ -48,8 +49,8 @@ impl Default for SchedulerOptions {
     }
 }
 
-/// The session a scheduler plans a job in: esmbed's tables and stores, and
-/// [`AsyncAggregateSchema`]; the model functions come with the plan, `cosine_similarity` is
+/// The session a scheduler plans a job in: esmbed's tables and stores, [`AsyncAggregateSchema`]
+/// and [`ParallelParquetWrites`]; the model functions come with the plan, `cosine_similarity` is
 /// registered by name.
 fn session(
     config: SessionConfig,
@@ -58,6 +59,7 @@ fn session(
     let state = crate::sql::session_state_with(config, store);
     let mut state = SessionStateBuilder::new_from_existing(state)
         .with_physical_optimizer_rule(Arc::new(AsyncAggregateSchema))
+        .with_physical_optimizer_rule(Arc::new(ParallelParquetWrites))
         .build();
     for udf in crate::sql::functions(None) {
         state.register_udf(Arc::new(udf))?;

@@ -350,9 +350,29 @@ fn parquet_and_fasta_tables_through_two_executors_equal_embed_bitwise() {
         (true, "FASTA", fasta_dir.clone()),
     ] {
         let out = cluster.dir.join(format!("out-{table}-{adaptive}"));
-        let args: &[&str] = if adaptive { &["--adaptive"] } else { &[] };
+        let args: &[&str] = if adaptive {
+            &["--adaptive"]
+        } else {
+            &["--partitions", "3"]
+        };
         let sql = copy_sql(table, &location, &format!("{}/", out.display()));
-        cluster.sql_ok(args, &sql);
+        let stdout = cluster.sql_ok(args, &sql);
+        assert!(
+            stdout.contains("180"),
+            "the COPY answers its rows: {stdout}"
+        );
+        if !adaptive {
+            // Each partition's task wrote a file of its own, `<write id>-<attempt>.parquet`.
+            let files: Vec<String> = std::fs::read_dir(&out)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            let write_id = files[0].split('-').next().unwrap().to_string();
+            assert!(
+                files.len() == 3 && files.iter().all(|f| f.starts_with(&write_id)),
+                "{table}: {files:?}"
+            );
+        }
         let got = by_id(&read_dir_parquet(&out));
         assert_eq!(got.len(), expected.len(), "{table}, adaptive {adaptive}");
         assert!(

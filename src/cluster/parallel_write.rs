@@ -1,0 +1,581 @@
+//! `COPY … TO 'dir/'` written by every partition's task, on the executor that computed the rows,
+//! instead of by one task that receives every row of the query.
+//!
+//! DataFusion plans a Parquet `COPY` as one `DataSinkExec` over a single input partition, which a
+//! Ballista scheduler turns into a last stage of one task: every executor's vectors travel to one
+//! writer. [`ParallelParquetWrites`] (a rule the scheduler applies after DataFusion's own) rewrites
+//! such a sink into [`PartitionWrites`] — each input partition written by its own task to a file
+//! of its own — under [`CommitWrites`], one task that gathers which files the partitions wrote and
+//! how many rows, and answers the one row a `COPY` answers, the number of rows written.
+//!
+//! Nothing lost, nothing duplicated, when an executor is lost: Ballista reruns its tasks (and
+//! those whose outputs it held) elsewhere, so a partition can be written twice, by an attempt
+//! whose report never arrived and by the rerun. Every file is named `<write id>-<attempt>.parquet`
+//! (the write id fixed when the query is planned, the attempt unique), each appears whole or not
+//! at all (object_store's multipart upload, or a staged local file renamed at the end), and the
+//! commit deletes every file of the write id that no reported attempt wrote. (A partition's
+//! number is no name: a Ballista task runs a slice of a stage's partitions, renumbered from 0.)
+//!
+//! Left as DataFusion plans them: single-file outputs, hive-partitioned outputs, sinks that require
+//! an order, other formats, and inputs of one partition.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, StringArray, UInt64Array};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::config::{ConfigOptions, TableParquetOptions};
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::{DataFusionError, Result};
+use datafusion::datasource::listing::ListingTableUrl;
+use datafusion::datasource::physical_plan::parquet::ParquetSink;
+use datafusion::datasource::physical_plan::{FileOutputMode, FileSink, FileSinkConfig};
+use datafusion::datasource::sink::DataSinkExec;
+use datafusion::execution::TaskContext;
+use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_optimizer::PhysicalOptimizerRule;
+use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, Distribution, ExecutionPlan, ExecutionPlanProperties,
+    Partitioning, PlanProperties, SendableRecordBatchStream,
+};
+use futures::{StreamExt, TryStreamExt};
+use object_store::ObjectStoreExt;
+
+/// See the module docs.
+#[derive(Debug, Default)]
+pub struct ParallelParquetWrites;
+
+impl PhysicalOptimizerRule for ParallelParquetWrites {
+    fn optimize(
+        &self,
+        plan: Arc<dyn ExecutionPlan>,
+        _config: &ConfigOptions,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        plan.transform_up(|node| match rewrite(&node) {
+            Some(parallel) => Ok(Transformed::yes(parallel)),
+            None => Ok(Transformed::no(node)),
+        })
+        .map(|t| t.data)
+    }
+
+    fn name(&self) -> &str {
+        "esmbed_parallel_parquet_writes"
+    }
+
+    fn schema_check(&self) -> bool {
+        true
+    }
+}
+
+/// The parallel form of `node`, if it is a Parquet sink into a directory over several partitions.
+fn rewrite(node: &Arc<dyn ExecutionPlan>) -> Option<Arc<dyn ExecutionPlan>> {
+    let exec = node.downcast_ref::<DataSinkExec>()?;
+    let sink = exec.sink().downcast_ref::<ParquetSink>()?;
+    let config = sink.config();
+    let into_directory = config.table_paths.len() == 1
+        && !config
+            .file_output_mode
+            .single_file_output(&config.table_paths[0]);
+    if !into_directory || !config.table_partition_cols.is_empty() || exec.sort_order().is_some() {
+        return None;
+    }
+    let input = match exec.input().downcast_ref::<CoalescePartitionsExec>() {
+        Some(merge) if merge.fetch().is_none() => merge.input().clone(),
+        _ => exec.input().clone(),
+    };
+    if input.output_partitioning().partition_count() < 2 {
+        return None;
+    }
+    let target = WriteTarget {
+        config: config.clone(),
+        options: sink.parquet_options().clone(),
+        write_id: unique_name(),
+    };
+    let writes = Arc::new(PartitionWrites::new(input, target.clone()));
+    let reports = Arc::new(CoalescePartitionsExec::new(writes));
+    Some(Arc::new(CommitWrites::new(reports, target)))
+}
+
+/// A name no other query or attempt takes: time, process and a counter.
+fn unique_name() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{nanos:x}{:x}{n:x}", std::process::id())
+}
+
+/// Where and how a `COPY`'s files are written: its sink's configuration (directory, schema,
+/// object store) and Parquet options, and the write id its file names start with.
+#[derive(Debug, Clone)]
+pub struct WriteTarget {
+    /// The `COPY`'s sink configuration.
+    pub config: FileSinkConfig,
+    /// Its Parquet writer options.
+    pub options: TableParquetOptions,
+    /// The prefix of this query's file names.
+    pub write_id: String,
+}
+
+impl WriteTarget {
+    /// The `COPY`'s own sink (the codec's encoding of the target).
+    pub fn sink(&self) -> ParquetSink {
+        ParquetSink::new(self.config.clone(), self.options.clone())
+    }
+
+    fn dir(&self) -> &ListingTableUrl {
+        &self.config.table_paths[0]
+    }
+
+    /// A new attempt's file name and its sink.
+    fn attempt(&self) -> Result<(String, ParquetSink)> {
+        let name = format!(
+            "{}-{}.{}",
+            self.write_id,
+            unique_name(),
+            self.config.file_extension
+        );
+        let dir = self.dir().as_str();
+        let slash = if dir.ends_with('/') { "" } else { "/" };
+        let url = format!("{dir}{slash}{name}");
+        let mut config = self.config.clone();
+        config.table_paths = vec![ListingTableUrl::parse(&url)?];
+        config.original_url = url;
+        config.file_output_mode = FileOutputMode::SingleFile;
+        Ok((name, ParquetSink::new(config, self.options.clone())))
+    }
+}
+
+fn count_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![Field::new(
+        "count",
+        DataType::UInt64,
+        false,
+    )]))
+}
+
+/// What a partition's write reports: its rows and its file's name.
+fn report_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("count", DataType::UInt64, false),
+        Field::new("file", DataType::Utf8, false),
+    ]))
+}
+
+fn properties(schema: SchemaRef, partitions: usize) -> Arc<PlanProperties> {
+    Arc::new(PlanProperties::new(
+        EquivalenceProperties::new(schema),
+        Partitioning::UnknownPartitioning(partitions),
+        EmissionType::Final,
+        Boundedness::Bounded,
+    ))
+}
+
+fn one_child(children: Vec<Arc<dyn ExecutionPlan>>, name: &str) -> Result<Arc<dyn ExecutionPlan>> {
+    let [child] = <[_; 1]>::try_from(children)
+        .map_err(|_| DataFusionError::Internal(format!("{name} takes one input")))?;
+    Ok(child)
+}
+
+/// Writes each input partition to a file of its own and reports its rows and file name.
+#[derive(Debug)]
+pub struct PartitionWrites {
+    input: Arc<dyn ExecutionPlan>,
+    target: WriteTarget,
+    properties: Arc<PlanProperties>,
+}
+
+impl PartitionWrites {
+    /// Writes of `input`'s partitions to `target`.
+    pub fn new(input: Arc<dyn ExecutionPlan>, target: WriteTarget) -> Self {
+        let partitions = input.output_partitioning().partition_count();
+        Self {
+            input,
+            target,
+            properties: properties(report_schema(), partitions),
+        }
+    }
+
+    /// Where the files go.
+    pub fn target(&self) -> &WriteTarget {
+        &self.target
+    }
+}
+
+impl DisplayAs for PartitionWrites {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        let dir = self.target.dir().as_str();
+        write!(
+            f,
+            "PartitionWrites: {dir}{}-*.parquet",
+            self.target.write_id
+        )
+    }
+}
+
+impl ExecutionPlan for PartitionWrites {
+    fn name(&self) -> &'static str {
+        "PartitionWrites"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![&self.input]
+    }
+
+    fn benefits_from_input_partitioning(&self) -> Vec<bool> {
+        vec![false]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let input = one_child(children, "PartitionWrites")?;
+        Ok(Arc::new(Self::new(input, self.target.clone())))
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        let (name, sink) = self.target.attempt()?;
+        let data = self.input.execute(partition, context.clone())?;
+        let stream = futures::stream::once(async move {
+            let rows = FileSink::write_all(&sink, data, &context).await?;
+            let columns: Vec<Arc<dyn Array>> = vec![
+                Arc::new(UInt64Array::from(vec![rows])),
+                Arc::new(StringArray::from(vec![name])),
+            ];
+            Ok(RecordBatch::try_new(report_schema(), columns)?)
+        })
+        .boxed();
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            report_schema(),
+            stream,
+        )))
+    }
+}
+
+/// Gathers the partitions' reports, deletes the files of attempts nobody reported, and answers
+/// the rows written.
+#[derive(Debug)]
+pub struct CommitWrites {
+    input: Arc<dyn ExecutionPlan>,
+    target: WriteTarget,
+    properties: Arc<PlanProperties>,
+}
+
+impl CommitWrites {
+    /// The commit of `reports` (one partition of [`PartitionWrites`] reports) into `target`.
+    pub fn new(reports: Arc<dyn ExecutionPlan>, target: WriteTarget) -> Self {
+        Self {
+            input: reports,
+            target,
+            properties: properties(count_schema(), 1),
+        }
+    }
+
+    /// Where the files went.
+    pub fn target(&self) -> &WriteTarget {
+        &self.target
+    }
+}
+
+impl DisplayAs for CommitWrites {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        let dir = self.target.dir().as_str();
+        write!(f, "CommitWrites: {dir}{}-*.parquet", self.target.write_id)
+    }
+}
+
+impl ExecutionPlan for CommitWrites {
+    fn name(&self) -> &'static str {
+        "CommitWrites"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![&self.input]
+    }
+
+    fn required_input_distribution(&self) -> Vec<Distribution> {
+        vec![Distribution::SinglePartition]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let input = one_child(children, "CommitWrites")?;
+        Ok(Arc::new(Self::new(input, self.target.clone())))
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        if partition != 0 {
+            return Err(DataFusionError::Internal(format!(
+                "CommitWrites has one partition, not {partition}"
+            )));
+        }
+        let reports = self.input.execute(0, context.clone())?;
+        let target = self.target.clone();
+        let stream = futures::stream::once(async move {
+            let rows = commit(reports, &target, &context).await?;
+            let counts: Arc<dyn Array> = Arc::new(UInt64Array::from(vec![rows]));
+            Ok(RecordBatch::try_new(count_schema(), vec![counts])?)
+        })
+        .boxed();
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            count_schema(),
+            stream,
+        )))
+    }
+}
+
+/// Sum the reports' rows, then delete the write id's files that no report names.
+async fn commit(
+    mut reports: SendableRecordBatchStream,
+    target: &WriteTarget,
+    context: &TaskContext,
+) -> Result<u64> {
+    let (mut rows, mut kept) = (0u64, HashSet::new());
+    while let Some(batch) = reports.next().await.transpose()? {
+        let counts = batch.column(0).as_any().downcast_ref::<UInt64Array>();
+        let files = batch.column(1).as_any().downcast_ref::<StringArray>();
+        let (Some(counts), Some(files)) = (counts, files) else {
+            return Err(DataFusionError::Internal(
+                "CommitWrites: reports of another shape".into(),
+            ));
+        };
+        rows += counts.values().iter().sum::<u64>();
+        kept.extend(files.iter().flatten().map(str::to_string));
+    }
+    let store = context
+        .runtime_env()
+        .object_store(&target.config.object_store_url)?;
+    let prefix = format!("{}-", target.write_id);
+    let listed: Vec<_> = store
+        .list(Some(target.dir().prefix()))
+        .try_collect()
+        .await?;
+    for object in listed {
+        let name = object.location.filename().unwrap_or_default();
+        if name.starts_with(&prefix) && !kept.contains(name) {
+            tracing::warn!("COPY: removing {name}, written by a lost attempt");
+            store.delete(&object.location).await?;
+        }
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::execution::SessionStateBuilder;
+    use datafusion::prelude::{SessionConfig, SessionContext};
+
+    fn context(parallel: bool) -> SessionContext {
+        let config = SessionConfig::new().with_target_partitions(4);
+        let mut state = SessionStateBuilder::new()
+            .with_config(config)
+            .with_default_features();
+        if parallel {
+            state = state.with_physical_optimizer_rule(Arc::new(ParallelParquetWrites));
+        }
+        SessionContext::new_with_state(state.build())
+    }
+
+    async fn rows(ctx: &SessionContext, sql: &str) -> Vec<RecordBatch> {
+        ctx.sql(sql).await.unwrap().collect().await.unwrap()
+    }
+
+    fn parquet_files(dir: &std::path::Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Three Parquet files of 50 rows (ids 1-50, 101-150, 201-250) as table `t`.
+    async fn three_files(ctx: &SessionContext, dir: &std::path::Path) {
+        let input = dir.join("in");
+        for i in 0..3 {
+            let sql = format!(
+                "COPY (SELECT {i} * 100 + value AS id FROM generate_series(1, 50)) TO '{}/{i}.parquet'",
+                input.display()
+            );
+            rows(ctx, &sql).await;
+        }
+        let table = format!(
+            "CREATE EXTERNAL TABLE t STORED AS PARQUET LOCATION '{}/'",
+            input.display()
+        );
+        rows(ctx, &table).await;
+    }
+
+    fn shown(plan: &Arc<dyn ExecutionPlan>) -> String {
+        datafusion::physical_plan::displayable(plan.as_ref())
+            .indent(false)
+            .to_string()
+    }
+
+    /// The count, distinct ids and id sum of the Parquet files in `dir`.
+    async fn summary(dir: &std::path::Path) -> (i64, i64, i64) {
+        let ctx = context(false);
+        let back = format!(
+            "CREATE EXTERNAL TABLE o STORED AS PARQUET LOCATION '{}/'",
+            dir.display()
+        );
+        rows(&ctx, &back).await;
+        let check = rows(&ctx, "SELECT count(*), count(DISTINCT id), sum(id) FROM o").await;
+        let col = |i: usize| {
+            let values = check[0].column(i).as_any();
+            values
+                .downcast_ref::<datafusion::arrow::array::Int64Array>()
+                .unwrap()
+                .value(0)
+        };
+        (col(0), col(1), col(2))
+    }
+
+    #[tokio::test]
+    async fn a_copy_into_a_directory_writes_a_file_per_partition_with_every_row_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(true);
+        three_files(&ctx, dir.path()).await;
+        let out = dir.path().join("out");
+        let copy = format!(
+            "COPY (SELECT id FROM t) TO '{}/' STORED AS PARQUET",
+            out.display()
+        );
+        let plan = ctx
+            .sql(&copy)
+            .await
+            .unwrap()
+            .create_physical_plan()
+            .await
+            .unwrap();
+        assert!(shown(&plan).contains("PartitionWrites"), "{}", shown(&plan));
+        let answer = rows(&ctx, &copy).await;
+        let count = answer[0]
+            .column(0)
+            .as_any()
+            .downcast_ref::<UInt64Array>()
+            .unwrap();
+        assert_eq!(count.value(0), 150, "the COPY answers the rows written");
+        let files = parquet_files(&out);
+        assert_eq!(files.len(), 3, "one file per input partition: {files:?}");
+        assert!(files.iter().all(|f| f.ends_with(".parquet")), "{files:?}");
+        let sum = (0..3).map(|i| 50 * 100 * i + 1275).sum::<i64>();
+        assert_eq!(summary(&out).await, (150, 150, sum));
+    }
+
+    #[tokio::test]
+    async fn the_commit_removes_files_of_attempts_nobody_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(true);
+        three_files(&ctx, dir.path()).await;
+        let out = dir.path().join("out");
+        let copy = format!(
+            "COPY (SELECT id FROM t) TO '{}/' STORED AS PARQUET",
+            out.display()
+        );
+        let plan = ctx
+            .sql(&copy)
+            .await
+            .unwrap()
+            .create_physical_plan()
+            .await
+            .unwrap();
+        let commit = plan
+            .downcast_ref::<CommitWrites>()
+            .expect("the plan's root");
+        // A lost attempt's complete file of this write, and another query's file.
+        std::fs::create_dir_all(&out).unwrap();
+        let lost = out.join(format!("{}-lost.parquet", commit.target().write_id));
+        std::fs::copy(dir.path().join("in/0.parquet"), &lost).unwrap();
+        std::fs::copy(dir.path().join("in/1.parquet"), out.join("other.parquet")).unwrap();
+        datafusion::physical_plan::collect(plan.clone(), ctx.task_ctx())
+            .await
+            .unwrap();
+        assert!(!lost.exists(), "the unreported attempt's file is gone");
+        assert!(out.join("other.parquet").exists(), "other files stay");
+        assert_eq!(parquet_files(&out).len(), 4);
+        let (count, distinct, _) = summary(&out).await;
+        assert_eq!(
+            (count, distinct),
+            (200, 150),
+            "each row once, plus other.parquet's 50"
+        );
+    }
+
+    #[tokio::test]
+    async fn single_files_and_single_partitions_stay_as_datafusion_plans_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(true);
+        let into_file = format!(
+            "COPY (SELECT value FROM generate_series(1, 10)) TO '{}/one.parquet'",
+            dir.path().display()
+        );
+        let plan = ctx
+            .sql(&into_file)
+            .await
+            .unwrap()
+            .create_physical_plan()
+            .await
+            .unwrap();
+        let shown = datafusion::physical_plan::displayable(plan.as_ref())
+            .indent(false)
+            .to_string();
+        assert!(!shown.contains("PartitionWrites"), "{shown}");
+        let one_partition = format!(
+            "COPY (SELECT value FROM generate_series(1, 10)) TO '{}/d/' STORED AS PARQUET",
+            dir.path().display()
+        );
+        let plan = ctx
+            .sql(&one_partition)
+            .await
+            .unwrap()
+            .create_physical_plan()
+            .await
+            .unwrap();
+        let shown = datafusion::physical_plan::displayable(plan.as_ref())
+            .indent(false)
+            .to_string();
+        assert!(!shown.contains("PartitionWrites"), "{shown}");
+    }
+}
