@@ -399,6 +399,55 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn copy_writes_cross_with_their_write_id_and_sink() {
+        use datafusion::execution::SessionStateBuilder;
+        use datafusion::prelude::SessionContext;
+        let dir = tempfile::tempdir().unwrap();
+        let state = SessionStateBuilder::new()
+            .with_default_features()
+            .with_physical_optimizer_rule(Arc::new(
+                super::super::parallel_write::ParallelParquetWrites,
+            ))
+            .build();
+        let ctx = SessionContext::new_with_state(state);
+        let sql = format!(
+            "COPY (SELECT * FROM (VALUES (1), (2)) UNION ALL SELECT * FROM (VALUES (3))) TO '{}/' STORED AS PARQUET",
+            dir.path().display()
+        );
+        let commit = ctx
+            .sql(&sql)
+            .await
+            .unwrap()
+            .create_physical_plan()
+            .await
+            .unwrap();
+        assert!(commit.downcast_ref::<CommitWrites>().is_some());
+        let codec = PhysicalCodec::new(FunctionHost::Planner);
+        let converter = datafusion_proto::physical_plan::DefaultPhysicalProtoConverter {};
+        let merge = commit.children()[0].clone();
+        let writes = merge.children()[0].clone();
+        for (node, input) in [
+            (commit.clone(), merge.clone()),
+            (writes.clone(), writes.children()[0].clone()),
+        ] {
+            let mut buf = Vec::new();
+            codec
+                .try_encode(node.clone(), &mut buf, &converter)
+                .unwrap();
+            let back = codec
+                .try_decode(&buf, &[input], &TaskContext::default(), &converter)
+                .unwrap();
+            let shown = |p: &Arc<dyn ExecutionPlan>| {
+                datafusion::physical_plan::displayable(p.as_ref())
+                    .one_line()
+                    .to_string()
+            };
+            assert_eq!(shown(&back), shown(&node));
+            assert_eq!(back.schema(), node.schema());
+        }
+    }
+
     #[test]
     fn fasta_tables_cross_as_their_paths() {
         let codec = LogicalCodec::new(FunctionHost::Planner);
