@@ -306,8 +306,7 @@ pub(super) fn start_service(
             reuse: rows.reuse,
             name: loaded.name.clone(),
             fingerprint: loaded.fingerprint.clone(),
-            dtype: crate::devices::dtype_label(dtype),
-            default_dtype: dtype == crate::devices::default_dtype(&devices[0]),
+            ..ServiceOptions::default()
         },
     )?)
 }

@@ -15,9 +15,17 @@
 //! at all (object_store's multipart upload, or a staged local file renamed at the end), and the
 //! commit deletes every file of the write id that no reported attempt wrote. (A partition's
 //! number is no name: a Ballista task runs a slice of a stage's partitions, renumbered from 0.)
+//! What this does not fence, as Ballista does not: an executor declared lost that is in fact
+//! still running and finishes its file after the commit (its rows would then be there twice), and
+//! a stale commit attempt still deleting while a rerun writes.
+//!
+//! Every executor writes into the same directory, so it must be one place for all of them: an
+//! object store, or a file system they share (as the tables they read).
 //!
 //! Left as DataFusion plans them: single-file outputs, hive-partitioned outputs, sinks that require
-//! an order, other formats, and inputs of one partition.
+//! an order, overwrites, other formats, and inputs of one partition. Each partition is one file,
+//! whatever its size, and an empty partition an empty file. `INSERT INTO` a Parquet table
+//! (appending to its directory) is written the same way as a `COPY`.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -35,16 +43,18 @@ use datafusion::datasource::physical_plan::parquet::ParquetSink;
 use datafusion::datasource::physical_plan::{FileOutputMode, FileSink, FileSinkConfig};
 use datafusion::datasource::sink::DataSinkExec;
 use datafusion::execution::TaskContext;
+use datafusion::logical_expr::dml::InsertOp;
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
 use datafusion::physical_optimizer::PhysicalOptimizerRule;
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+use datafusion::physical_plan::execute_input_stream;
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, Distribution, ExecutionPlan, ExecutionPlanProperties,
     Partitioning, PlanProperties, SendableRecordBatchStream,
 };
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use object_store::ObjectStoreExt;
 
 /// See the module docs.
@@ -82,7 +92,12 @@ fn rewrite(node: &Arc<dyn ExecutionPlan>) -> Option<Arc<dyn ExecutionPlan>> {
         && !config
             .file_output_mode
             .single_file_output(&config.table_paths[0]);
-    if !into_directory || !config.table_partition_cols.is_empty() || exec.sort_order().is_some() {
+    let appends = config.insert_op == InsertOp::Append;
+    if !into_directory
+        || !appends
+        || !config.table_partition_cols.is_empty()
+        || exec.sort_order().is_some()
+    {
         return None;
     }
     let input = match exec.input().downcast_ref::<CoalescePartitionsExec>() {
@@ -258,7 +273,9 @@ impl ExecutionPlan for PartitionWrites {
         context: Arc<TaskContext>,
     ) -> Result<SendableRecordBatchStream> {
         let (name, sink) = self.target.attempt()?;
-        let data = self.input.execute(partition, context.clone())?;
+        // As DataSinkExec: the sink's NOT NULL columns checked on the way.
+        let schema = self.target.config.output_schema.clone();
+        let data = execute_input_stream(self.input.clone(), schema, partition, context.clone())?;
         let stream = futures::stream::once(async move {
             let rows = FileSink::write_all(&sink, data, &context).await?;
             let columns: Vec<Arc<dyn Array>> = vec![
@@ -386,15 +403,18 @@ async fn commit(
         .runtime_env()
         .object_store(&target.config.object_store_url)?;
     let prefix = format!("{}-", target.write_id);
-    let listed: Vec<_> = store
-        .list(Some(target.dir().prefix()))
-        .try_collect()
+    // The directory itself, not the tree below it: that is where every attempt writes.
+    let listed = store
+        .list_with_delimiter(Some(target.dir().prefix()))
         .await?;
-    for object in listed {
+    for object in listed.objects {
         let name = object.location.filename().unwrap_or_default();
         if name.starts_with(&prefix) && !kept.contains(name) {
             tracing::warn!("COPY: removing {name}, written by a lost attempt");
-            store.delete(&object.location).await?;
+            match store.delete(&object.location).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
     }
     Ok(rows)
@@ -541,6 +561,32 @@ mod tests {
             (200, 150),
             "each row once, plus other.parquet's 50"
         );
+    }
+
+    #[tokio::test]
+    async fn an_insert_is_written_in_parallel_and_keeps_not_null_columns_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(true);
+        three_files(&ctx, dir.path()).await;
+        let table = format!(
+            "CREATE EXTERNAL TABLE n (id BIGINT NOT NULL) STORED AS PARQUET LOCATION '{}/n/'",
+            dir.path().display()
+        );
+        rows(&ctx, &table).await;
+        let insert = "INSERT INTO n SELECT id FROM t";
+        let plan = ctx
+            .sql(insert)
+            .await
+            .unwrap()
+            .create_physical_plan()
+            .await
+            .unwrap();
+        assert!(shown(&plan).contains("PartitionWrites"), "{}", shown(&plan));
+        rows(&ctx, insert).await;
+        assert_eq!(parquet_files(&dir.path().join("n")).len(), 3);
+        let nulls = "INSERT INTO n SELECT CASE WHEN id = 7 THEN NULL ELSE id END FROM t";
+        let err = ctx.sql(nulls).await.unwrap().collect().await.unwrap_err();
+        assert!(err.to_string().contains("null"), "{err}");
     }
 
     #[tokio::test]

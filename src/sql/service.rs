@@ -58,7 +58,8 @@ pub struct ServiceOptions {
     pub name: String,
     /// See `name`.
     pub fingerprint: String,
-    /// The dtype the devices compute in ([`crate::devices::dtype_label`]).
+    /// The dtype the devices compute in ([`crate::devices::dtype_label`]; [`EmbedService::start`]
+    /// takes it from the model).
     pub dtype: String,
     /// Whether `dtype` is the devices' `--dtype auto`, which is what a cluster plan made with
     /// `auto` accepts.
@@ -127,10 +128,13 @@ struct CallInputs {
 impl EmbedService {
     /// Start one worker per embedder (replicas of one model, e.g. from
     /// [`crate::Model::replicate_to`]).
-    pub fn start(embedders: Vec<Embedder>, options: ServiceOptions) -> Result<Self> {
+    pub fn start(embedders: Vec<Embedder>, mut options: ServiceOptions) -> Result<Self> {
         let first = embedders
             .first()
             .ok_or_else(|| Error::NoDevice("the SQL service needs at least one device".into()))?;
+        let dtype = first.model().dtype();
+        options.dtype = crate::devices::dtype_label(dtype);
+        options.default_dtype = dtype == crate::devices::default_dtype(first.model().device());
         let (config, tokenizer) = (first.model().config().clone(), *first.tokenizer());
         let devices = embedders
             .into_iter()

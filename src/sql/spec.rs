@@ -35,8 +35,9 @@ pub struct ModelIdentity {
     pub layers: usize,
     /// The dtype its vectors are computed in ([`crate::devices::dtype_label`]: `f32`, `bf16`,
     /// `f16`, `f8e4m3`); in a cluster client's plan also `auto`, each executor's default for
-    /// its device. Two executors of one query never compute in two dtypes they were not
-    /// asked for: vectors of a bf16 and an FP8 replica differ by far more than rounding.
+    /// its device. An executor computes in the dtype the client named, or under `auto` in its
+    /// device's default: an FP8 or f16 executor never joins a bf16 query unasked (with `auto`,
+    /// CPU and GPU executors still differ: f32 and bf16).
     #[serde(default = "auto")]
     pub dtype: String,
 }

@@ -1,5 +1,6 @@
-//! cuDNN's fused attention forward (feature `cudnn`) on the packed layout: the alternative to
-//! FlashAttention 2 that measured faster on Hopper (README, "Performance").
+//! cuDNN's fused attention forward (feature `cudnn`) on the packed layout: an alternative to
+//! FlashAttention 2 that PyTorch's measurements put at 1.5x its speed on Hopper, in
+//! equal-length batches (README, "Attention kernels").
 //!
 //! The C++ side (`sdpa.cpp`, the cuDNN frontend's graph API) loads libcudnn at run time, so a
 //! binary built with the feature starts, and uses FlashAttention, where cuDNN is absent. Which
@@ -72,6 +73,9 @@ const WORKSPACE: i32 = 2;
 /// at each real length).
 const LENGTH_BUCKET: usize = 64;
 
+/// The length bound of the shape the engine is pinned from (`PIN_S` in `sdpa.cpp`).
+const PINNED_BOUND: usize = 1024;
+
 /// The first cuDNN that takes zero-length sequences in a ragged batch (a padded sequence count).
 const PADDED_BATCHES: i64 = 90600;
 
@@ -109,7 +113,7 @@ fn backend() -> std::result::Result<i64, &'static str> {
 
 /// Whether cuDNN's attention is the one in use (for run metadata and benchmarks).
 pub fn in_use() -> bool {
-    backend().is_ok()
+    backend().is_ok() && !GAVE_UP.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// A pack's index tensors for cuDNN, made on first use on the pack's device, for `batch`
@@ -197,6 +201,9 @@ pub(crate) fn attend(
     let Ok(version) = backend() else {
         return Ok(None);
     };
+    if GAVE_UP.load(std::sync::atomic::Ordering::Relaxed) {
+        return Ok(None);
+    }
     if !taken {
         return Ok(None);
     }
@@ -211,24 +218,35 @@ pub(crate) fn attend(
         .into_iter()
         .collect::<Result<Vec<_>>>()?;
     let o_offsets = index.offsets(segments, b, heads * d, device)?;
-    let shape = Shape {
+    let mut shape = Shape {
         b,
         h: heads,
         s: bound(max_len),
         d,
     };
-    let out = match q.dtype() {
-        DType::BF16 => run::<half::bf16>([q, k, v], seq_len, &offsets, &o_offsets, shape)?,
-        _ => run::<half::f16>([q, k, v], seq_len, &offsets, &o_offsets, shape)?,
+    let attempt = |shape: Shape| match q.dtype() {
+        DType::BF16 => run::<half::bf16>([q, k, v], seq_len, &offsets, &o_offsets, shape),
+        _ => run::<half::f16>([q, k, v], seq_len, &offsets, &o_offsets, shape),
     };
-    Ok(out.map(|storage| {
-        Tensor::from_storage(
+    let mut out = attempt(shape)?;
+    if out.is_err() && shape.s < PINNED_BOUND && max_len <= PINNED_BOUND {
+        // The pinned engine took this bound when it was chosen; a looser bound is the same
+        // computation (the padding mask stops at each sequence's length).
+        shape.s = PINNED_BOUND;
+        out = attempt(shape)?;
+    }
+    match out {
+        Ok(storage) => Ok(Some(Tensor::from_storage(
             Storage::Cuda(storage),
             (tokens, heads, d),
             BackpropOp::none(),
             false,
-        )
-    }))
+        ))),
+        Err(why) => {
+            give_up(shape, &why);
+            Ok(None)
+        }
+    }
 }
 
 /// The graph's bound on sequence lengths for a pack whose longest sequence is `max_len`:
@@ -289,7 +307,7 @@ fn run<T: CudaDType + DeviceRepr + WithDType>(
     offsets: &[Tensor],
     o_offsets: &Tensor,
     shape: Shape,
-) -> Result<Option<CudaStorage>> {
+) -> Result<std::result::Result<CudaStorage, String>> {
     let guards = qkv.map(|t| t.storage_and_layout());
     let index: Vec<_> = [seq_len, &offsets[0], &offsets[1], &offsets[2], o_offsets]
         .iter()
@@ -384,11 +402,8 @@ fn run<T: CudaDType + DeviceRepr + WithDType>(
         );
     }
     match status {
-        OK => Ok(Some(CudaStorage::wrap_cuda_slice(out, dev))),
-        UNSUPPORTED => {
-            unsupported_once(shape, &message);
-            Ok(None)
-        }
+        OK => Ok(Ok(CudaStorage::wrap_cuda_slice(out, dev))),
+        UNSUPPORTED => Ok(Err(message)),
         _ => Err(crate::Error::internal(message)),
     }
 }
@@ -411,15 +426,22 @@ unsafe fn call(args: &Args) -> (i32, usize, String) {
     (status, needed.max(0) as usize, message)
 }
 
-/// Logs, once per process, that a shape fell back to FlashAttention (each shape's graph
-/// remembers the verdict, so later calls fall back without asking cuDNN again).
-fn unsupported_once(shape: Shape, why: &str) {
-    static LOGGED: OnceLock<()> = OnceLock::new();
-    LOGGED.get_or_init(|| {
+/// Stops using cuDNN for the rest of the process, loudly: a shape the pinned engine does not
+/// take runs on FlashAttention, and so must every later pack, or a sequence's numbers would
+/// depend on its pack again.
+fn give_up(shape: Shape, why: &str) {
+    if !GAVE_UP.swap(true, std::sync::atomic::Ordering::Relaxed) {
         let Shape { b, h, s, d } = shape;
-        tracing::warn!("cuDNN attention does not take {b} sequences ≤ {s} of {h}×{d} ({why}); FlashAttention runs them");
-    });
+        tracing::warn!(
+            "cuDNN attention does not take {b} sequences ≤ {s} of {h}×{d} ({why}): FlashAttention \
+             runs this and every later pack (earlier packs' vectors differ from FlashAttention's \
+             by bf16 rounding); unset ESMBED_ATTENTION for one kernel throughout"
+        );
+    }
 }
+
+/// Set once cuDNN has refused a shape ([`give_up`]).
+static GAVE_UP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// How many attention graphs the calling thread holds (tests).
 pub fn graphs() -> i64 {

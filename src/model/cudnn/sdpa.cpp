@@ -181,6 +181,21 @@ fe::error_t plan(fe::graph::Graph &g, Device &device, const Pin *pin) {
 
 std::shared_ptr<fe::graph::Graph> graph_of(Device &device, const EsmbedSdpa &a);
 
+// The engine and knobs of the plan `build_plans` kept: the first configuration that built, not
+// necessarily the heuristic's first.
+fe::error_t chosen_engine(fe::graph::Graph &g, Pin &pin) {
+    std::string chosen;
+    auto status = g.get_plan_name(chosen);
+    if (status.is_bad()) return status;
+    for (int64_t i = 0; i < g.get_execution_plan_count(); ++i) {
+        std::string name;
+        if (g.get_plan_name_at_index(i, name).is_good() && name == chosen) {
+            return g.get_engine_and_knobs_at_index(i, pin.engine, pin.knobs);
+        }
+    }
+    return {fe::error_code_t::INVALID_VALUE, "the built plan " + chosen + " is not among the configurations"};
+}
+
 // The pin of `a`'s head layout, made from its fixed shape on first use.
 const Pin &pin_for(Device &device, const EsmbedSdpa &a) {
     auto key = layout_of(a);
@@ -192,7 +207,7 @@ const Pin &pin_for(Device &device, const EsmbedSdpa &a) {
     fixed.s = PIN_S;
     auto g = graph_of(device, fixed);
     auto status = plan(*g, device, nullptr);
-    if (status.is_good()) status = g->get_engine_and_knobs_at_index(0, pin.engine, pin.knobs);
+    if (status.is_good()) status = chosen_engine(*g, pin);
     pin.ok = status.is_good();
     if (!pin.ok) pin.why = "no engine for the pinned shape: " + status.get_message();
     return state.pins.emplace(key, pin).first->second;
