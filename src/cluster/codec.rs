@@ -8,8 +8,8 @@
 //!   spec into a function that only plans ([`FunctionHost::Planner`]); an executor decodes it over
 //!   its own model, after checking that the weights are the ones the client named, with the
 //!   client's row policy ([`FunctionHost::Executor`]);
-//! - the per-partition Parquet writes of a `COPY` and their commit ([`PartitionWrites`],
-//!   [`CommitWrites`]: the write id and DataFusion's encoding of the Parquet sink).
+//! - the per-partition Parquet writes of a `COPY` and their commit ([`CopyWrites`]: the step, the
+//!   write id and DataFusion's encoding of the Parquet sink).
 //!
 //! Every encoding of ours starts with a tag of its own, so that the bytes Ballista's codecs write
 //! are passed back to them untouched.
@@ -35,7 +35,7 @@ use datafusion_proto::protobuf::FileScanExecConf;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
-use super::parallel_write::{CommitWrites, PartitionWrites, WriteTarget};
+use super::parallel_write::{CopyWrites, Step, WriteTarget};
 use crate::error::Error;
 use crate::sql::fasta_table::{FastaSource, FastaTable};
 use crate::sql::service::EmbedService;
@@ -258,13 +258,14 @@ impl PhysicalExtensionCodec for PhysicalCodec {
         ctx: &TaskContext,
         proto_converter: &dyn PhysicalProtoConverterExtension,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        if let Some(encoded) = buf.strip_prefix(PARTITION_WRITES_TAG) {
-            let target = decode_target(encoded)?;
-            return Ok(Arc::new(PartitionWrites::new(only_input(inputs)?, target)));
-        }
-        if let Some(encoded) = buf.strip_prefix(COMMIT_WRITES_TAG) {
-            let target = decode_target(encoded)?;
-            return Ok(Arc::new(CommitWrites::new(only_input(inputs)?, target)));
+        for (tag, step) in [
+            (PARTITION_WRITES_TAG, Step::Write),
+            (COMMIT_WRITES_TAG, Step::Commit),
+        ] {
+            if let Some(encoded) = buf.strip_prefix(tag) {
+                let target = decode_target(encoded)?;
+                return Ok(Arc::new(CopyWrites::new(step, only_input(inputs)?, target)));
+            }
         }
         let Some(proto) = buf.strip_prefix(FASTA_SCAN_TAG) else {
             return self.inner.try_decode(buf, inputs, ctx, proto_converter);
@@ -284,13 +285,12 @@ impl PhysicalExtensionCodec for PhysicalCodec {
         buf: &mut Vec<u8>,
         proto_converter: &dyn PhysicalProtoConverterExtension,
     ) -> Result<()> {
-        if let Some(writes) = node.downcast_ref::<PartitionWrites>() {
-            buf.extend(PARTITION_WRITES_TAG);
+        if let Some(writes) = node.downcast_ref::<CopyWrites>() {
+            buf.extend(match writes.step() {
+                Step::Write => PARTITION_WRITES_TAG,
+                Step::Commit => COMMIT_WRITES_TAG,
+            });
             return encode_target(writes.target(), buf);
-        }
-        if let Some(commit) = node.downcast_ref::<CommitWrites>() {
-            buf.extend(COMMIT_WRITES_TAG);
-            return encode_target(commit.target(), buf);
         }
         match fasta_scan(node.as_ref()) {
             Some(config) => {
@@ -422,7 +422,7 @@ mod tests {
             .create_physical_plan()
             .await
             .unwrap();
-        assert!(commit.downcast_ref::<CommitWrites>().is_some());
+        assert!(commit.downcast_ref::<CopyWrites>().is_some());
         let codec = PhysicalCodec::new(FunctionHost::Planner);
         let converter = datafusion_proto::physical_plan::DefaultPhysicalProtoConverter {};
         let merge = commit.children()[0].clone();

@@ -4,9 +4,10 @@
 //! DataFusion plans a Parquet `COPY` as one `DataSinkExec` over a single input partition, which a
 //! Ballista scheduler turns into a last stage of one task: every executor's vectors travel to one
 //! writer. [`ParallelParquetWrites`] (a rule the scheduler applies after DataFusion's own) rewrites
-//! such a sink into [`PartitionWrites`] — each input partition written by its own task to a file
-//! of its own — under [`CommitWrites`], one task that gathers which files the partitions wrote and
-//! how many rows, and answers the one row a `COPY` answers, the number of rows written.
+//! such a sink into [`CopyWrites`] nodes: `PartitionWrites` ([`Step::Write`]), each input partition
+//! written by its own task to a file of its own, under `CommitWrites` ([`Step::Commit`]), one task
+//! that gathers which files the partitions wrote and how many rows, and answers the one row a
+//! `COPY` answers, the number of rows written.
 //!
 //! Nothing lost, nothing duplicated, when an executor is lost: Ballista reruns its tasks (and
 //! those whose outputs it held) elsewhere, so a partition can be written twice, by an attempt
@@ -112,9 +113,9 @@ fn rewrite(node: &Arc<dyn ExecutionPlan>) -> Option<Arc<dyn ExecutionPlan>> {
         options: sink.parquet_options().clone(),
         write_id: unique_name(),
     };
-    let writes = Arc::new(PartitionWrites::new(input, target.clone()));
+    let writes = Arc::new(CopyWrites::new(Step::Write, input, target.clone()));
     let reports = Arc::new(CoalescePartitionsExec::new(writes));
-    Some(Arc::new(CommitWrites::new(reports, target)))
+    Some(Arc::new(CopyWrites::new(Step::Commit, reports, target)))
 }
 
 /// A name no other query or attempt takes: time, process and a counter.
@@ -184,90 +185,62 @@ fn report_schema() -> SchemaRef {
     ]))
 }
 
-fn properties(schema: SchemaRef, partitions: usize) -> Arc<PlanProperties> {
-    Arc::new(PlanProperties::new(
-        EquivalenceProperties::new(schema),
-        Partitioning::UnknownPartitioning(partitions),
-        EmissionType::Final,
-        Boundedness::Bounded,
-    ))
+/// Which part of a `COPY`'s writes a [`CopyWrites`] node is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Write each input partition to a file of its own; report its rows and file name.
+    Write,
+    /// Gather the reports (one partition), delete the files of attempts nobody reported, and
+    /// answer the rows written.
+    Commit,
 }
 
-fn one_child(children: Vec<Arc<dyn ExecutionPlan>>, name: &str) -> Result<Arc<dyn ExecutionPlan>> {
-    let [child] = <[_; 1]>::try_from(children)
-        .map_err(|_| DataFusionError::Internal(format!("{name} takes one input")))?;
-    Ok(child)
-}
-
-/// Writes each input partition to a file of its own and reports its rows and file name.
+/// A step of a parallel `COPY` (see the module docs): `Commit` over one partition of `Write`
+/// reports.
 #[derive(Debug)]
-pub struct PartitionWrites {
+pub struct CopyWrites {
+    step: Step,
     input: Arc<dyn ExecutionPlan>,
     target: WriteTarget,
     properties: Arc<PlanProperties>,
 }
 
-impl PartitionWrites {
-    /// Writes of `input`'s partitions to `target`.
-    pub fn new(input: Arc<dyn ExecutionPlan>, target: WriteTarget) -> Self {
-        let partitions = input.output_partitioning().partition_count();
+impl CopyWrites {
+    /// The `step` of the writes of `input` to `target`.
+    pub fn new(step: Step, input: Arc<dyn ExecutionPlan>, target: WriteTarget) -> Self {
+        let (schema, partitions) = match step {
+            Step::Write => (
+                report_schema(),
+                input.output_partitioning().partition_count(),
+            ),
+            Step::Commit => (count_schema(), 1),
+        };
+        let properties = PlanProperties::new(
+            EquivalenceProperties::new(schema),
+            Partitioning::UnknownPartitioning(partitions),
+            EmissionType::Final,
+            Boundedness::Bounded,
+        );
         Self {
+            step,
             input,
             target,
-            properties: properties(report_schema(), partitions),
+            properties: Arc::new(properties),
         }
+    }
+
+    /// Which step.
+    pub fn step(&self) -> Step {
+        self.step
     }
 
     /// Where the files go.
     pub fn target(&self) -> &WriteTarget {
         &self.target
     }
-}
 
-impl DisplayAs for PartitionWrites {
-    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
-        let dir = self.target.dir().as_str();
-        write!(
-            f,
-            "PartitionWrites: {dir}{}-*.parquet",
-            self.target.write_id
-        )
-    }
-}
-
-impl ExecutionPlan for PartitionWrites {
-    fn name(&self) -> &'static str {
-        "PartitionWrites"
-    }
-
-    fn properties(&self) -> &Arc<PlanProperties> {
-        &self.properties
-    }
-
-    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
-        vec![&self.input]
-    }
-
-    fn benefits_from_input_partitioning(&self) -> Vec<bool> {
-        vec![false]
-    }
-
-    fn apply_expressions(
-        &self,
-        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
-    ) -> Result<TreeNodeRecursion> {
-        Ok(TreeNodeRecursion::Continue)
-    }
-
-    fn with_new_children(
-        self: Arc<Self>,
-        children: Vec<Arc<dyn ExecutionPlan>>,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        let input = one_child(children, "PartitionWrites")?;
-        Ok(Arc::new(Self::new(input, self.target.clone())))
-    }
-
-    fn execute(
+    /// Partition `partition`'s file, written: its report.
+    fn write(
         &self,
         partition: usize,
         context: Arc<TaskContext>,
@@ -283,50 +256,43 @@ impl ExecutionPlan for PartitionWrites {
                 Arc::new(StringArray::from(vec![name])),
             ];
             Ok(RecordBatch::try_new(report_schema(), columns)?)
-        })
-        .boxed();
+        });
         Ok(Box::pin(RecordBatchStreamAdapter::new(
             report_schema(),
-            stream,
+            stream.boxed(),
+        )))
+    }
+
+    /// The reports gathered and the lost attempts' files deleted: the rows written.
+    fn commit(&self, context: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
+        let reports = self.input.execute(0, context.clone())?;
+        let target = self.target.clone();
+        let stream = futures::stream::once(async move {
+            let rows = commit(reports, &target, &context).await?;
+            let counts: Arc<dyn Array> = Arc::new(UInt64Array::from(vec![rows]));
+            Ok(RecordBatch::try_new(count_schema(), vec![counts])?)
+        });
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            count_schema(),
+            stream.boxed(),
         )))
     }
 }
 
-/// Gathers the partitions' reports, deletes the files of attempts nobody reported, and answers
-/// the rows written.
-#[derive(Debug)]
-pub struct CommitWrites {
-    input: Arc<dyn ExecutionPlan>,
-    target: WriteTarget,
-    properties: Arc<PlanProperties>,
-}
-
-impl CommitWrites {
-    /// The commit of `reports` (one partition of [`PartitionWrites`] reports) into `target`.
-    pub fn new(reports: Arc<dyn ExecutionPlan>, target: WriteTarget) -> Self {
-        Self {
-            input: reports,
-            target,
-            properties: properties(count_schema(), 1),
-        }
-    }
-
-    /// Where the files went.
-    pub fn target(&self) -> &WriteTarget {
-        &self.target
-    }
-}
-
-impl DisplayAs for CommitWrites {
+impl DisplayAs for CopyWrites {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
         let dir = self.target.dir().as_str();
-        write!(f, "CommitWrites: {dir}{}-*.parquet", self.target.write_id)
+        let id = &self.target.write_id;
+        write!(f, "{}: {dir}{id}-*.parquet", self.name())
     }
 }
 
-impl ExecutionPlan for CommitWrites {
+impl ExecutionPlan for CopyWrites {
     fn name(&self) -> &'static str {
-        "CommitWrites"
+        match self.step {
+            Step::Write => "PartitionWrites",
+            Step::Commit => "CommitWrites",
+        }
     }
 
     fn properties(&self) -> &Arc<PlanProperties> {
@@ -337,8 +303,15 @@ impl ExecutionPlan for CommitWrites {
         vec![&self.input]
     }
 
+    fn benefits_from_input_partitioning(&self) -> Vec<bool> {
+        vec![false]
+    }
+
     fn required_input_distribution(&self) -> Vec<Distribution> {
-        vec![Distribution::SinglePartition]
+        match self.step {
+            Step::Write => vec![Distribution::UnspecifiedDistribution],
+            Step::Commit => vec![Distribution::SinglePartition],
+        }
     }
 
     fn apply_expressions(
@@ -352,8 +325,9 @@ impl ExecutionPlan for CommitWrites {
         self: Arc<Self>,
         children: Vec<Arc<dyn ExecutionPlan>>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let input = one_child(children, "CommitWrites")?;
-        Ok(Arc::new(Self::new(input, self.target.clone())))
+        let [input] = <[_; 1]>::try_from(children)
+            .map_err(|_| DataFusionError::Internal(format!("{} takes one input", self.name())))?;
+        Ok(Arc::new(Self::new(self.step, input, self.target.clone())))
     }
 
     fn execute(
@@ -361,23 +335,13 @@ impl ExecutionPlan for CommitWrites {
         partition: usize,
         context: Arc<TaskContext>,
     ) -> Result<SendableRecordBatchStream> {
-        if partition != 0 {
-            return Err(DataFusionError::Internal(format!(
+        match self.step {
+            Step::Write => self.write(partition, context),
+            Step::Commit if partition == 0 => self.commit(context),
+            Step::Commit => Err(DataFusionError::Internal(format!(
                 "CommitWrites has one partition, not {partition}"
-            )));
+            ))),
         }
-        let reports = self.input.execute(0, context.clone())?;
-        let target = self.target.clone();
-        let stream = futures::stream::once(async move {
-            let rows = commit(reports, &target, &context).await?;
-            let counts: Arc<dyn Array> = Arc::new(UInt64Array::from(vec![rows]));
-            Ok(RecordBatch::try_new(count_schema(), vec![counts])?)
-        })
-        .boxed();
-        Ok(Box::pin(RecordBatchStreamAdapter::new(
-            count_schema(),
-            stream,
-        )))
     }
 }
 
@@ -541,9 +505,8 @@ mod tests {
             .create_physical_plan()
             .await
             .unwrap();
-        let commit = plan
-            .downcast_ref::<CommitWrites>()
-            .expect("the plan's root");
+        let commit = plan.downcast_ref::<CopyWrites>().expect("the plan's root");
+        assert_eq!(commit.step(), Step::Commit);
         // A lost attempt's complete file of this write, and another query's file.
         std::fs::create_dir_all(&out).unwrap();
         let lost = out.join(format!("{}-lost.parquet", commit.target().write_id));
