@@ -456,8 +456,13 @@ mod tests {
         (col(0), col(1), col(2))
     }
 
-    #[tokio::test]
-    async fn a_copy_into_a_directory_writes_a_file_per_partition_with_every_row_once() {
+    /// Table `t` of three files, and the plan of `COPY (SELECT id FROM t) TO 'out/'`.
+    async fn planned_copy() -> (
+        tempfile::TempDir,
+        SessionContext,
+        String,
+        Arc<dyn ExecutionPlan>,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let ctx = context(true);
         three_files(&ctx, dir.path()).await;
@@ -473,6 +478,13 @@ mod tests {
             .create_physical_plan()
             .await
             .unwrap();
+        (dir, ctx, copy, plan)
+    }
+
+    #[tokio::test]
+    async fn a_copy_into_a_directory_writes_a_file_per_partition_with_every_row_once() {
+        let (dir, ctx, copy, plan) = planned_copy().await;
+        let out = dir.path().join("out");
         assert!(shown(&plan).contains("PartitionWrites"), "{}", shown(&plan));
         let answer = rows(&ctx, &copy).await;
         let count = answer[0]
@@ -490,21 +502,8 @@ mod tests {
 
     #[tokio::test]
     async fn the_commit_removes_files_of_attempts_nobody_reported() {
-        let dir = tempfile::tempdir().unwrap();
-        let ctx = context(true);
-        three_files(&ctx, dir.path()).await;
+        let (dir, ctx, _, plan) = planned_copy().await;
         let out = dir.path().join("out");
-        let copy = format!(
-            "COPY (SELECT id FROM t) TO '{}/' STORED AS PARQUET",
-            out.display()
-        );
-        let plan = ctx
-            .sql(&copy)
-            .await
-            .unwrap()
-            .create_physical_plan()
-            .await
-            .unwrap();
         let commit = plan.downcast_ref::<CopyWrites>().expect("the plan's root");
         assert_eq!(commit.step(), Step::Commit);
         // A lost attempt's complete file of this write, and another query's file.
