@@ -98,18 +98,30 @@ impl Esmc {
         let residual = 1.0 / residual_scale(&config);
         let query = (config.head_dim() as f64).powf(-0.5);
         let mut blocks = Vec::with_capacity(config.num_hidden_layers);
+        // One projection where the checkpoint fuses them (the `esm` package's), else the parts,
+        // each `rows` long.
+        let parts =
+            |fused: String, parts: Vec<String>, rows: usize| match checkpoint.contains(&fused) {
+                true => (vec![fused], parts.len() * rows),
+                false => (parts, rows),
+            };
         for i in 0..config.num_hidden_layers {
             let p = format!("layers.{i}");
             let attn = |n: &str| format!("{p}.self_attn.{n}.weight");
             let mlp = |n: &str| format!("{p}.mlp.{n}.weight");
+            let qkv_parts = vec![attn("q_proj"), attn("k_proj"), attn("v_proj")];
+            let (qkv, qkv_rows) = parts(super::esm_package::qkv_proj(i), qkv_parts, h);
+            let gate_up_parts = vec![mlp("gate_proj"), mlp("up_proj")];
+            let (gate_up, gate_up_rows) =
+                parts(super::esm_package::gate_up_proj(i), gate_up_parts, ffn);
             blocks.push(Block {
                 attn_norm: norm(&format!("{p}.input_layernorm"), true, 1.0)?,
-                qkv: weight(&[attn("q_proj"), attn("k_proj"), attn("v_proj")], h, h, 1.0)?,
+                qkv: weight(&qkv, qkv_rows, h, 1.0)?,
                 q_norm: norm(&format!("{p}.self_attn.q_norm"), false, query)?,
                 k_norm: norm(&format!("{p}.self_attn.k_norm"), false, 1.0)?,
                 out: weight(&[attn("o_proj")], h, h, residual)?,
                 ffn_norm: norm(&format!("{p}.post_attention_layernorm"), true, 1.0)?,
-                gate_up: weight(&[mlp("gate_proj"), mlp("up_proj")], ffn, h, 1.0)?,
+                gate_up: weight(&gate_up, gate_up_rows, h, 1.0)?,
                 down: weight(&[mlp("down_proj")], h, ffn, residual)?,
                 fp8: None,
             });

@@ -7,6 +7,7 @@ pub mod config;
 #[cfg(feature = "cudnn")]
 pub mod cudnn;
 pub mod esm2;
+pub mod esm_package;
 pub mod esmc;
 mod fair_esm;
 mod family;

@@ -1,8 +1,9 @@
 //! Where a model comes from, and its tensors under one naming.
 //!
-//! Three sources, one result ([`Checkpoint`]): an HF-format directory (`config.json` plus
+//! Four sources, one result ([`Checkpoint`]): an HF-format directory (`config.json` plus
 //! `model.safetensors`, sharded safetensors with an index, or `pytorch_model.bin`), a fair-esm
-//! `.pt` checkpoint, or a HuggingFace hub id resolved through the local cache ([`super::hub`]).
+//! `.pt` checkpoint, the `esm` package's ESM C `.pth`, or a HuggingFace hub id resolved through
+//! the local cache ([`super::hub`]).
 //! Tensor names are normalized to HF's `EsmModel` naming without the `esm.` prefix
 //! (`encoder.layer.3.attention.self.query.weight`), so the model code has one vocabulary.
 //! Tensors are read lazily (memory-mapped safetensors, lazily extracted pickles): a 15B checkpoint
@@ -18,6 +19,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
 use super::config::EsmConfig;
+use super::esm_package;
 use super::fair_esm;
 use super::hub::HubOptions;
 use super::names;
@@ -28,8 +30,9 @@ use crate::error::{Error, Result};
 pub enum ModelSource {
     /// An HF-format directory (`config.json` + weights).
     HfDir(PathBuf),
-    /// A fair-esm checkpoint (`esm2_t33_650M_UR50D.pt`).
-    FairEsm(PathBuf),
+    /// A torch checkpoint file: fair-esm's (`esm2_t33_650M_UR50D.pt`, ESM-2) or the `esm`
+    /// package's (`esmc_300m_2024_12_v0.pth`, ESM C), told apart by their contents.
+    TorchFile(PathBuf),
     /// A HuggingFace hub id (`facebook/esm2_t33_650M_UR50D`).
     Hub(String),
     /// Random weights of a published shape (`random:650M`): for benchmarks of whole jobs; the
@@ -52,17 +55,20 @@ impl ModelSource {
         }
         let path = Path::new(spec);
         if path.is_dir() {
-            return Ok(ModelSource::HfDir(path.to_path_buf()));
+            return Ok(match esm_package_weights(path) {
+                Some(pth) => ModelSource::TorchFile(pth),
+                None => ModelSource::HfDir(path.to_path_buf()),
+            });
         }
         if path.is_file() {
             return match path.extension().and_then(|e| e.to_str()) {
-                Some("pt" | "pth") => Ok(ModelSource::FairEsm(path.to_path_buf())),
+                Some("pt" | "pth") => Ok(ModelSource::TorchFile(path.to_path_buf())),
                 Some("safetensors" | "json") => {
                     Ok(ModelSource::HfDir(path.parent().unwrap_or(Path::new(".")).into()))
                 }
                 _ => Err(Error::model(
                     spec,
-                    "unknown file type: give an HF model directory, a fair-esm .pt file, or a hub id",
+                    "unknown file type: give an HF model directory, a fair-esm .pt or esm-package .pth file, or a hub id",
                 )),
             };
         }
@@ -90,11 +96,25 @@ impl ModelSource {
     /// How to name this source in messages.
     pub fn display_name(&self) -> String {
         match self {
-            ModelSource::HfDir(p) | ModelSource::FairEsm(p) => p.display().to_string(),
+            ModelSource::HfDir(p) | ModelSource::TorchFile(p) => p.display().to_string(),
             ModelSource::Hub(id) => id.clone(),
             ModelSource::Random(shape) => format!("random:{shape}"),
         }
     }
+}
+
+/// The one `.pth` under `data/weights/` of a directory without `config.json`: the layout of the
+/// `esm` package's hub repositories (`EvolutionaryScale/esmc-300m-2024-12`).
+fn esm_package_weights(dir: &Path) -> Option<PathBuf> {
+    if dir.join("config.json").exists() {
+        return None;
+    }
+    let mut weights = fs::read_dir(dir.join("data/weights"))
+        .ok()?
+        .filter_map(|e| Some(e.ok()?.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "pth"));
+    let first = weights.next()?;
+    weights.next().is_none().then_some(first)
 }
 
 /// Backing storage of the tensors.
@@ -128,7 +148,7 @@ impl Checkpoint {
     pub fn open_with(source: &ModelSource, hub: &HubOptions) -> Result<Self> {
         match source {
             ModelSource::HfDir(dir) => Self::open_hf_dir(dir, &dir.display().to_string()),
-            ModelSource::FairEsm(path) => Self::open_fair_esm(path),
+            ModelSource::TorchFile(path) => Self::open_torch(path),
             ModelSource::Hub(id) => {
                 let dir = super::hub::resolve(id, hub)?;
                 Self::open_hf_dir(&dir, id)
@@ -188,6 +208,41 @@ impl Checkpoint {
             store,
             names,
             files,
+        })
+    }
+
+    /// Open a torch checkpoint: the `esm` package's ESM C state dict where it has the package's
+    /// names ([`esm_package`]), else a fair-esm checkpoint.
+    pub fn open_torch(path: &Path) -> Result<Self> {
+        match PthTensors::new(path, None) {
+            Ok(pth) if pth.tensor_infos().contains_key(esm_package::MARKER) => {
+                Self::open_esm_package(path, pth)
+            }
+            _ => Self::open_fair_esm(path),
+        }
+    }
+
+    /// An `esm`-package ESM C state dict (`torch.save(model.state_dict())`).
+    fn open_esm_package(path: &Path, pth: PthTensors) -> Result<Self> {
+        let source_name = path.display().to_string();
+        let hf: HashMap<String, String> = pth
+            .tensor_infos()
+            .keys()
+            .filter_map(|name| Some((esm_package::hf_name(name)?, name.clone())))
+            .collect();
+        let shape = |hf_name: &str| {
+            let info = pth.tensor_infos().get(hf.get(hf_name)?)?;
+            Some(info.layout.shape().dims().to_vec())
+        };
+        let config = esm_package::config(&hf, shape, &source_name)?;
+        let store = Store::Pth(pth);
+        let names = resolve_names(&store, names::group_as(hf), &source_name)?;
+        Ok(Self {
+            source_name,
+            config,
+            store,
+            names,
+            files: vec![path.to_path_buf()],
         })
     }
 

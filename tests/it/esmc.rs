@@ -79,6 +79,17 @@ fn esmbed_embed_runs_esmc_and_reads_chain_breaks() {
     let meta: serde_json::Value = serde_json::from_str(meta.value.as_deref().unwrap()).unwrap();
     assert_eq!(meta["max_length"], 2046, "{meta}");
 
+    // The same weights as the `esm` package saves them (`.pth`): the same rows, bitwise.
+    let pth = "naming/esmc_package/tiny_esmc.pth";
+    let (code, stderr) = embed(
+        &dir,
+        pth,
+        &["-o", "pth.parquet", "--tokens-per-batch", "300"],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let from_pth = crate::common::vectors(&read_parquet(&dir.join("pth.parquet")), "embedding");
+    assert!(from_pth == vectors, "the .pth embeds as the HF directory");
+
     // For ESM-2, `|` is not a token: that row is an error naming the character and the fix.
     let (code, stderr) = embed(&dir, "tiny_h16", &["-o", "esm2.parquet"]);
     assert_eq!(code, 0, "{stderr}");

@@ -115,7 +115,7 @@ fn fair_esm_pt_and_hf_directory_give_identical_outputs() {
         let hf = fixture.hf_model();
         let pt_path = fixture.dir.join("model.pt");
         let source = ModelSource::parse(pt_path.to_str().unwrap()).unwrap();
-        assert_eq!(source, ModelSource::FairEsm(pt_path.clone()));
+        assert_eq!(source, ModelSource::TorchFile(pt_path.clone()));
         let checkpoint = Checkpoint::open(&source).unwrap();
         assert_eq!(checkpoint.config.num_hidden_layers, fixture.num_layers);
         assert_eq!(checkpoint.config.hidden_size, fixture.hidden_size);
@@ -133,6 +133,58 @@ fn fair_esm_pt_and_hf_directory_give_identical_outputs() {
             );
         }
     }
+}
+
+/// The `esm` package's `.pth` of tiny_esmc (`tests/fixtures/make_esmc_pth.py`, whose mapping the
+/// package's own forward checked against transformers): the same model as the HF directory,
+/// bitwise, every layer and the head's log-probabilities.
+#[test]
+fn esm_package_pth_and_hf_directory_give_identical_outputs() {
+    let fixture = Fixture::load("tiny_esmc");
+    let hf = fixture.hf_model();
+    let path = fixture_dir("naming/esmc_package/tiny_esmc.pth");
+    let source = ModelSource::parse(path.to_str().unwrap()).unwrap();
+    // The package's hub layout: a directory with the weights under data/weights/.
+    let repo = scratch("esmc-package-repo");
+    std::fs::create_dir_all(repo.join("data/weights")).unwrap();
+    let in_repo = repo.join("data/weights/esmc_tiny_2024_12_v0.pth");
+    std::fs::copy(&path, &in_repo).unwrap();
+    let from_dir = ModelSource::parse(repo.to_str().unwrap()).unwrap();
+    assert_eq!(from_dir, ModelSource::TorchFile(in_repo));
+    let checkpoint = Checkpoint::open(&source).unwrap();
+    assert_eq!(checkpoint.config.family, esmbed::Family::Esmc);
+    assert_eq!(checkpoint.config.num_attention_heads, 2);
+    assert_eq!(checkpoint.config.intermediate_size, 320);
+    assert!(checkpoint.has_lm_head());
+    let pth = esmbed::Model::load(&checkpoint, &Device::Cpu, DType::F32, true).unwrap();
+    let hf_with_head = {
+        let dir = ModelSource::HfDir(fixture.dir.clone());
+        esmbed::Model::load(
+            &Checkpoint::open(&dir).unwrap(),
+            &Device::Cpu,
+            DType::F32,
+            true,
+        )
+        .unwrap()
+    };
+    let batch = PackedBatch::from_sequences(fixture.cases.iter().map(|c| &c.tokens[..]));
+    let layers: Vec<usize> = (0..=fixture.num_layers).collect();
+    let a = hf.forward(&batch, &layers).unwrap();
+    let b = pth.forward(&batch, &layers).unwrap();
+    for (layer, (a, b)) in a.iter().zip(&b).enumerate() {
+        let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(
+            a == b,
+            "layer {layer} differs between the HF and .pth loads"
+        );
+    }
+    let at = esmbed::engine::LogProbsAt::Residues;
+    assert_eq!(
+        hf_with_head.log_probs(&batch, at).unwrap(),
+        pth.log_probs(&batch, at).unwrap(),
+        "the head"
+    );
 }
 
 #[test]
