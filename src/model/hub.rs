@@ -18,6 +18,36 @@ const CONFIG: &str = "config.json";
 const WEIGHTS: &str = "model.safetensors";
 const INDEX: &str = "model.safetensors.index.json";
 
+/// The `esm` package's ESM C repositories: no `config.json`, the weights one `.pth` state dict
+/// ([`super::esm_package`]).
+const ESM_PACKAGE_REPOS: [(&str, &str); 2] = [
+    (
+        "EvolutionaryScale/esmc-300m-2024-12",
+        "data/weights/esmc_300m_2024_12_v0.pth",
+    ),
+    (
+        "EvolutionaryScale/esmc-600m-2024-12",
+        "data/weights/esmc_600m_2024_12_v0.pth",
+    ),
+];
+
+/// The weights file of an `esm`-package repository.
+fn package_weights(model_id: &str) -> Option<&'static str> {
+    ESM_PACKAGE_REPOS
+        .iter()
+        .find(|(id, _)| id.eq_ignore_ascii_case(model_id))
+        .map(|&(_, file)| file)
+}
+
+/// The snapshot directory of `file` (which may sit in a subdirectory of the snapshot).
+fn snapshot_of(file: &std::path::Path, name: &str) -> PathBuf {
+    let depth = name.split('/').count();
+    file.ancestors()
+        .nth(depth)
+        .map(PathBuf::from)
+        .unwrap_or_default()
+}
+
 /// Where hub models are cached, and whether they may be downloaded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HubOptions {
@@ -61,9 +91,13 @@ pub fn resolve(model_id: &str, options: &HubOptions) -> Result<PathBuf> {
     download(model_id, options)
 }
 
-/// The snapshot directory if the cache holds the config and the weights (single or sharded).
+/// The snapshot directory if the cache holds the config and the weights (single or sharded), or
+/// an `esm`-package repository's weights.
 fn cached(cache: &Cache, model_id: &str) -> Option<PathBuf> {
     let repo = cache.repo(Repo::model(model_id.to_string()));
+    if let Some(file) = package_weights(model_id) {
+        return repo.get(file).map(|path| snapshot_of(&path, file));
+    }
     let config = repo.get(CONFIG)?;
     let dir = config.parent()?.to_path_buf();
     let complete = repo.get(WEIGHTS).is_some()
@@ -99,6 +133,10 @@ fn download(model_id: &str, options: &HubOptions) -> Result<PathBuf> {
         .build()
         .map_err(|e| hub_error("anything (cannot start the hub client)", e))?;
     let repo = api.model(model_id.to_string());
+    if let Some(file) = package_weights(model_id) {
+        let path = repo.get(file).map_err(|e| hub_error(file, e))?;
+        return Ok(snapshot_of(&path, file));
+    }
     let config = repo.get(CONFIG).map_err(|e| hub_error(CONFIG, e))?;
     if repo.get(WEIGHTS).is_err() {
         let index = repo.get(INDEX).map_err(|e| hub_error(WEIGHTS, e))?;

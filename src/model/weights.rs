@@ -151,7 +151,10 @@ impl Checkpoint {
             ModelSource::TorchFile(path) => Self::open_torch(path),
             ModelSource::Hub(id) => {
                 let dir = super::hub::resolve(id, hub)?;
-                Self::open_hf_dir(&dir, id)
+                match esm_package_weights(&dir) {
+                    Some(pth) => Self::open_torch(&pth),
+                    None => Self::open_hf_dir(&dir, id),
+                }
             }
             ModelSource::Random(_) => Err(Error::model(
                 source.display_name(),

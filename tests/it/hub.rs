@@ -46,5 +46,18 @@ fn hub_ids_resolve_from_the_cache_and_fail_clearly_offline() {
         .unwrap()
         .to_string();
     assert!(err.contains("HF_HUB_OFFLINE"), "{err}");
+
+    // The `esm` package's ESM C repositories: no config.json, the weights under data/weights/.
+    let id = "EvolutionaryScale/esmc-300m-2024-12";
+    let repo = home.join("hub/models--EvolutionaryScale--esmc-300m-2024-12");
+    let snapshot = repo.join("snapshots/fedcba9876543210");
+    std::fs::create_dir_all(snapshot.join("data/weights")).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "fedcba9876543210").unwrap();
+    let pth = fixture_dir("naming/esmc_package/tiny_esmc.pth");
+    std::fs::copy(pth, snapshot.join("data/weights/esmc_300m_2024_12_v0.pth")).unwrap();
+    let checkpoint = Checkpoint::open_with(&ModelSource::parse(id).unwrap(), &hub).unwrap();
+    assert_eq!(checkpoint.config.family, esmbed::Family::Esmc);
+    assert_eq!(checkpoint.config.num_hidden_layers, 2);
     std::fs::remove_dir_all(&home).unwrap();
 }
