@@ -172,8 +172,9 @@ pub struct ModelArg {
     /// Model: a HuggingFace hub id, a published size (ESM-2: 8M, 35M, 150M, 650M, 3B, 15B; ESM C:
     /// esmc-300m, esmc-600m, esmc-6b), a local HF directory (config.json + model.safetensors;
     /// ESM-2 or ESM C, as its model_type says), a fair-esm .pt checkpoint, or an ESM C .pth of
-    /// the `esm` package (or its repository's directory). Hub models come from the HF cache
-    /// (HF_HOME); HF_HUB_OFFLINE=1 forbids downloads.
+    /// the `esm` package (its file, its repository's directory, or its hub id:
+    /// EvolutionaryScale/esmc-300m-2024-12). Hub models come from the HF cache (HF_HOME);
+    /// HF_HUB_OFFLINE=1 forbids downloads.
     #[arg(
         long,
         short,

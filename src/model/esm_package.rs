@@ -63,6 +63,43 @@ pub(super) fn hf_name(name: &str) -> Option<String> {
     Some(format!("layers.{i}.{mapped}"))
 }
 
+/// Every name of a package state dict mapped to transformers', or an error listing the names
+/// esmbed does not know (a bias the published models lack, ESM3's structure tensors): none may
+/// be dropped silently.
+pub(super) fn hf_names<'a>(
+    names: impl Iterator<Item = &'a String>,
+    source_name: &str,
+) -> Result<HashMap<String, String>> {
+    let (mut mapped, mut unknown) = (HashMap::new(), Vec::new());
+    for name in names {
+        match hf_name(name) {
+            Some(hf) => {
+                mapped.insert(hf, name.clone());
+            }
+            None => unknown.push(name.clone()),
+        }
+    }
+    if unknown.is_empty() {
+        return Ok(mapped);
+    }
+    unknown.sort();
+    let shown = unknown
+        .iter()
+        .take(5)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(Error::model(
+        source_name,
+        format!(
+            "an esm-package state dict with {} tensors an ESM C does not have ({shown}{}): \
+             esmbed reads the package's ESM C (300M, 600M), not ESM3 or modified models",
+            unknown.len(),
+            if unknown.len() > 5 { ", …" } else { "" }
+        ),
+    ))
+}
+
 /// The config of a package checkpoint, from its shapes (`shape` of a mapped name). The heads are
 /// 64 wide in every ESM C the package ships (300M: 15, 600M: 18, 6B: 40), which the state dict
 /// does not record.
@@ -82,20 +119,22 @@ pub(super) fn config(
         })
         .max()
         .map_or(0, |max| max + 1);
-    let dims = |name: &str| {
+    // `layers` ≥ 1: the marker tensor is block 0's.
+    let dims = |name: &str, package_name: &str| {
         shape(name).ok_or_else(|| Error::MissingTensor {
             source_name: source_name.to_string(),
-            tensor: name.to_string(),
-            tried: vec![],
+            tensor: package_name.to_string(),
+            tried: vec![name.to_string()],
         })
     };
-    let hidden = dims("embed_tokens.weight")?[1];
-    let gate_up = dims(&gate_up_proj(0))?[0];
-    if layers == 0 || hidden % 64 != 0 {
+    let hidden = dims("embed_tokens.weight", "embed.weight")?[1];
+    let gate_up = dims(&gate_up_proj(0), "transformer.blocks.0.ffn.1.weight")?[0];
+    if hidden % 64 != 0 {
         return Err(Error::model(
             source_name,
             format!(
-                "an esm-package ESM C state dict with {layers} blocks of width {hidden}: ESM C's heads are 64 wide; convert it with transformers"
+                "an esm-package ESM C of width {hidden}, not a multiple of its 64-wide heads: \
+                 not one of the package's models"
             ),
         ));
     }
@@ -139,5 +178,19 @@ mod tests {
         }
         assert_eq!(hf_name("transformer.blocks.0.attn.rotary.inv_freq"), None);
         assert_eq!(hf_name("sequence_head.1.weight"), None);
+    }
+
+    #[test]
+    fn unknown_names_are_refused_not_dropped() {
+        let names = [
+            "embed.weight".to_string(),
+            "transformer.blocks.0.attn.out_proj.bias".to_string(),
+        ];
+        let err = hf_names(names.iter(), "x.pth").unwrap_err().to_string();
+        assert!(
+            err.contains("out_proj.bias") && err.contains("ESM3"),
+            "{err}"
+        );
+        assert_eq!(hf_names(names[..1].iter(), "x.pth").unwrap().len(), 1);
     }
 }

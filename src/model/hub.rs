@@ -31,12 +31,12 @@ const ESM_PACKAGE_REPOS: [(&str, &str); 2] = [
     ),
 ];
 
-/// The weights file of an `esm`-package repository.
-fn package_weights(model_id: &str) -> Option<&'static str> {
+/// An `esm`-package repository's id as the hub spells it, and its weights file.
+pub(super) fn package_weights(model_id: &str) -> Option<(&'static str, &'static str)> {
     ESM_PACKAGE_REPOS
         .iter()
         .find(|(id, _)| id.eq_ignore_ascii_case(model_id))
-        .map(|&(_, file)| file)
+        .copied()
 }
 
 /// The snapshot directory of `file` (which may sit in a subdirectory of the snapshot).
@@ -94,10 +94,11 @@ pub fn resolve(model_id: &str, options: &HubOptions) -> Result<PathBuf> {
 /// The snapshot directory if the cache holds the config and the weights (single or sharded), or
 /// an `esm`-package repository's weights.
 fn cached(cache: &Cache, model_id: &str) -> Option<PathBuf> {
-    let repo = cache.repo(Repo::model(model_id.to_string()));
-    if let Some(file) = package_weights(model_id) {
+    if let Some((id, file)) = package_weights(model_id) {
+        let repo = cache.repo(Repo::model(id.to_string()));
         return repo.get(file).map(|path| snapshot_of(&path, file));
     }
+    let repo = cache.repo(Repo::model(model_id.to_string()));
     let config = repo.get(CONFIG)?;
     let dir = config.parent()?.to_path_buf();
     let complete = repo.get(WEIGHTS).is_some()
@@ -132,11 +133,14 @@ fn download(model_id: &str, options: &HubOptions) -> Result<PathBuf> {
         .with_retries(3)
         .build()
         .map_err(|e| hub_error("anything (cannot start the hub client)", e))?;
-    let repo = api.model(model_id.to_string());
-    if let Some(file) = package_weights(model_id) {
-        let path = repo.get(file).map_err(|e| hub_error(file, e))?;
+    if let Some((id, file)) = package_weights(model_id) {
+        let path = api
+            .model(id.to_string())
+            .get(file)
+            .map_err(|e| hub_error(file, e))?;
         return Ok(snapshot_of(&path, file));
     }
+    let repo = api.model(model_id.to_string());
     let config = repo.get(CONFIG).map_err(|e| hub_error(CONFIG, e))?;
     if repo.get(WEIGHTS).is_err() {
         let index = repo.get(INDEX).map_err(|e| hub_error(WEIGHTS, e))?;

@@ -103,10 +103,16 @@ impl ModelSource {
     }
 }
 
-/// The one `.pth` under `data/weights/` of a directory without `config.json`: the layout of the
-/// `esm` package's hub repositories (`EvolutionaryScale/esmc-300m-2024-12`).
+/// The one `.pth` under `data/weights/` of a directory without transformers' weights: the
+/// layout of the `esm` package's hub repositories (`EvolutionaryScale/esmc-300m-2024-12`, whose
+/// `config.json`, if present, is not transformers').
 fn esm_package_weights(dir: &Path) -> Option<PathBuf> {
-    if dir.join("config.json").exists() {
+    let hf_weights = [
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+    ];
+    if hf_weights.iter().any(|f| dir.join(f).exists()) {
         return None;
     }
     let mut weights = fs::read_dir(dir.join("data/weights"))
@@ -151,8 +157,8 @@ impl Checkpoint {
             ModelSource::TorchFile(path) => Self::open_torch(path),
             ModelSource::Hub(id) => {
                 let dir = super::hub::resolve(id, hub)?;
-                match esm_package_weights(&dir) {
-                    Some(pth) => Self::open_torch(&pth),
+                match super::hub::package_weights(id) {
+                    Some((_, file)) => Self::open_torch_named(&dir.join(file), id),
                     None => Self::open_hf_dir(&dir, id),
                 }
             }
@@ -217,31 +223,34 @@ impl Checkpoint {
     /// Open a torch checkpoint: the `esm` package's ESM C state dict where it has the package's
     /// names ([`esm_package`]), else a fair-esm checkpoint.
     pub fn open_torch(path: &Path) -> Result<Self> {
+        Self::open_torch_named(path, &path.display().to_string())
+    }
+
+    /// [`Checkpoint::open_torch`], naming the source `source_name` in messages (a hub id).
+    fn open_torch_named(path: &Path, source_name: &str) -> Result<Self> {
         match PthTensors::new(path, None) {
             Ok(pth) if pth.tensor_infos().contains_key(esm_package::MARKER) => {
-                Self::open_esm_package(path, pth)
+                Self::open_esm_package(path, pth, source_name)
             }
             _ => Self::open_fair_esm(path),
         }
     }
 
     /// An `esm`-package ESM C state dict (`torch.save(model.state_dict())`).
-    fn open_esm_package(path: &Path, pth: PthTensors) -> Result<Self> {
-        let source_name = path.display().to_string();
-        let hf: HashMap<String, String> = pth
-            .tensor_infos()
-            .keys()
-            .filter_map(|name| Some((esm_package::hf_name(name)?, name.clone())))
-            .collect();
+    fn open_esm_package(path: &Path, pth: PthTensors, source_name: &str) -> Result<Self> {
+        let hf = esm_package::hf_names(pth.tensor_infos().keys(), source_name)?;
         let shape = |hf_name: &str| {
             let info = pth.tensor_infos().get(hf.get(hf_name)?)?;
             Some(info.layout.shape().dims().to_vec())
         };
-        let config = esm_package::config(&hf, shape, &source_name)?;
+        let config = esm_package::config(&hf, shape, source_name)?;
+        config
+            .validate()
+            .map_err(|reason| Error::model(source_name, reason))?;
         let store = Store::Pth(pth);
-        let names = resolve_names(&store, names::group_as(hf), &source_name)?;
+        let names = resolve_names(&store, names::group_as(hf), source_name)?;
         Ok(Self {
-            source_name,
+            source_name: source_name.to_string(),
             config,
             store,
             names,
@@ -255,7 +264,11 @@ impl Checkpoint {
         let pth = PthTensors::new(path, Some("model")).map_err(|e| {
             Error::model(
                 &source_name,
-                format!("not a readable torch checkpoint: {e}"),
+                format!(
+                    "not a checkpoint esmbed reads ({e}): a torch file must be fair-esm's \
+                     (ESM-2: {{\"cfg\", \"model\": state dict}}) or the esm package's ESM C state \
+                     dict (names `transformer.blocks.*`); for anything else give an HF directory"
+                ),
             )
         })?;
         let store = Store::Pth(pth);

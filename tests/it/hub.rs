@@ -56,8 +56,18 @@ fn hub_ids_resolve_from_the_cache_and_fail_clearly_offline() {
     std::fs::write(repo.join("refs/main"), "fedcba9876543210").unwrap();
     let pth = fixture_dir("naming/esmc_package/tiny_esmc.pth");
     std::fs::copy(pth, snapshot.join("data/weights/esmc_300m_2024_12_v0.pth")).unwrap();
+    // The repository's own config.json is not transformers'.
+    std::fs::write(
+        snapshot.join("config.json"),
+        r#"{"model_type": "esmc_300m"}"#,
+    )
+    .unwrap();
     let checkpoint = Checkpoint::open_with(&ModelSource::parse(id).unwrap(), &hub).unwrap();
     assert_eq!(checkpoint.config.family, esmbed::Family::Esmc);
     assert_eq!(checkpoint.config.num_hidden_layers, 2);
+    assert_eq!(checkpoint.source_name, id);
+    // As typed in another case, the same cache entry.
+    let lower = ModelSource::Hub(id.to_lowercase());
+    assert!(Checkpoint::open_with(&lower, &hub).is_ok());
     std::fs::remove_dir_all(&home).unwrap();
 }

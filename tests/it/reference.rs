@@ -149,6 +149,7 @@ fn esm_package_pth_and_hf_directory_give_identical_outputs() {
     std::fs::create_dir_all(repo.join("data/weights")).unwrap();
     let in_repo = repo.join("data/weights/esmc_tiny_2024_12_v0.pth");
     std::fs::copy(&path, &in_repo).unwrap();
+    std::fs::write(repo.join("config.json"), r#"{"model_type": "esmc_300m"}"#).unwrap();
     let from_dir = ModelSource::parse(repo.to_str().unwrap()).unwrap();
     assert_eq!(from_dir, ModelSource::TorchFile(in_repo));
     let checkpoint = Checkpoint::open(&source).unwrap();
