@@ -555,35 +555,23 @@ mod tests {
     async fn single_files_and_single_partitions_stay_as_datafusion_plans_them() {
         let dir = tempfile::tempdir().unwrap();
         let ctx = context(true);
-        let into_file = format!(
-            "COPY (SELECT value FROM generate_series(1, 10)) TO '{}/one.parquet'",
-            dir.path().display()
-        );
-        let plan = ctx
-            .sql(&into_file)
-            .await
-            .unwrap()
-            .create_physical_plan()
-            .await
-            .unwrap();
-        let shown = datafusion::physical_plan::displayable(plan.as_ref())
-            .indent(false)
-            .to_string();
-        assert!(!shown.contains("PartitionWrites"), "{shown}");
-        let one_partition = format!(
-            "COPY (SELECT value FROM generate_series(1, 10)) TO '{}/d/' STORED AS PARQUET",
-            dir.path().display()
-        );
-        let plan = ctx
-            .sql(&one_partition)
-            .await
-            .unwrap()
-            .create_physical_plan()
-            .await
-            .unwrap();
-        let shown = datafusion::physical_plan::displayable(plan.as_ref())
-            .indent(false)
-            .to_string();
-        assert!(!shown.contains("PartitionWrites"), "{shown}");
+        for target in ["one.parquet'", "d/' STORED AS PARQUET"] {
+            let sql = format!(
+                "COPY (SELECT value FROM generate_series(1, 10)) TO '{}/{target}",
+                dir.path().display()
+            );
+            let plan = ctx
+                .sql(&sql)
+                .await
+                .unwrap()
+                .create_physical_plan()
+                .await
+                .unwrap();
+            assert!(
+                !shown(&plan).contains("PartitionWrites"),
+                "{}",
+                shown(&plan)
+            );
+        }
     }
 }

@@ -124,14 +124,7 @@ fn fair_esm_pt_and_hf_directory_give_identical_outputs() {
         let layers: Vec<usize> = (0..=fixture.num_layers).collect();
         let a = hf.forward(&batch, &layers).unwrap();
         let b = pt.forward(&batch, &layers).unwrap();
-        for (layer, (a, b)) in a.iter().zip(&b).enumerate() {
-            let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
-            let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
-            assert!(
-                a == b,
-                "{name}: layer {layer} differs between HF and .pt loads"
-            );
-        }
+        assert_layers_bitwise(&a, &b, &format!("{name}: HF and .pt loads"));
     }
 }
 
@@ -141,7 +134,6 @@ fn fair_esm_pt_and_hf_directory_give_identical_outputs() {
 #[test]
 fn esm_package_pth_and_hf_directory_give_identical_outputs() {
     let fixture = Fixture::load("tiny_esmc");
-    let hf = fixture.hf_model();
     let path = fixture_dir("naming/esmc_package/tiny_esmc.pth");
     let source = ModelSource::parse(path.to_str().unwrap()).unwrap();
     // The package's hub layout: a directory with the weights under data/weights/.
@@ -158,7 +150,7 @@ fn esm_package_pth_and_hf_directory_give_identical_outputs() {
     assert_eq!(checkpoint.config.intermediate_size, 320);
     assert!(checkpoint.has_lm_head());
     let pth = esmbed::Model::load(&checkpoint, &Device::Cpu, DType::F32, true).unwrap();
-    let hf_with_head = {
+    let hf = {
         let dir = ModelSource::HfDir(fixture.dir.clone());
         esmbed::Model::load(
             &Checkpoint::open(&dir).unwrap(),
@@ -172,20 +164,22 @@ fn esm_package_pth_and_hf_directory_give_identical_outputs() {
     let layers: Vec<usize> = (0..=fixture.num_layers).collect();
     let a = hf.forward(&batch, &layers).unwrap();
     let b = pth.forward(&batch, &layers).unwrap();
-    for (layer, (a, b)) in a.iter().zip(&b).enumerate() {
-        let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
-        let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
-        assert!(
-            a == b,
-            "layer {layer} differs between the HF and .pth loads"
-        );
-    }
+    assert_layers_bitwise(&a, &b, "HF and .pth loads");
     let at = esmbed::engine::LogProbsAt::Residues;
     assert_eq!(
-        hf_with_head.log_probs(&batch, at).unwrap(),
+        hf.log_probs(&batch, at).unwrap(),
         pth.log_probs(&batch, at).unwrap(),
         "the head"
     );
+}
+
+/// Every layer of two loads of one model, bit for bit.
+fn assert_layers_bitwise(a: &[candle_core::Tensor], b: &[candle_core::Tensor], what: &str) {
+    for (layer, (a, b)) in a.iter().zip(b).enumerate() {
+        let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(a == b, "{what}: layer {layer} differs");
+    }
 }
 
 #[test]
