@@ -25,7 +25,7 @@ for v in $VARIANTS; do
   [ $exact = 1 ] && [ -z "$PASS" ] && PASS=$v
 done
 echo "first batch-invariant variant: ${PASS:-none}"
-BENCH=${BENCH:-flash X=1 ESMBED_CUDNN_DYNAMIC=1 ESMBED_CUDNN_FIXED_S=1}; [ -n "$PASS" ] && [[ " $BENCH " != *" $PASS "* ]] && BENCH="$BENCH $PASS"
+BENCH=${BENCH:-flash X=1 ESMBED_CUDNN_DYNAMIC=1 ESMBED_CUDNN_FIXED_S=1 ESMBED_CUDNN_DYNAMIC=1+ESMBED_CUDNN_FIXED_S=1}; [ -n "$PASS" ] && [[ " $BENCH " != *" $PASS "* ]] && BENCH="$BENCH $PASS"
 for s in ${SHAPES:-650M esmc-600m}; do
   for v in $BENCH; do
     a=cudnn; vars=${v//+/ }; [ $v = flash ] && a=flash && vars=X=1
