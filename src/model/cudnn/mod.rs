@@ -187,10 +187,8 @@ pub(crate) fn attend(
     index: &PackIndex,
 ) -> Result<Option<Tensor>> {
     let (tokens, heads, d) = q.dims3()?;
-    // The offsets are int32 element offsets into the widest-strided tensor.
-    let widest = [q, k, v].iter().map(|t| t.stride()[0]).max().unwrap_or(0);
+    // What a model fixes (dtype, head width, layout): the same answer for every pack.
     let taken = matches!(q.dtype(), DType::BF16 | DType::F16)
-        && tokens.saturating_mul(widest.max(heads * d)) < i32::MAX as usize
         && d.is_multiple_of(8)
         && d <= 256
         && k.dims() == q.dims()
@@ -201,10 +199,25 @@ pub(crate) fn attend(
     let Ok(version) = backend() else {
         return Ok(None);
     };
-    if GAVE_UP.load(std::sync::atomic::Ordering::Relaxed) {
+    if !taken || GAVE_UP.load(std::sync::atomic::Ordering::Relaxed) {
         return Ok(None);
     }
-    if !taken {
+    // The offsets are int32 element offsets into the widest-strided tensor: a pack too large
+    // for them ends cuDNN for the process, as a refused shape does.
+    let widest = [q, k, v].iter().map(|t| t.stride()[0]).max().unwrap_or(0);
+    if tokens.saturating_mul(widest.max(heads * d)) >= i32::MAX as usize {
+        let shape = Shape {
+            b: segments.len(),
+            h: heads,
+            s: bound(max_len),
+            d,
+        };
+        give_up(
+            shape,
+            &format!(
+                "{tokens} tokens overflow its int32 offsets; a smaller --tokens-per-batch keeps it"
+            ),
+        );
         return Ok(None);
     }
     let b = match version >= PADDED_BATCHES {
