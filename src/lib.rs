@@ -20,7 +20,7 @@
 //! - [`sql`]: DataFusion with `esm_embed(sequence)` and FASTA tables, a thin front over the pool;
 //! - [`cluster`]: the same SQL on DataFusion Ballista (scheduler, executors, client);
 //! - [`score`]: zero-shot scores from the masked-LM head (likelihoods, variant effects);
-//! - [`bench`]: throughput on the reference benchmark's workload, through the same pool.
+//! - [`mod@bench`]: throughput on the reference benchmark's workload, through the same pool.
 //!
 //! ```no_run
 //! use esmbed::{Embedder, EmbedOptions};

@@ -267,7 +267,7 @@ pub enum UnknownArg {
     Error,
     /// Map to X (any amino acid).
     X,
-    /// Map to <unk>.
+    /// Map to `<unk>`.
     Unk,
 }
 
@@ -299,7 +299,7 @@ pub struct OutputArgs {
     #[arg(long)]
     pub per_residue: bool,
 
-    /// Also output the <cls> (BOS) vector. The ESM authors discourage it: use the mean.
+    /// Also output the `<cls>` (BOS) vector. The ESM authors discourage it: use the mean.
     #[arg(long)]
     pub bos: bool,
 

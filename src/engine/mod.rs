@@ -5,7 +5,7 @@
 //!                                                                      ├─> worker cuda:1 ─┼─> reply
 //!                                                                      └─> worker …      ─┘
 //! ```
-//! - [`queue`]: the bounded queue with retry bookkeeping (failover, refusals);
+//! - `queue`: the bounded queue with retry bookkeeping (failover, refusals);
 //! - [`split`]: out of memory → halve the pack and retry, down to single sequences;
 //! - [`pool`]: [`DevicePool`], the one worker loop per device, warm-up and per-device accounting.
 //!

@@ -16,7 +16,7 @@
 //! (no bias, so exact; `d` = 64 in every released size, a power of two), `1/s` into the output and
 //! down projections (no biases), gate and up into one `[2I, H]` matmul. LayerNorms without a bias
 //! get a zero one, which adds nothing; on the fused CUDA path (bf16/f16, opt-in for now: see
-//! [`fused`]) the linear layers get zero biases too, so that ESM-2's fused kernels apply
+//! `fused`) the linear layers get zero biases too, so that ESM-2's fused kernels apply
 //! (LayerNorm, and cuBLASLt GEMMs with the residual in their epilogue). Positions restart at 0 for every packed sequence, as they do
 //! for one sequence alone in transformers; a chain break `|` is a token like any other (full
 //! attention across it, positions running on), as transformers runs it without `sequence_id`.

@@ -3,10 +3,10 @@
 //!
 //! A model asked for in FP8 is built in bf16 (the residual stream, LayerNorm statistics,
 //! attention, the final norm and pooling stay there), then each quantized block's four weight
-//! matrices become e4m3 with one f32 scale per output channel ([`super::kernels::quantize_rows`]);
+//! matrices become e4m3 with one f32 scale per output channel (`kernels::quantize_rows`);
 //! the bf16 copies are dropped, so weights take half the memory. The block's forward then feeds
 //! those GEMMs e4m3 activations written by the kernels before them
-//! ([`super::kernels`]'s `*_fp8` functions).
+//! (`kernels`' `*_fp8` functions).
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::Linear;

@@ -79,7 +79,7 @@ pub struct Throughput {
 }
 
 /// A job's plan and estimates (an embedding job's, or a score job's:
-/// [`crate::score::job::dry_run`]).
+/// [`crate::score::dry_run`]).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct DryRun {
     /// Input rows.

@@ -1,4 +1,4 @@
-//! `esmbed score --dry-run`: the score job's own part loop and scoring code on a [`Planned`]
+//! `esmbed score --dry-run`: the score job's own part loop and scoring code on a `Planned`
 //! runner that runs nothing, so the plan's rows, errors, tokens and packs are the job's.
 
 use std::cell::Cell;
@@ -52,7 +52,7 @@ impl Runner for Planned {
 }
 
 /// Plan `job` without a model on a device: every figure of [`DryRun`], from the job's own part
-/// loop and scoring code run on a [`Planned`] runner. Fails where the job would fail before
+/// loop and scoring code run on a `Planned` runner. Fails where the job would fail before
 /// model work; writes nothing.
 pub fn dry_run(job: &ScoreJob, model: &ModelFacts) -> Result<DryRun> {
     let opts = &job.options;

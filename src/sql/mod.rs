@@ -6,7 +6,7 @@
 //! SELECT id, cosine_similarity(embedding, (SELECT embedding FROM emb WHERE id = 'P69905')) AS sim
 //! FROM emb ORDER BY sim DESC LIMIT 10;
 //! ```
-//! [`session`] builds a `SessionContext` with [`functions`] registered over an
+//! [`session`] builds a `SessionContext` with [`functions()`] registered over an
 //! [`service::EmbedService`] (one model replica per device, shared by every partition),
 //! `STORED AS FASTA` ([`fasta_table`]) and object stores resolved from the URLs the SQL names
 //! ([`stores`]). [`run_script`] runs `;`-separated statements; [`slt`] runs sqllogictest files,
