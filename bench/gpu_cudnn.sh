@@ -18,7 +18,7 @@ for v in $VARIANTS; do
   for m in ${FIXTURES:-tiny_h64 tiny_h16}; do
     env ${v//+/ } ESMBED_ATTENTION=cudnn RUST_LOG=info,esmbed::cudnn=debug timeout ${VERIFY_LIMIT:-40} $E verify --model tests/fixtures/$m \
       --device cuda --dtype bf16 -n 8 --json > $R/verify.jsonl 2> $R/verify.log
-    echo "verify $m [$v] rc $?: $(grep -o '"min_cosine":[0-9.]*\|"invariance_max_abs":[0-9.e-]*' $R/verify.jsonl | tr '\n' ' ')"
+    echo "verify $m [$v] rc $?: $(grep -o '"attention":"[^"]*"\|"min_cosine":[0-9.]*\|"invariance_max_abs":[0-9.e-]*' $R/verify.jsonl | tr '\n' ' ')"
     grep -q '"invariance_max_abs":0.0[,}]' $R/verify.jsonl || exact=0
     log $R/verify.log 4
   done
@@ -31,7 +31,7 @@ for s in ${SHAPES:-650M esmc-600m}; do
     a=cudnn; vars=${v//+/ }; [ $v = flash ] && a=flash && vars=X=1
     env $vars ESMBED_ATTENTION=$a RUST_LOG=info,esmbed::cudnn=debug timeout ${BENCH_LIMIT:-60} $E bench --shape $s \
       --dtype ${DTYPE:-bf16} --device cuda --method packed --lengths-file /tmp/lengths.txt --json > $R/bench.jsonl 2> $R/bench.log
-    echo "bench $s [$v]: $(grep -o '"tokens_per_s":[0-9.]*' $R/bench.jsonl | head -1) graphs $(grep -c 'attention graph' $R/bench.log), build ms $(grep -o 'built in [0-9.]*' $R/bench.log | awk '{t+=$3} END {print t+0}')"
+    echo "bench $s [$v]: $(grep -o '"tokens_per_s":[0-9.]*\|"attention":"[^"]*"' $R/bench.jsonl | head -2 | tr '\n' ' ') graphs $(grep -c 'attention graph' $R/bench.log), build ms $(grep -o 'built in [0-9.]*' $R/bench.log | awk '{t+=$3} END {print t+0}')"
     cat $R/bench.jsonl >> $R/bench_all.jsonl
     log $R/bench.log 2
   done

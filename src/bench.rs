@@ -118,6 +118,8 @@ pub struct BenchResult {
     pub padding_efficiency: f64,
     /// Share of wall time inside forward + pooling (averaged over devices).
     pub busy: f64,
+    /// The attention kernel the packs ran ([`crate::model::attention::kernel`]).
+    pub attention: &'static str,
     /// Per device, when several ran (work shared through one queue).
     pub devices: Vec<DeviceBench>,
 }
@@ -230,8 +232,16 @@ pub fn measure_devices(
         packing_efficiency: packing_efficiency(tokens, batches.len(), budget),
         padding_efficiency: tokens as f64 / computed as f64,
         busy: devices.iter().map(|d| d.busy).sum::<f64>() / n,
+        attention: attention_of(&embedders[0]),
         devices,
     })
+}
+
+/// The attention kernel an embedder's packs run.
+fn attention_of(embedder: &Embedder) -> &'static str {
+    let model = embedder.model();
+    let activations = crate::model::fp8::activation_dtype(model.dtype());
+    crate::model::attention::kernel(model.device(), activations)
 }
 
 /// Warm every device up on the first `warmup` batches, then run all of them through the pool:

@@ -21,6 +21,8 @@ pub struct Agreement {
     pub device: String,
     /// Compute dtype.
     pub dtype: String,
+    /// The attention kernel the subject ran ([`crate::model::attention::kernel`]).
+    pub attention: &'static str,
     /// Sequences compared.
     pub sequences: usize,
     /// Lowest cosine similarity of a mean embedding with its reference.
@@ -170,9 +172,11 @@ fn against(
         &EmbedOptions::default(),
     )?;
     let got = means(&subject, sequences, BUDGET)?;
+    let activations = crate::model::fp8::activation_dtype(dtype);
     let mut a = Agreement {
         device: format!("{device:?}"),
         dtype: crate::devices::dtype_label(dtype),
+        attention: crate::model::attention::kernel(device, activations),
         sequences: sequences.len(),
         min_cosine: 1.0,
         mean_cosine: 0.0,

@@ -55,8 +55,8 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
                 .top1_agreement
                 .map_or("no head".into(), |t| format!("{:.4}", t));
             println!(
-                "{} {}: {} sequences, min cosine {:.6} (mean {:.6}), mean max abs err {:.2e} (rel {:.2e}), last-layer tokens rel err {:.2e}, top-1 agreement {top1}, alone-vs-packed max abs {:.2e}",
-                a.device, a.dtype, a.sequences, a.min_cosine, a.mean_cosine, a.mean_max_abs_error, a.mean_max_rel_error,
+                "{} {} ({}): {} sequences, min cosine {:.6} (mean {:.6}), mean max abs err {:.2e} (rel {:.2e}), last-layer tokens rel err {:.2e}, top-1 agreement {top1}, alone-vs-packed max abs {:.2e}",
+                a.device, a.dtype, a.attention, a.sequences, a.min_cosine, a.mean_cosine, a.mean_max_abs_error, a.mean_max_rel_error,
                 a.hidden_max_rel_error, a.invariance_max_abs
             );
         }

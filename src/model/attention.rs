@@ -72,6 +72,20 @@ impl PackLayout {
     }
 }
 
+/// Which attention kernel packs of `dtype` activations on `device` run, for reports (`bench`,
+/// `verify`): after a run, what it ran.
+pub fn kernel(device: &Device, dtype: candle_core::DType) -> &'static str {
+    let half = matches!(dtype, candle_core::DType::BF16 | candle_core::DType::F16);
+    if !device.is_cuda() || !half {
+        return "exact";
+    }
+    #[cfg(feature = "cudnn")]
+    if let Some(kernel) = super::cudnn::kernel() {
+        return kernel;
+    }
+    "flash-attention-2"
+}
+
 /// Attention for `q`, `k`, `v` of shape `[T, heads, head_dim]` (`q` already scaled), returning
 /// `[T, heads, head_dim]`.
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, layout: &PackLayout) -> Result<Tensor> {
@@ -137,6 +151,13 @@ pub(crate) fn naive(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reports_name_the_exact_path_off_the_gpu() {
+        for dtype in [candle_core::DType::F32, candle_core::DType::BF16] {
+            assert_eq!(kernel(&Device::Cpu, dtype), "exact");
+        }
+    }
 
     #[test]
     fn segments_do_not_attend_across_boundaries() -> Result<()> {

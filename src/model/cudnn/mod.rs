@@ -111,6 +111,16 @@ fn backend() -> std::result::Result<i64, &'static str> {
     state.as_ref().copied().map_err(String::as_str)
 }
 
+/// The kernel's name when cuDNN was asked for and loads (for reports); after a refusal
+/// ([`give_up`]), both kernels'.
+pub fn kernel() -> Option<&'static str> {
+    backend().ok()?;
+    Some(match GAVE_UP.load(std::sync::atomic::Ordering::Relaxed) {
+        false => "cudnn-sdpa",
+        true => "cudnn-sdpa, then flash-attention-2",
+    })
+}
+
 /// Whether cuDNN's attention is the one in use (for run metadata and benchmarks).
 pub fn in_use() -> bool {
     backend().is_ok() && !GAVE_UP.load(std::sync::atomic::Ordering::Relaxed)
