@@ -108,18 +108,8 @@ pub(super) fn config(
     shape: impl Fn(&str) -> Option<Vec<usize>>,
     source_name: &str,
 ) -> Result<EsmConfig> {
-    let layers = names
-        .keys()
-        .filter_map(|n| {
-            n.strip_prefix("layers.")?
-                .split('.')
-                .next()?
-                .parse::<usize>()
-                .ok()
-        })
-        .max()
-        .map_or(0, |max| max + 1);
-    // `layers` ≥ 1: the marker tensor is block 0's.
+    // At least 1: the marker tensor is block 0's.
+    let layers = super::names::block_count(names.keys(), "layers.").unwrap_or(0);
     let dims = |name: &str, package_name: &str| {
         shape(name).ok_or_else(|| Error::MissingTensor {
             source_name: source_name.to_string(),

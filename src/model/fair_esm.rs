@@ -59,23 +59,12 @@ pub(super) fn config(
     store: &Store,
     source_name: &str,
 ) -> Result<EsmConfig> {
-    let layers = names
-        .keys()
-        .filter_map(|n| {
-            n.strip_prefix("encoder.layer.")?
-                .split('.')
-                .next()?
-                .parse::<usize>()
-                .ok()
-        })
-        .max()
-        .map(|max| max + 1)
-        .ok_or_else(|| {
-            Error::model(
-                source_name,
-                "no transformer layers found: is this an ESM-2 checkpoint?",
-            )
-        })?;
+    let layers = super::names::block_count(names.keys(), "encoder.layer.").ok_or_else(|| {
+        Error::model(
+            source_name,
+            "no transformer layers found: is this an ESM-2 checkpoint?",
+        )
+    })?;
     let embed_name = names
         .get("embeddings.word_embeddings.weight")
         .ok_or_else(|| Error::MissingTensor {

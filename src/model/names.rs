@@ -57,6 +57,23 @@ pub fn canonical(name: &str) -> Option<String> {
     Some(renamed)
 }
 
+/// How many blocks names of the form `{prefix}{i}.…` number (the highest `i` plus one), or
+/// `None` where there are none. For checkpoints with no config to say it (fair-esm `.pt`, the
+/// `esm` package's `.pth`).
+pub fn block_count<'a>(names: impl IntoIterator<Item = &'a String>, prefix: &str) -> Option<usize> {
+    names
+        .into_iter()
+        .filter_map(|n| {
+            n.strip_prefix(prefix)?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map(|max| max + 1)
+}
+
 /// The names a checkpoint may give the parameter `canonical`, for a message about a missing
 /// tensor (what was tried).
 pub fn aliases(canonical: &str) -> Vec<String> {
