@@ -401,27 +401,13 @@ mod tests {
 
     #[tokio::test]
     async fn copy_writes_cross_with_their_write_id_and_sink() {
-        use datafusion::execution::SessionStateBuilder;
-        use datafusion::prelude::SessionContext;
+        use super::super::parallel_write::tests::{context, physical_plan};
         let dir = tempfile::tempdir().unwrap();
-        let state = SessionStateBuilder::new()
-            .with_default_features()
-            .with_physical_optimizer_rule(Arc::new(
-                super::super::parallel_write::ParallelParquetWrites,
-            ))
-            .build();
-        let ctx = SessionContext::new_with_state(state);
         let sql = format!(
             "COPY (SELECT * FROM (VALUES (1), (2)) UNION ALL SELECT * FROM (VALUES (3))) TO '{}/' STORED AS PARQUET",
             dir.path().display()
         );
-        let commit = ctx
-            .sql(&sql)
-            .await
-            .unwrap()
-            .create_physical_plan()
-            .await
-            .unwrap();
+        let commit = physical_plan(&context(true), &sql).await;
         assert!(commit.downcast_ref::<CopyWrites>().is_some());
         let codec = PhysicalCodec::new(FunctionHost::Planner);
         let converter = datafusion_proto::physical_plan::DefaultPhysicalProtoConverter {};

@@ -385,12 +385,13 @@ async fn commit(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use datafusion::execution::SessionStateBuilder;
     use datafusion::prelude::{SessionConfig, SessionContext};
 
-    fn context(parallel: bool) -> SessionContext {
+    /// A local session with four partitions, with the rule (`parallel`) or without.
+    pub(crate) fn context(parallel: bool) -> SessionContext {
         let config = SessionConfig::new().with_target_partitions(4);
         let mut state = SessionStateBuilder::new()
             .with_config(config)
@@ -403,6 +404,16 @@ mod tests {
 
     async fn rows(ctx: &SessionContext, sql: &str) -> Vec<RecordBatch> {
         ctx.sql(sql).await.unwrap().collect().await.unwrap()
+    }
+
+    /// The physical plan `ctx` makes of `sql`.
+    pub(crate) async fn physical_plan(ctx: &SessionContext, sql: &str) -> Arc<dyn ExecutionPlan> {
+        ctx.sql(sql)
+            .await
+            .unwrap()
+            .create_physical_plan()
+            .await
+            .unwrap()
     }
 
     fn parquet_files(dir: &std::path::Path) -> Vec<String> {
@@ -471,13 +482,7 @@ mod tests {
             "COPY (SELECT id FROM t) TO '{}/' STORED AS PARQUET",
             out.display()
         );
-        let plan = ctx
-            .sql(&copy)
-            .await
-            .unwrap()
-            .create_physical_plan()
-            .await
-            .unwrap();
+        let plan = physical_plan(&ctx, &copy).await;
         (dir, ctx, copy, plan)
     }
 
@@ -536,13 +541,7 @@ mod tests {
         );
         rows(&ctx, &table).await;
         let insert = "INSERT INTO n SELECT id FROM t";
-        let plan = ctx
-            .sql(insert)
-            .await
-            .unwrap()
-            .create_physical_plan()
-            .await
-            .unwrap();
+        let plan = physical_plan(&ctx, insert).await;
         assert!(shown(&plan).contains("PartitionWrites"), "{}", shown(&plan));
         rows(&ctx, insert).await;
         assert_eq!(parquet_files(&dir.path().join("n")).len(), 3);
@@ -560,13 +559,7 @@ mod tests {
                 "COPY (SELECT value FROM generate_series(1, 10)) TO '{}/{target}",
                 dir.path().display()
             );
-            let plan = ctx
-                .sql(&sql)
-                .await
-                .unwrap()
-                .create_physical_plan()
-                .await
-                .unwrap();
+            let plan = physical_plan(&ctx, &sql).await;
             assert!(
                 !shown(&plan).contains("PartitionWrites"),
                 "{}",
