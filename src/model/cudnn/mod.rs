@@ -115,7 +115,7 @@ fn backend() -> std::result::Result<i64, &'static str> {
 /// ([`give_up`]), both kernels'.
 pub fn kernel() -> Option<&'static str> {
     backend().ok()?;
-    Some(match GAVE_UP.load(std::sync::atomic::Ordering::Relaxed) {
+    Some(match gave_up() {
         false => "cudnn-sdpa",
         true => "cudnn-sdpa, then flash-attention-2",
     })
@@ -123,7 +123,7 @@ pub fn kernel() -> Option<&'static str> {
 
 /// Whether cuDNN's attention is the one in use (for run metadata and benchmarks).
 pub fn in_use() -> bool {
-    backend().is_ok() && !GAVE_UP.load(std::sync::atomic::Ordering::Relaxed)
+    backend().is_ok() && !gave_up()
 }
 
 /// A pack's index tensors for cuDNN, made on first use on the pack's device, for `batch`
@@ -209,7 +209,7 @@ pub(crate) fn attend(
     let Ok(version) = backend() else {
         return Ok(None);
     };
-    if !taken || GAVE_UP.load(std::sync::atomic::Ordering::Relaxed) {
+    if !taken || gave_up() {
         return Ok(None);
     }
     // The offsets are int32 element offsets into the widest-strided tensor: a pack too large
@@ -273,11 +273,12 @@ pub(crate) fn attend(
 }
 
 /// The graph's bound on sequence lengths for a pack whose longest sequence is `max_len`:
-/// `ESMBED_CUDNN_FIXED_S=1` makes it one value (1024) for every pack of ESM-2's crop.
+/// `ESMBED_CUDNN_FIXED_S=1` makes it one value (the pinned bound, 1024) for every pack of ESM-2's
+/// crop.
 fn bound(max_len: usize) -> usize {
     static FIXED: OnceLock<bool> = OnceLock::new();
     let fixed = *FIXED.get_or_init(|| std::env::var("ESMBED_CUDNN_FIXED_S").as_deref() == Ok("1"));
-    let floor = if fixed { 1024 } else { LENGTH_BUCKET };
+    let floor = if fixed { PINNED_BOUND } else { LENGTH_BUCKET };
     max_len.next_power_of_two().max(floor)
 }
 
@@ -465,6 +466,10 @@ fn give_up(shape: Shape, why: &str) {
 
 /// Set once cuDNN has refused a shape ([`give_up`]).
 static GAVE_UP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn gave_up() -> bool {
+    GAVE_UP.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// How many attention graphs the calling thread holds (tests).
 pub fn graphs() -> i64 {
