@@ -56,7 +56,7 @@ fi
 
 # Fidelity last: the CPU f32 reference of a 150M model takes most of a minute per dtype.
 # GPU tests binary (cargo test --release --features cuda --test gpu --no-run), if carried.
-if [ -x .gpu/gpu-tests ]; then
+if [ -f .gpu/gpu-tests.xz ]; then
   timeout 120 bash .gpu/run.sh gpu-tests fp8_kernels --nocapture > $R/gpu-tests.log 2>&1; echo "gpu tests rc $?"
   grep -E "^fp8|test result|panicked|error" $R/gpu-tests.log | head -12
 fi

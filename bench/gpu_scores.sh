@@ -49,7 +49,7 @@ else python bench/make_synthetic.py fasta $N /tmp/pll.fasta.gz; fi
 rm -f /tmp/esmbed.done
 WAIT_FOR=/tmp/esmbed.done python bench/torch_pll.py /tmp/pll.fasta.gz 650M $BOX > $R/torch.jsonl 2> $R/torch.log &
 TORCH=$!
-timeout $LIMIT $E score /tmp/pll.fasta.gz --model random:650M --device cuda --no-progress --json -o /tmp/pll.parquet > $R/esmbed.json 2> $R/esmbed.log
+timeout $LIMIT $E score /tmp/pll.fasta.gz --model random:650M --device cuda --dtype ${DTYPE:-bf16} --no-progress --json -o /tmp/pll.parquet > $R/esmbed.json 2> $R/esmbed.log
 LEFT=$(( (590 - SECONDS - 10) / 2 ))
 BOX=$(( BOX < LEFT ? BOX : (LEFT > 5 ? LEFT : 5) ))
 echo $BOX > /tmp/esmbed.done
