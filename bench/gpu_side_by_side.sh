@@ -16,7 +16,7 @@ VARIANTS=${VARIANTS:-bf16:flash bf16:cudnn fp8:cudnn}
 LONG_SHAPES=${LONG_SHAPES:-15B esmc-6b}
 LONG_VARIANTS=${LONG_VARIANTS:-bf16:cudnn fp8:cudnn}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $R/gpu.txt
-export TORCH_BASELINE_DIR=.gpu
+export TORCH_BASELINE_DIR=$PWD/.gpu
 python bench/make_synthetic.py lengths 4000 /tmp/lengths.txt
 for s in $SHAPES; do
   vs=$VARIANTS; [[ " $LONG_SHAPES " == *" $s "* ]] && vs=$LONG_VARIANTS

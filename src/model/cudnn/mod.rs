@@ -4,8 +4,8 @@
 //!
 //! The C++ side (`sdpa.cpp`, the cuDNN frontend's graph API) loads libcudnn at run time, so a
 //! binary built with the feature starts, and uses FlashAttention, where cuDNN is absent. Which
-//! kernel runs: FlashAttention 2 unless `ESMBED_ATTENTION=cudnn` (cuDNN has not yet measured
-//! faster on a whole job: README, "Attention kernels").
+//! kernel runs: FlashAttention 2 unless `ESMBED_ATTENTION=cudnn` (cuDNN measured equal, not
+//! faster, on whole jobs: README, "Attention kernels").
 //!
 //! Per pack, the sequence lengths (i32) and each strided tensor's ragged offsets (i32 element
 //! offsets of the sequence starts) go to the device once and serve every layer ([`PackIndex`]).
