@@ -94,6 +94,9 @@ pub enum Method {
 pub struct BenchResult {
     /// Model shape.
     pub model: String,
+    /// The dtype the forward ran in (`bf16`, `f8e4m3`, ...), as `esmbed verify` names it, so that
+    /// JSON lines of several runs say which is which.
+    pub dtype: String,
     /// Method.
     pub method: Method,
     /// Sequences.
@@ -220,6 +223,7 @@ pub fn measure_devices(
     let n = embedders.len().max(1) as f64;
     Ok(BenchResult {
         model: model_name.to_string(),
+        dtype: crate::devices::dtype_label(embedders[0].model().dtype()),
         method,
         sequences: sequences.len(),
         tokens,

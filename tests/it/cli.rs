@@ -594,6 +594,8 @@ fn bench_runs_on_the_cpu_and_reports_json() {
     assert!(rows[0]["tokens_per_s"].as_f64().unwrap() > 0.0);
     assert!(rows[1]["computed_tokens"].as_u64() >= rows[0]["computed_tokens"].as_u64());
     assert_eq!(rows[0]["padding_efficiency"], 1.0);
+    assert_eq!(rows[0]["dtype"], "f32");
+    assert_eq!(rows[0]["attention"], "exact");
 }
 
 /// `esmbed verify` of the CPU f32 path against itself: the same numbers (the report's measures
