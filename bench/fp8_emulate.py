@@ -20,18 +20,19 @@ import random
 import torch
 from transformers import EsmModel
 
+from torch_pll import tokens  # the ESM alphabet's ids with <cls> and <eos>
+
 E4M3_MAX = 448.0
 AMINO = "LAGVESIKRDTPNQFYMHCW"
-VOCAB = {t: i for i, t in enumerate(
-    "<cls> <pad> <eos> <unk> L A G V S E R T I D P K Q N F Y M H W C X B U Z O . - <null_1> <mask>".split())}
 
 
 def e4m3_rows(x):
     """Quantize-dequantize each row (last dim) with the scale amax / 448, as esmbed does."""
     amax = x.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 1e-30, amax / E4M3_MAX, torch.ones_like(amax))
+    live = amax > 1e-30  # an all-zero row quantizes to zeros, as in esmbed's kernels
+    scale = torch.where(live, amax / E4M3_MAX, torch.ones_like(amax))
     q = (x / scale).to(torch.float8_e4m3fn).to(torch.float32) * scale
-    return torch.where(amax > 1e-30, q, torch.zeros_like(q))
+    return torch.where(live, q, torch.zeros_like(q))
 
 
 class Fp8Linear(torch.nn.Module):
@@ -74,8 +75,8 @@ def sequences(n, seed=7):
 def mean_embeddings(model, seqs):
     out = []
     for s in seqs:
-        ids = torch.tensor([[0] + [VOCAB[c] for c in s] + [2]])
-        out.append(model(input_ids=ids).last_hidden_state[0, 1:-1].float().mean(0))
+        hidden = model(input_ids=tokens(s)[None]).last_hidden_state
+        out.append(hidden[0, 1:-1].float().mean(0))
     return out
 
 

@@ -62,5 +62,5 @@ e = json.load(open('$R/esmbed.json')); rate = e['residues'] / e['seconds']
 print('esmbed', e['residues'], 'residues in', round(e['seconds'], 1), 's:', round(rate, 1), 'residues/s')
 for line in open('$R/torch.jsonl'):
     t = json.loads(line); print(t['method'], t['residues_per_second'], 'residues/s; esmbed / it =', round(rate / t['residues_per_second'], 2),
-        '; masked-copy tokens/s', t.get('copy_tokens_per_second'), 'vs esmbed', round(e['tokens'] / e['seconds']) if 'tokens' in e else '?')
+        '; masked-copy tokens/s', t.get('copy_tokens_per_second'), 'vs esmbed', round(e['tokens'] / e['seconds']))
 "

@@ -323,8 +323,8 @@ fn out_of_memory_errors_are_typed() {
 /// The packed attention (FlashAttention 2, or cuDNN's fused SDPA with the `cudnn` feature and
 /// `ESMBED_ATTENTION=cudnn`) against the exact per-sequence f32 path, on the fused Q/K/V layout
 /// the models use (strided views of one `[T, 3H, d]` buffer), at ESM-2 8M's, 650M's and 15B's
-/// head dims (16, 64, 128) and ESM C 600M's head count; then a sequence alone against the same sequence inside a pack
-/// (bitwise). The pack of 9 sequences runs cuDNN's graph for 16 (7 empty ones).
+/// head dims (16, 64, 128) and ESM C 600M's head count; then a sequence alone against the same
+/// sequence inside a pack (bitwise). The pack of 9 sequences runs cuDNN's graph for 16 (7 empty ones).
 #[test]
 fn packed_attention_matches_f32_and_is_batch_invariant() {
     use candle_core::Tensor;
